@@ -1,0 +1,312 @@
+//! What a config means: cross-references, sane policies, best practice,
+//! and the resolution of secret references.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use base64::Engine as _;
+
+use super::load::{Finding, Loaded};
+use super::{
+    AuthConfig, Config, ConfigErrors, ConnectorConfig, HttpConnector, Secret, SecretRef, SinkConfig, SourceConfig,
+};
+use crate::signature::{SigningSecret, Verifier};
+
+/// Where `env:` (and later `vault:`) references are looked up; the engine
+/// passes the process environment, tests pass a map.
+pub trait SecretSource {
+    fn lookup(&self, reference: &SecretRef) -> Option<Secret>;
+}
+
+impl SecretSource for BTreeMap<String, String> {
+    fn lookup(&self, reference: &SecretRef) -> Option<Secret> {
+        match reference {
+            SecretRef::Env(name) => self.get(name).cloned().map(Secret::new),
+        }
+    }
+}
+
+/// Paths the engine serves itself; a webhook may not take them.
+const RESERVED_PATHS: [&str; 3] = ["/healthz", "/readyz", "/api"];
+
+impl Config {
+    /// Every meaning error and best-practice warning, with key paths.
+    pub(super) fn check(&self) -> Vec<Finding> {
+        let mut out = Vec::new();
+        self.check_engine(&mut out);
+        for (name, c) in &self.connectors {
+            check_name(&mut out, "connectors", name);
+            match c {
+                ConnectorConfig::Http(h) => check_http_connector(&mut out, name, h),
+            }
+        }
+        let mut paths: BTreeMap<&str, &str> = BTreeMap::new();
+        for (name, flow) in &self.flows {
+            check_name(&mut out, "flows", name);
+            match &flow.source {
+                SourceConfig::Webhook { path, signature } => {
+                    let at = ["flows", name, "source", "path"];
+                    if !path.starts_with('/') {
+                        out.push(Finding::error(
+                            &at,
+                            format!("`{path}` is not an absolute path"),
+                            "start it with /, e.g. \"/hooks/orders\"",
+                        ));
+                    } else if RESERVED_PATHS.iter().any(|r| path == r || path.starts_with(&format!("{r}/"))) {
+                        out.push(Finding::error(
+                            &at,
+                            format!("`{path}` is served by the engine itself"),
+                            "choose another path, e.g. under /hooks/",
+                        ));
+                    } else if let Some(other) = paths.insert(path, name) {
+                        out.push(Finding::error(
+                            &at,
+                            format!("flow `{other}` already receives webhooks on `{path}`"),
+                            "give each flow its own path",
+                        ));
+                    }
+                    match signature {
+                        None => out.push(Finding::warning(
+                            &["flows", name, "source"],
+                            "this webhook accepts unsigned requests: anyone who can reach it can inject records",
+                            "add signature = { scheme = \"standard-webhooks\", secret = \"env:NAME\" } (or stripe, github)",
+                        )),
+                        Some(sig) if sig.secret.is_none() && sig.secrets.is_empty() => out.push(Finding::error(
+                            &["flows", name, "source", "signature"],
+                            "a signature needs a secret",
+                            "add secret = \"env:NAME\", or secrets = [\"env:OLD\", \"env:NEW\"] during a rotation",
+                        )),
+                        Some(_) => {}
+                    }
+                }
+            }
+            match &flow.sink {
+                SinkConfig::Http { connector, method, path } => {
+                    if !self.connectors.contains_key(connector) {
+                        let known = self.connectors.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
+                        out.push(Finding::error(
+                            &["flows", name, "sink", "connector"],
+                            format!("there is no connector named `{connector}`"),
+                            if known.is_empty() {
+                                format!("declare it under [connectors.{connector}]")
+                            } else {
+                                format!("declare [connectors.{connector}] or use one of: {known}")
+                            },
+                        ));
+                    }
+                    if !["POST", "PUT", "PATCH", "DELETE"].contains(&method.as_str()) {
+                        out.push(Finding::error(
+                            &["flows", name, "sink", "method"],
+                            format!("`{method}` is not a write method"),
+                            "use POST, PUT, PATCH or DELETE (upper case)",
+                        ));
+                    }
+                    if !path.is_empty() && !path.starts_with('/') {
+                        out.push(Finding::error(
+                            &["flows", name, "sink", "path"],
+                            format!("`{path}` must start with /"),
+                            "write it relative to the connector's base_url, e.g. \"/v1/orders\"",
+                        ));
+                    }
+                }
+            }
+        }
+        if self.flows.is_empty() {
+            out.push(Finding::warning(
+                &["flows"],
+                "no flows are declared, so the engine has nothing to do",
+                "add a [flows.NAME] table; `dovetail init` writes an example",
+            ));
+        }
+        out
+    }
+
+    fn check_engine(&self, out: &mut Vec<Finding>) {
+        let e = &self.engine;
+        if e.listen.parse::<SocketAddr>().is_err() {
+            out.push(Finding::error(
+                &["engine", "listen"],
+                format!("`{}` is not an address", e.listen),
+                "write IP:PORT, e.g. \"127.0.0.1:8080\" or \"0.0.0.0:8080\"",
+            ));
+        }
+        if let Err(msg) = crate::config::StoreUrl::parse(&e.store) {
+            out.push(Finding::error(
+                &["engine", "store"],
+                msg,
+                "write \"sqlite://dovetail.db\" (a path relative to this file)",
+            ));
+        }
+        if e.max_body.0 == 0 {
+            out.push(Finding::error(
+                &["engine", "max_body"],
+                "a body limit of 0 refuses every webhook",
+                "use e.g. \"1MiB\"",
+            ));
+        }
+    }
+}
+
+fn check_name(out: &mut Vec<Finding>, section: &str, name: &str) {
+    let ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !ok {
+        out.push(Finding::error(
+            &[section, name],
+            format!("`{name}` is not a usable name"),
+            "use letters, digits, _ and -",
+        ));
+    }
+}
+
+fn check_http_connector(out: &mut Vec<Finding>, name: &str, h: &HttpConnector) {
+    let at = |key: &'static str| ["connectors", name, key];
+    let url_ok = ["http://", "https://"]
+        .iter()
+        .any(|s| h.base_url.strip_prefix(s).is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/')));
+    if !url_ok {
+        out.push(Finding::error(
+            &at("base_url"),
+            format!("`{}` is not an http(s) URL", h.base_url),
+            "write e.g. \"https://api.example.com\"",
+        ));
+    } else if h.base_url.starts_with("http://") && !is_loopback_url(&h.base_url) {
+        out.push(Finding::warning(
+            &at("base_url"),
+            "credentials and records would cross the network unencrypted",
+            "use https://",
+        ));
+    }
+    if h.timeout.is_zero() {
+        out.push(Finding::error(&at("timeout"), "a timeout of 0 fails every request", "use e.g. \"10s\""));
+    }
+    if h.max_in_flight == 0 {
+        out.push(Finding::error(&at("max_in_flight"), "0 requests in flight would deliver nothing", "use e.g. 16"));
+    }
+    let r = &h.retry;
+    let rat = |key: &'static str| ["connectors", name, "retry", key];
+    if r.max_attempts == 0 {
+        out.push(Finding::error(
+            &rat("max_attempts"),
+            "0 attempts would dead-letter every transient failure unseen",
+            "use at least 1; 6 to 10 is typical",
+        ));
+    }
+    if !(0.0..=1.0).contains(&r.jitter) {
+        out.push(Finding::error(&rat("jitter"), format!("{} is outside 0..1", r.jitter), "use a fraction, e.g. 0.5"));
+    }
+    if r.initial_backoff.is_zero() {
+        out.push(Finding::error(
+            &rat("initial_backoff"),
+            "retrying at once hammers a partner that is already failing",
+            "use e.g. \"1s\"",
+        ));
+    }
+    if r.initial_backoff > r.max_backoff {
+        out.push(Finding::error(
+            &rat("max_backoff"),
+            "max_backoff is shorter than initial_backoff",
+            "make max_backoff at least initial_backoff",
+        ));
+    }
+    if let Some(v) = &h.api_version
+        && (v.header.is_empty() || v.header.contains(|c: char| c.is_whitespace() || c == ':'))
+    {
+        out.push(Finding::error(
+            &["connectors", name, "api_version", "header"],
+            format!("`{}` is not a header name", v.header),
+            "e.g. \"Api-Version\"",
+        ));
+    }
+}
+
+fn is_loopback_url(url: &str) -> bool {
+    let host = url.trim_start_matches("http://");
+    ["127.", "localhost", "[::1]"].iter().any(|p| host.starts_with(p))
+}
+
+/// The config with secrets looked up and signature keys parsed: what the engine runs.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub flows: BTreeMap<String, ResolvedFlow>,
+    pub connectors: BTreeMap<String, ResolvedAuth>,
+}
+
+#[derive(Clone)]
+pub struct ResolvedFlow {
+    pub verifier: Option<std::sync::Arc<Verifier>>,
+}
+
+impl std::fmt::Debug for ResolvedFlow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResolvedFlow").field("signed", &self.verifier.is_some()).finish()
+    }
+}
+
+/// The `Authorization` header value a connector sends, if any.
+#[derive(Debug, Clone, Default)]
+pub struct ResolvedAuth {
+    pub authorization: Option<Secret>,
+}
+
+impl Loaded {
+    /// Looks up every secret; every missing one is reported, not just the first.
+    pub fn resolve(&self, secrets: &dyn SecretSource) -> Result<Resolved, ConfigErrors> {
+        let mut findings = Vec::new();
+        let mut fetch = |path: &[&str], r: &SecretRef| -> Option<Secret> {
+            let found = secrets.lookup(r).filter(|s| !s.expose().is_empty());
+            if found.is_none() {
+                let SecretRef::Env(var) = r;
+                findings.push(Finding::error(
+                    path,
+                    format!("the secret `{r}` is not set"),
+                    format!("export {var}=... in the engine's environment (it is empty or missing)"),
+                ));
+            }
+            found
+        };
+        let mut connectors = BTreeMap::new();
+        for (name, c) in &self.config.connectors {
+            let ConnectorConfig::Http(h) = c;
+            let authorization = match &h.auth {
+                None => None,
+                Some(AuthConfig::Bearer { token }) => fetch(&["connectors", name, "auth", "token"], token)
+                    .map(|t| Secret::new(format!("Bearer {}", t.expose()))),
+                Some(AuthConfig::Basic { username, password }) => {
+                    fetch(&["connectors", name, "auth", "password"], password).map(|p| {
+                        let raw = format!("{username}:{}", p.expose());
+                        Secret::new(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw)))
+                    })
+                }
+            };
+            connectors.insert(name.clone(), ResolvedAuth { authorization });
+        }
+        let mut flows = BTreeMap::new();
+        let mut key_errors = Vec::new();
+        for (name, flow) in &self.config.flows {
+            let SourceConfig::Webhook { signature, .. } = &flow.source;
+            let verifier = signature.as_ref().map(|sig| {
+                let refs = sig.secret.iter().chain(sig.secrets.iter());
+                let keys: Vec<SigningSecret> = refs
+                    .filter_map(|r| {
+                        let key = if sig.secret.as_ref() == Some(r) { "secret" } else { "secrets" };
+                        let path = ["flows", name.as_str(), "source", "signature", key];
+                        let value = fetch(&path, r)?;
+                        SigningSecret::parse(sig.scheme, value.expose())
+                            .map_err(|e| {
+                                key_errors.push(Finding::error(
+                                    &path,
+                                    format!("the value of `{r}` is not a {} secret: {e}", sig.scheme.as_str()),
+                                    "copy the signing secret exactly as the sender shows it",
+                                ))
+                            })
+                            .ok()
+                    })
+                    .collect();
+                std::sync::Arc::new(Verifier::new(sig.scheme, keys).with_tolerance(sig.tolerance))
+            });
+            flows.insert(name.clone(), ResolvedFlow { verifier });
+        }
+        findings.extend(key_errors);
+        if findings.is_empty() { Ok(Resolved { flows, connectors }) } else { Err(ConfigErrors(self.locate(findings))) }
+    }
+}

@@ -1,0 +1,275 @@
+//! The configuration model: one TOML file declares the engine, its
+//! connectors and its flows.
+//!
+//! Loading happens in three steps, each with errors that name the file, the
+//! line, the key and how to fix it:
+//! 1. [`load`]: TOML syntax and shape (unknown keys, wrong types, bad durations);
+//! 2. [`Config::check`]: meaning (a sink naming a missing connector, two flows
+//!    on one webhook path, a retry policy that cannot work);
+//! 3. [`Config::resolve`]: secrets (`env:NAME`) looked up through a
+//!    [`SecretSource`], and signature keys parsed.
+//!
+//! Secrets are never written inline: every secret field is a [`SecretRef`].
+
+mod check;
+mod load;
+mod values;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use check::{Resolved, ResolvedAuth, ResolvedFlow, SecretSource};
+pub use load::{ConfigError, ConfigErrors, Loaded, Severity, load, render_errors};
+pub use values::{ByteSize, Secret, SecretRef};
+
+use crate::policy::RetryPolicy;
+use crate::signature::Scheme;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub engine: EngineConfig,
+    #[serde(default)]
+    pub connectors: BTreeMap<String, ConnectorConfig>,
+    #[serde(default)]
+    pub flows: BTreeMap<String, FlowConfig>,
+}
+
+/// `[engine]`: where the journal lives and where the engine listens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// `sqlite://PATH` (relative to the config file's folder).
+    #[serde(default = "default_store")]
+    pub store: String,
+    /// Address of the webhook intake, health endpoints and admin API.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Largest accepted webhook body; larger requests get 413.
+    #[serde(default = "default_max_body")]
+    pub max_body: ByteSize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { store: default_store(), listen: default_listen(), max_body: default_max_body() }
+    }
+}
+
+fn default_store() -> String {
+    "sqlite://dovetail.db".to_string()
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".to_string()
+}
+
+fn default_max_body() -> ByteSize {
+    ByteSize(1024 * 1024)
+}
+
+/// `[connectors.NAME]`: a named external system.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ConnectorConfig {
+    Http(HttpConnector),
+}
+
+/// An HTTP partner API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConnector {
+    /// `https://api.example.com`; sink paths are appended to it.
+    pub base_url: String,
+    /// A pinned API version sent as a header on every request.
+    #[serde(default)]
+    pub api_version: Option<ApiVersion>,
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    /// Whole-request timeout, from connect to the last byte of the answer.
+    #[serde(default = "default_timeout", with = "values::duration")]
+    pub timeout: Duration,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Extra static headers sent on every request.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Most requests outstanding at once to this partner.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_max_in_flight() -> usize {
+    16
+}
+
+/// `api_version = { header = "Api-Version", value = "2026-01-01" }`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiVersion {
+    pub header: String,
+    pub value: String,
+}
+
+/// `auth = { type = "bearer", token = "env:TOKEN" }` or
+/// `auth = { type = "basic", username = "me", password = "env:PASSWORD" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AuthConfig {
+    Bearer { token: SecretRef },
+    Basic { username: String, password: SecretRef },
+}
+
+/// `retry = { max_attempts, initial_backoff, max_backoff, jitter }`; any may be left out.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "defaults::initial_backoff", with = "values::duration")]
+    pub initial_backoff: Duration,
+    #[serde(default = "defaults::max_backoff", with = "values::duration")]
+    pub max_backoff: Duration,
+    #[serde(default = "defaults::jitter")]
+    pub jitter: f64,
+}
+
+mod defaults {
+    use super::*;
+
+    pub fn max_attempts() -> u32 {
+        RetryPolicy::default().max_attempts
+    }
+    pub fn initial_backoff() -> Duration {
+        RetryPolicy::default().initial_backoff
+    }
+    pub fn max_backoff() -> Duration {
+        RetryPolicy::default().max_backoff
+    }
+    pub fn jitter() -> f64 {
+        RetryPolicy::default().jitter
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        let p = RetryPolicy::default();
+        RetryConfig {
+            max_attempts: p.max_attempts,
+            initial_backoff: p.initial_backoff,
+            max_backoff: p.max_backoff,
+            jitter: p.jitter,
+        }
+    }
+}
+
+impl RetryConfig {
+    pub fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            initial_backoff: self.initial_backoff,
+            max_backoff: self.max_backoff,
+            jitter: self.jitter,
+        }
+    }
+}
+
+/// `[flows.NAME]`: source → sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowConfig {
+    pub source: SourceConfig,
+    pub sink: SinkConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// Records pushed to `path` on the engine's listen address.
+    Webhook {
+        path: String,
+        #[serde(default)]
+        signature: Option<SignatureConfig>,
+    },
+}
+
+/// `signature = { scheme = "standard-webhooks", secret = "env:NAME" }`; `secrets = [..]` during a rotation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignatureConfig {
+    pub scheme: Scheme,
+    #[serde(default)]
+    pub secret: Option<SecretRef>,
+    #[serde(default)]
+    pub secrets: Vec<SecretRef>,
+    /// How far `webhook-timestamp`/`t=` may be from now.
+    #[serde(default = "default_tolerance", with = "values::duration")]
+    pub tolerance: Duration,
+}
+
+fn default_tolerance() -> Duration {
+    Duration::from_secs(300)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// A request per record to `connector`'s base URL + `path`.
+    Http {
+        connector: String,
+        #[serde(default = "default_method")]
+        method: String,
+        #[serde(default)]
+        path: String,
+    },
+}
+
+fn default_method() -> String {
+    "POST".to_string()
+}
+
+impl Config {
+    pub fn http_connector(&self, name: &str) -> Option<&HttpConnector> {
+        match self.connectors.get(name)? {
+            ConnectorConfig::Http(h) => Some(h),
+        }
+    }
+}
+
+/// Where the journal lives, from `[engine] store`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// `sqlite://PATH`; a relative PATH is relative to the config file's folder.
+    Sqlite(std::path::PathBuf),
+}
+
+impl StoreUrl {
+    pub fn parse(s: &str) -> Result<StoreUrl, String> {
+        if let Some(path) = s.strip_prefix("sqlite://").or_else(|| s.strip_prefix("sqlite:")) {
+            if path.is_empty() {
+                return Err("the SQLite path is empty".to_string());
+            }
+            return Ok(StoreUrl::Sqlite(path.into()));
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Err("the PostgreSQL journal is not available in this version".to_string());
+        }
+        Err(format!("`{s}` is not a store URL"))
+    }
+
+    /// Resolves a relative SQLite path against `base` (the config's folder).
+    pub fn relative_to(self, base: &std::path::Path) -> StoreUrl {
+        match self {
+            StoreUrl::Sqlite(p) if p.is_relative() => StoreUrl::Sqlite(base.join(p)),
+            other => other,
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Delivery policies: what an answer means and when to try again.
+//!
+//! Plain functions and values, no I/O: the engine asks them, the tests drive
+//! them with fixed inputs and a fake clock.
+
+mod backoff;
+mod classify;
+mod retry_after;
+
+pub use backoff::{Jitter, RandomJitter, RetryPolicy};
+pub use classify::{Answer, ErrorClass, Verdict, classify};
+pub use retry_after::parse_retry_after;

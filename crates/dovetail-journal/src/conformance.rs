@@ -1,0 +1,329 @@
+//! The conformance suite every [`Journal`] backend must pass.
+//!
+//! Each check takes a fresh, empty journal. A backend's test file runs them
+//! all with [`journal_conformance!`](crate::journal_conformance):
+//!
+//! ```ignore
+//! dovetail_journal::journal_conformance!(async { MyJournal::open_fresh().await });
+//! ```
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dovetail_core::clock::Timestamp;
+use dovetail_core::policy::ErrorClass;
+use dovetail_core::record::{Attempt, StateName};
+
+use crate::{AttemptReport, Ingested, Journal, NewRecord, Outcome, Selector};
+
+const T0: Timestamp = Timestamp::from_secs(1_800_000_000);
+const LEASE: Duration = Duration::from_secs(30);
+
+/// Generates one `#[tokio::test]` per conformance check; `$make` is an
+/// expression evaluating to a future of a fresh `Arc<J>` where `J: Journal`.
+#[macro_export]
+macro_rules! journal_conformance {
+    ($make:expr) => {
+        $crate::journal_conformance!(@tests $make;
+            ingest_lease_deliver, duplicate_delivery_is_journalled_once, lease_is_exclusive_until_it_expires,
+            retry_waits_until_due, dead_letter_and_replay_keep_the_key, discard_keeps_the_record,
+            quarantine_is_dead_at_intake, hold_does_not_spend_the_budget, pause_and_resume,
+            oldest_pending_and_counts, replay_in_chunks, concurrent_ingests_all_land, lease_limit_and_order,
+            stale_owner_cannot_complete);
+    };
+    (@tests $make:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let journal = $make.await;
+                $crate::conformance::$name(&*journal).await;
+            }
+        )*
+    };
+}
+
+fn new_record(flow: &str, delivery_id: Option<&str>, body: &str) -> NewRecord {
+    NewRecord {
+        flow: flow.to_string(),
+        delivery_id: delivery_id.map(str::to_string),
+        idempotency_key: format!("key-{flow}-{}", delivery_id.unwrap_or(body)),
+        correlation_id: "corr-1".to_string(),
+        content_type: Some("application/json".to_string()),
+        payload: body.as_bytes().to_vec(),
+        received_at: T0,
+        quarantine: None,
+    }
+}
+
+fn attempt(number: u32, status: u16, class: Option<ErrorClass>) -> Attempt {
+    Attempt {
+        number,
+        started_at: T0,
+        duration_ms: 12,
+        status: Some(status),
+        class,
+        error: class.map(|c| c.as_str().to_string()),
+    }
+}
+
+async fn counts_of(j: &dyn Journal, flow: &str) -> crate::FlowCounts {
+    j.counts().await.unwrap().into_iter().find(|c| c.flow == flow).unwrap_or_default()
+}
+
+pub async fn ingest_lease_deliver(j: &dyn Journal) {
+    let id = j.ingest(new_record("orders", Some("d1"), "{\"id\":1}")).await.unwrap();
+    let Ingested::New(id) = id else { panic!("first ingest must be new") };
+    assert_eq!(counts_of(j, "orders").await.pending, 1);
+    let leased = j.lease("orders", "node-a", T0, LEASE, 10).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    let r = &leased[0];
+    assert_eq!((r.id, r.attempt, r.failures), (id, 1, 0));
+    assert_eq!(r.payload, b"{\"id\":1}");
+    assert_eq!(r.idempotency_key, "key-orders-d1");
+    assert_eq!(counts_of(j, "orders").await.in_flight, 1);
+    let ok = j
+        .complete(AttemptReport {
+            id,
+            owner: "node-a".into(),
+            attempt: attempt(1, 200, None),
+            outcome: Outcome::Delivered,
+        })
+        .await
+        .unwrap();
+    assert!(ok);
+    let c = counts_of(j, "orders").await;
+    assert_eq!((c.pending, c.in_flight, c.delivered), (0, 0, 1));
+    let detail = j.record(id).await.unwrap().unwrap();
+    assert_eq!(detail.state, StateName::Delivered);
+    assert_eq!(detail.attempts.len(), 1);
+    assert_eq!(detail.attempts[0].status, Some(200));
+    assert!(j.lease("orders", "node-a", T0.plus(LEASE * 10), LEASE, 10).await.unwrap().is_empty());
+}
+
+pub async fn duplicate_delivery_is_journalled_once(j: &dyn Journal) {
+    let a = j.ingest(new_record("orders", Some("same"), "{}")).await.unwrap();
+    let b = j.ingest(new_record("orders", Some("same"), "{}")).await.unwrap();
+    assert!(matches!(a, Ingested::New(_)));
+    assert_eq!(b, Ingested::Duplicate(a.id()));
+    let other_flow = j.ingest(new_record("refunds", Some("same"), "{}")).await.unwrap();
+    assert!(matches!(other_flow, Ingested::New(_)));
+    let no_id_1 = j.ingest(new_record("orders", None, "{\"n\":1}")).await.unwrap();
+    let no_id_2 = j.ingest(new_record("orders", None, "{\"n\":1}")).await.unwrap();
+    assert_ne!(no_id_1.id(), no_id_2.id(), "records without a delivery id are never merged");
+    assert_eq!(counts_of(j, "orders").await.pending, 3);
+}
+
+pub async fn lease_is_exclusive_until_it_expires(j: &dyn Journal) {
+    let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
+    assert_eq!(j.lease("orders", "a", T0, LEASE, 10).await.unwrap().len(), 1);
+    assert!(j.lease("orders", "b", T0.plus(LEASE / 2), LEASE, 10).await.unwrap().is_empty());
+    let later = T0.plus(LEASE);
+    let taken = j.lease("orders", "b", later, LEASE, 10).await.unwrap();
+    assert_eq!(taken.len(), 1, "an expired lease is taken over");
+    assert_eq!((taken[0].attempt, taken[0].failures), (2, 1));
+    assert_eq!(taken[0].idempotency_key, "key-orders-d1", "the same key after a takeover");
+    let detail = j.record(id).await.unwrap().unwrap();
+    assert_eq!(detail.attempts.len(), 1);
+    assert_eq!(detail.attempts[0].class, Some(ErrorClass::Interrupted));
+}
+
+pub async fn stale_owner_cannot_complete(j: &dyn Journal) {
+    let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
+    j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
+    j.lease("orders", "b", T0.plus(LEASE), LEASE, 10).await.unwrap();
+    let stale = AttemptReport { id, owner: "a".into(), attempt: attempt(1, 200, None), outcome: Outcome::Delivered };
+    assert!(!j.complete(stale).await.unwrap(), "a lost lease cannot write");
+    assert_eq!(j.record(id).await.unwrap().unwrap().state, StateName::InFlight);
+    let fresh = AttemptReport { id, owner: "b".into(), attempt: attempt(2, 200, None), outcome: Outcome::Delivered };
+    assert!(j.complete(fresh).await.unwrap());
+}
+
+pub async fn retry_waits_until_due(j: &dyn Journal) {
+    let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
+    j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
+    let at = T0.plus(Duration::from_secs(10));
+    let rep = AttemptReport {
+        id,
+        owner: "a".into(),
+        attempt: attempt(1, 503, Some(ErrorClass::Server)),
+        outcome: Outcome::Retry { at },
+    };
+    assert!(j.complete(rep).await.unwrap());
+    assert_eq!(j.next_due("orders").await.unwrap(), Some(at));
+    assert!(j.lease("orders", "a", T0.plus(Duration::from_secs(9)), LEASE, 10).await.unwrap().is_empty());
+    let again = j.lease("orders", "a", at, LEASE, 10).await.unwrap();
+    assert_eq!((again[0].attempt, again[0].failures), (2, 1));
+}
+
+pub async fn dead_letter_and_replay_keep_the_key(j: &dyn Journal) {
+    let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
+    j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
+    let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "422: amount missing".into() };
+    j.complete(AttemptReport {
+        id,
+        owner: "a".into(),
+        attempt: attempt(1, 422, Some(ErrorClass::Rejected)),
+        outcome: dead,
+    })
+    .await
+    .unwrap();
+    let dl = j.dead_letters(Some("orders"), 100).await.unwrap();
+    assert_eq!(dl.len(), 1);
+    assert_eq!(
+        (dl[0].id, dl[0].class, dl[0].reason.as_str(), dl[0].attempts),
+        (id, ErrorClass::Rejected, "422: amount missing", 1)
+    );
+    assert!(j.dead_letters(Some("refunds"), 100).await.unwrap().is_empty());
+    assert_eq!(j.count_dead(&Selector::Ids(vec![id])).await.unwrap(), 1);
+    let later = T0.plus(Duration::from_secs(60));
+    assert_eq!(j.replay(&Selector::Ids(vec![id]), later, 100).await.unwrap(), 1);
+    assert!(j.dead_letters(None, 100).await.unwrap().is_empty());
+    let again = j.lease("orders", "a", later, LEASE, 10).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].idempotency_key, "key-orders-d1");
+    assert_eq!((again[0].attempt, again[0].failures), (2, 0), "replay gives a fresh budget, attempts keep counting");
+    assert_eq!(j.replay(&Selector::Ids(vec![id]), later, 100).await.unwrap(), 0, "only dead records replay");
+}
+
+pub async fn discard_keeps_the_record(j: &dyn Journal) {
+    let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
+    j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
+    let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "no".into() };
+    j.complete(AttemptReport {
+        id,
+        owner: "a".into(),
+        attempt: attempt(1, 400, Some(ErrorClass::Rejected)),
+        outcome: dead,
+    })
+    .await
+    .unwrap();
+    assert_eq!(j.discard(&Selector::Flow("orders".into()), T0, 100).await.unwrap(), 1);
+    let c = counts_of(j, "orders").await;
+    assert_eq!((c.dead, c.discarded), (0, 1));
+    assert_eq!(j.record(id).await.unwrap().unwrap().state, StateName::Discarded);
+}
+
+pub async fn quarantine_is_dead_at_intake(j: &dyn Journal) {
+    let mut r = new_record("orders", Some("bad"), "not json");
+    r.quarantine = Some((ErrorClass::Validation, "body is not JSON".into()));
+    let id = j.ingest(r).await.unwrap().id();
+    assert!(j.lease("orders", "a", T0, LEASE, 10).await.unwrap().is_empty());
+    let dl = j.dead_letters(None, 10).await.unwrap();
+    assert_eq!((dl[0].id, dl[0].class), (id, ErrorClass::Validation));
+    assert_eq!(j.record(id).await.unwrap().unwrap().payload, b"not json", "raw bytes are kept");
+}
+
+pub async fn hold_does_not_spend_the_budget(j: &dyn Journal) {
+    let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
+    j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
+    let rep = AttemptReport {
+        id,
+        owner: "a".into(),
+        attempt: attempt(1, 401, Some(ErrorClass::Auth)),
+        outcome: Outcome::Hold { at: T0 },
+    };
+    assert!(j.complete(rep).await.unwrap());
+    let again = j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
+    assert_eq!((again[0].attempt, again[0].failures), (2, 0));
+}
+
+pub async fn pause_and_resume(j: &dyn Journal) {
+    assert_eq!(j.pause_of("orders").await.unwrap(), None);
+    j.pause_flow("orders", "401 from billing", T0).await.unwrap();
+    let p = j.pause_of("orders").await.unwrap().unwrap();
+    assert_eq!((p.since, p.reason.as_str()), (T0, "401 from billing"));
+    assert!(counts_of(j, "orders").await.paused.is_some(), "a paused flow shows in the counts even without records");
+    assert!(j.resume_flow("orders").await.unwrap());
+    assert!(!j.resume_flow("orders").await.unwrap());
+    assert_eq!(j.pause_of("orders").await.unwrap(), None);
+}
+
+pub async fn oldest_pending_and_counts(j: &dyn Journal) {
+    let mut early = new_record("orders", Some("1"), "{}");
+    early.received_at = T0;
+    let mut late = new_record("orders", Some("2"), "{}");
+    late.received_at = T0.plus(Duration::from_secs(5));
+    j.ingest(late).await.unwrap();
+    j.ingest(early).await.unwrap();
+    assert_eq!(counts_of(j, "orders").await.oldest_pending_at, Some(T0));
+    j.lease("orders", "a", T0.plus(Duration::from_secs(5)), LEASE, 1).await.unwrap();
+    assert_eq!(counts_of(j, "orders").await.oldest_pending_at, Some(T0), "in-flight records still wait");
+}
+
+pub async fn replay_in_chunks(j: &dyn Journal) {
+    for i in 0..25 {
+        let mut r = new_record("orders", Some(&i.to_string()), "x");
+        r.quarantine = Some((ErrorClass::Validation, "x".into()));
+        j.ingest(r).await.unwrap();
+    }
+    let sel = Selector::Flow("orders".into());
+    assert_eq!(j.count_dead(&sel).await.unwrap(), 25);
+    let mut done = 0;
+    loop {
+        let n = j.replay(&sel, T0, 10).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(n <= 10);
+        done += n;
+    }
+    assert_eq!(done, 25);
+    assert_eq!(counts_of(j, "orders").await.pending, 25);
+}
+
+pub async fn concurrent_ingests_all_land<J: Journal + ?Sized>(j: &J) {
+    // Borrowed journals cannot move into tasks, so run the ingests as
+    // concurrent futures on this task; the backend sees them interleaved.
+    let futures = (0..500).map(|i| j.ingest(new_record("orders", Some(&format!("d{i}")), "{}")));
+    let ids: Vec<Ingested> = futures_join_all(futures).await;
+    let distinct: BTreeSet<_> = ids.iter().map(|i| i.id()).collect();
+    assert_eq!(distinct.len(), 500);
+    assert_eq!(counts_of_generic(j, "orders").await, 500);
+}
+
+async fn counts_of_generic<J: Journal + ?Sized>(j: &J, flow: &str) -> u64 {
+    j.counts().await.unwrap().into_iter().find(|c| c.flow == flow).map(|c| c.pending).unwrap_or(0)
+}
+
+/// A minimal join-all so the suite needs no futures crate.
+async fn futures_join_all<F: std::future::Future<Output = crate::Result<Ingested>>>(
+    futs: impl Iterator<Item = F>,
+) -> Vec<Ingested> {
+    let mut set = Vec::new();
+    for f in futs {
+        set.push(Box::pin(f));
+    }
+    let mut results: Vec<Option<Ingested>> = vec![None; set.len()];
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (i, f) in set.iter_mut().enumerate() {
+            if results[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(r) => results[i] = Some(r.unwrap()),
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+    })
+    .await;
+    results.into_iter().map(Option::unwrap).collect()
+}
+
+pub async fn lease_limit_and_order(j: &dyn Journal) {
+    for i in 0..5 {
+        j.ingest(new_record("orders", Some(&i.to_string()), "{}")).await.unwrap();
+    }
+    j.ingest(new_record("refunds", Some("r"), "{}")).await.unwrap();
+    let first = j.lease("orders", "a", T0, LEASE, 3).await.unwrap();
+    assert_eq!(first.len(), 3);
+    assert!(first.windows(2).all(|w| w[0].id < w[1].id));
+    assert!(first.iter().all(|r| r.flow == "orders"));
+    let rest = j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
+    assert_eq!(rest.len(), 2);
+    assert!(rest[0].id > first[2].id);
+}
+
+/// Keeps `Arc` in the public surface used by backends' factories.
+pub type Shared<J> = Arc<J>;

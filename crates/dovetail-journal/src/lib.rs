@@ -1,0 +1,242 @@
+//! The durable journal: every record, its state and every attempt.
+//!
+//! A record is acknowledged to its source only after [`Journal::ingest`]
+//! returns, and that happens only after the transaction holding it has been
+//! committed to disk. Concurrent ingests are group-committed: many records,
+//! one transaction, one fsync.
+//!
+//! Backends implement [`Journal`] and must pass [`conformance`], the suite
+//! that pins down the semantics (leases, de-duplication, retries, the DLQ).
+//! [`SqliteJournal`] is the embedded default.
+//!
+//! This crate depends only on `dovetail-core`; it knows nothing of HTTP,
+//! flows' configuration or the engine.
+
+pub mod conformance;
+mod sqlite;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use dovetail_core::clock::Timestamp;
+use dovetail_core::policy::ErrorClass;
+use dovetail_core::record::{Attempt, RecordId, StateName};
+
+pub use sqlite::{SqliteJournal, SqliteOptions};
+
+/// What went wrong talking to the store. Messages name the store and the operation.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {location}: {source}")]
+    Sqlite {
+        location: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("journal {location}: cannot open: {reason}")]
+    Open { location: String, reason: String },
+    #[error("journal is shut down")]
+    Closed,
+    #[error(
+        "journal {location} holds data written by a newer Dovetail (schema {found}, this build knows {known}); upgrade dovetail"
+    )]
+    SchemaTooNew { location: String, found: i64, known: i64 },
+}
+
+pub type Result<T> = std::result::Result<T, JournalError>;
+
+/// A record as its source hands it over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRecord {
+    pub flow: String,
+    /// The source's own id for this delivery (e.g. `webhook-id`); the same id
+    /// twice in one flow is journalled once.
+    pub delivery_id: Option<String>,
+    pub idempotency_key: String,
+    pub correlation_id: String,
+    pub content_type: Option<String>,
+    pub payload: Vec<u8>,
+    pub received_at: Timestamp,
+    /// Set when the record is unusable as received: it is kept, dead, with this reason.
+    pub quarantine: Option<(ErrorClass, String)>,
+}
+
+/// The answer to an ingest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingested {
+    New(RecordId),
+    /// Already journalled under this flow and delivery id.
+    Duplicate(RecordId),
+}
+
+impl Ingested {
+    pub fn id(self) -> RecordId {
+        match self {
+            Ingested::New(id) | Ingested::Duplicate(id) => id,
+        }
+    }
+}
+
+/// A record leased for one delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeasedRecord {
+    pub id: RecordId,
+    pub flow: String,
+    pub idempotency_key: String,
+    pub correlation_id: String,
+    pub content_type: Option<String>,
+    pub payload: Vec<u8>,
+    /// The number of this attempt (1 for the first).
+    pub attempt: u32,
+    /// Transient failures so far, including attempts interrupted by a crash.
+    pub failures: u32,
+    pub lease_until: Timestamp,
+}
+
+/// Which records an operator action applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    Ids(Vec<RecordId>),
+    Flow(String),
+    All,
+}
+
+/// Where a record goes after an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    /// Transient failure: back to pending, due at `at`.
+    Retry {
+        at: Timestamp,
+    },
+    Dead {
+        class: ErrorClass,
+        reason: String,
+    },
+    /// Not the record's fault and not transient (credentials): back to
+    /// pending without spending its retry budget; the caller pauses the flow.
+    Hold {
+        at: Timestamp,
+    },
+}
+
+/// The result of one attempt, written by the lease holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptReport {
+    pub id: RecordId,
+    /// Must match the lease; a report from a lease that expired and was taken over is ignored.
+    pub owner: String,
+    pub attempt: Attempt,
+    pub outcome: Outcome,
+}
+
+/// Counts per flow for `dovetail status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct FlowCounts {
+    pub flow: String,
+    pub pending: u64,
+    pub in_flight: u64,
+    pub delivered: u64,
+    pub dead: u64,
+    pub discarded: u64,
+    /// When the oldest record still waiting (pending or in flight) arrived.
+    pub oldest_pending_at: Option<Timestamp>,
+    pub paused: Option<Pause>,
+}
+
+/// Why a flow is paused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pause {
+    pub since: Timestamp,
+    pub reason: String,
+}
+
+/// A dead-letter queue entry, without its payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeadLetter {
+    pub id: RecordId,
+    pub flow: String,
+    pub class: ErrorClass,
+    pub reason: String,
+    pub dead_at: Timestamp,
+    pub received_at: Timestamp,
+    pub attempts: u32,
+    pub correlation_id: String,
+}
+
+/// Everything known about one record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecordDetail {
+    pub id: RecordId,
+    pub flow: String,
+    pub state: StateName,
+    pub delivery_id: Option<String>,
+    pub idempotency_key: String,
+    pub correlation_id: String,
+    pub content_type: Option<String>,
+    #[serde(skip)]
+    pub payload: Vec<u8>,
+    pub received_at: Timestamp,
+    pub next_attempt_at: Option<Timestamp>,
+    pub lease_until: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+    pub dead_class: Option<ErrorClass>,
+    pub dead_reason: Option<String>,
+    pub attempts: Vec<Attempt>,
+}
+
+/// The durable store of records. Every method is one transaction.
+///
+/// Time is always passed in, never read, so backends are deterministic
+/// under test.
+#[async_trait]
+pub trait Journal: Send + Sync + 'static {
+    /// Stores a record durably (or finds its duplicate) before returning.
+    async fn ingest(&self, record: NewRecord) -> Result<Ingested>;
+
+    /// Leases up to `limit` records of `flow` that are due at `now`: pending
+    /// ones whose time has come, and in-flight ones whose lease expired
+    /// (their lost attempt is recorded as `interrupted` and counts as a
+    /// failure). Oldest first.
+    async fn lease(
+        &self,
+        flow: &str,
+        owner: &str,
+        now: Timestamp,
+        lease_for: Duration,
+        limit: usize,
+    ) -> Result<Vec<LeasedRecord>>;
+
+    /// Records an attempt and moves the record on; `false` if `owner` no longer holds the lease.
+    async fn complete(&self, report: AttemptReport) -> Result<bool>;
+
+    /// When the next record of `flow` becomes due (pending or lease expiry), if any.
+    async fn next_due(&self, flow: &str) -> Result<Option<Timestamp>>;
+
+    /// Counts per flow, for every flow that has records or is paused.
+    async fn counts(&self) -> Result<Vec<FlowCounts>>;
+
+    /// Dead letters, oldest first.
+    async fn dead_letters(&self, flow: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>>;
+
+    async fn record(&self, id: RecordId) -> Result<Option<RecordDetail>>;
+
+    /// How many dead records `selector` matches.
+    async fn count_dead(&self, selector: &Selector) -> Result<u64>;
+
+    /// Moves up to `limit` dead records back to pending, due at `now`, with
+    /// their idempotency key unchanged and a fresh retry budget.
+    async fn replay(&self, selector: &Selector, now: Timestamp, limit: usize) -> Result<u64>;
+
+    /// Marks up to `limit` dead records discarded (kept, never delivered).
+    async fn discard(&self, selector: &Selector, now: Timestamp, limit: usize) -> Result<u64>;
+
+    async fn pause_flow(&self, flow: &str, reason: &str, now: Timestamp) -> Result<()>;
+    async fn resume_flow(&self, flow: &str) -> Result<bool>;
+    async fn pause_of(&self, flow: &str) -> Result<Option<Pause>>;
+
+    /// Succeeds when the store answers a query.
+    async fn ping(&self) -> Result<()>;
+}

@@ -1,0 +1,666 @@
+//! The embedded journal: one SQLite file in WAL mode.
+//!
+//! All writes go through one writer thread that owns the write connection.
+//! It takes every job waiting in its queue, runs them in one `BEGIN
+//! IMMEDIATE` transaction (each job in its own savepoint, so one failing
+//! job cannot leave half its writes behind), commits once, and only then
+//! answers the callers. That is group commit: under load, hundreds of
+//! ingests share one fsync, and no caller hears "stored" before its record
+//! is on disk. Reads use a second connection, which WAL lets run beside the
+//! writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use tokio::sync::{mpsc, oneshot};
+
+use dovetail_core::clock::Timestamp;
+use dovetail_core::policy::ErrorClass;
+use dovetail_core::record::{Attempt, RecordId, StateName};
+
+use crate::{
+    AttemptReport, DeadLetter, FlowCounts, Ingested, Journal, JournalError, LeasedRecord, NewRecord, Outcome, Pause,
+    RecordDetail, Result, Selector,
+};
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS records (
+    id              INTEGER PRIMARY KEY,
+    flow            TEXT    NOT NULL,
+    delivery_id     TEXT,
+    idempotency_key TEXT    NOT NULL,
+    correlation_id  TEXT    NOT NULL,
+    content_type    TEXT,
+    payload         BLOB    NOT NULL,
+    received_at     INTEGER NOT NULL,
+    state           TEXT    NOT NULL,
+    next_attempt_at INTEGER,
+    lease_owner     TEXT,
+    lease_until     INTEGER,
+    leased_at       INTEGER,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    failures        INTEGER NOT NULL DEFAULT 0,
+    finished_at     INTEGER,
+    dead_class      TEXT,
+    dead_reason     TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS records_delivery ON records (flow, delivery_id) WHERE delivery_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS records_pending  ON records (flow, next_attempt_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS records_inflight ON records (flow, lease_until)     WHERE state = 'in_flight';
+CREATE INDEX IF NOT EXISTS records_dead     ON records (flow, id)              WHERE state = 'dead';
+CREATE INDEX IF NOT EXISTS records_state    ON records (flow, state);
+CREATE TABLE IF NOT EXISTS attempts (
+    record_id   INTEGER NOT NULL,
+    number      INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    status      INTEGER,
+    class       TEXT,
+    error       TEXT,
+    PRIMARY KEY (record_id, number)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS flow_pauses (
+    flow   TEXT PRIMARY KEY,
+    since  INTEGER NOT NULL,
+    reason TEXT NOT NULL
+);
+"#;
+
+/// Tuning for [`SqliteJournal`].
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// `synchronous = FULL`: fsync on every commit, so an acknowledged
+    /// record survives power loss, not only a process crash.
+    pub fsync_every_commit: bool,
+    /// Most jobs in one group commit.
+    pub max_batch: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions { fsync_every_commit: true, max_batch: 1024 }
+    }
+}
+
+/// A unit of work for the writer thread.
+trait Job: Send {
+    fn run(self: Box<Self>, conn: &Connection) -> Box<dyn Finish>;
+    fn abort(self: Box<Self>, why: &str);
+}
+
+/// A job that has run and waits for the commit before answering.
+trait Finish: Send {
+    fn finish(self: Box<Self>, commit: std::result::Result<(), &str>);
+}
+
+struct Write<F, T> {
+    f: F,
+    reply: oneshot::Sender<Result<T>>,
+    location: Arc<str>,
+}
+
+struct Ran<T> {
+    result: Result<T>,
+    reply: oneshot::Sender<Result<T>>,
+    location: Arc<str>,
+}
+
+impl<F, T> Job for Write<F, T>
+where
+    F: FnOnce(&Connection) -> rusqlite::Result<T> + Send,
+    T: Send + 'static,
+{
+    fn run(self: Box<Self>, conn: &Connection) -> Box<dyn Finish> {
+        let location = self.location.clone();
+        let result = in_savepoint(conn, self.f).map_err(|e| sql_err(&location, e));
+        Box::new(Ran { result, reply: self.reply, location })
+    }
+
+    fn abort(self: Box<Self>, why: &str) {
+        let _ =
+            self.reply.send(Err(JournalError::Open { location: self.location.to_string(), reason: why.to_string() }));
+    }
+}
+
+impl<T: Send> Finish for Ran<T> {
+    fn finish(self: Box<Self>, commit: std::result::Result<(), &str>) {
+        let result = match commit {
+            Ok(()) => self.result,
+            Err(why) => {
+                Err(JournalError::Open { location: self.location.to_string(), reason: format!("commit failed: {why}") })
+            }
+        };
+        let _ = self.reply.send(result);
+    }
+}
+
+fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    conn.execute_batch("SAVEPOINT job")?;
+    match f(conn) {
+        Ok(v) => {
+            conn.execute_batch("RELEASE job")?;
+            Ok(v)
+        }
+        Err(e) => {
+            conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+            Err(e)
+        }
+    }
+}
+
+fn sql_err(location: &str, source: rusqlite::Error) -> JournalError {
+    JournalError::Sqlite { location: location.to_string(), source }
+}
+
+/// The SQLite journal. Cheap to share behind an `Arc`.
+pub struct SqliteJournal {
+    jobs: mpsc::Sender<Box<dyn Job>>,
+    reader: Arc<Mutex<Connection>>,
+    location: Arc<str>,
+}
+
+impl SqliteJournal {
+    /// Opens (creating if needed) the journal at `path`.
+    pub fn open(path: &Path, options: SqliteOptions) -> Result<SqliteJournal> {
+        let location: Arc<str> = Arc::from(path.display().to_string());
+        let open_err = |reason: String| JournalError::Open { location: location.to_string(), reason };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.exists()
+        {
+            return Err(open_err(format!("the folder {} does not exist", dir.display())));
+        }
+        let writer = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        configure(&writer, &options).map_err(|e| sql_err(&location, e))?;
+        migrate(&writer, &location)?;
+        let reader = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        configure(&reader, &options).map_err(|e| sql_err(&location, e))?;
+
+        let (tx, rx) = mpsc::channel::<Box<dyn Job>>(options.max_batch * 4);
+        let thread_location = location.clone();
+        std::thread::Builder::new()
+            .name("journal-writer".into())
+            .spawn(move || writer_loop(writer, rx, options.max_batch, &thread_location))
+            .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
+        Ok(SqliteJournal { jobs: tx, reader: Arc::new(Mutex::new(reader)), location })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(&*self.location)
+    }
+
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        let job = Box::new(Write { f, reply, location: self.location.clone() });
+        self.jobs.send(job).await.map_err(|_| JournalError::Closed)?;
+        rx.await.map_err(|_| JournalError::Closed)?
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let reader = self.reader.clone();
+        let location = self.location.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            f(&conn).map_err(|e| sql_err(&location, e))
+        })
+        .await
+        .map_err(|_| JournalError::Closed)?
+    }
+}
+
+fn configure(conn: &Connection, options: &SqliteOptions) -> rusqlite::Result<()> {
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", if options.fsync_every_commit { "FULL" } else { "NORMAL" })?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    Ok(())
+}
+
+fn migrate(conn: &Connection, location: &str) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| sql_err(location, e))?;
+    if version > SCHEMA_VERSION {
+        return Err(JournalError::SchemaTooNew {
+            location: location.to_string(),
+            found: version,
+            known: SCHEMA_VERSION,
+        });
+    }
+    conn.execute_batch(SCHEMA).map_err(|e| sql_err(location, e))?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(|e| sql_err(location, e))?;
+    Ok(())
+}
+
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Box<dyn Job>>, max_batch: usize, location: &str) {
+    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let why = e.to_string();
+            tracing::error!(journal = location, error = %why, "cannot begin a journal transaction");
+            batch.drain(..).for_each(|j| j.abort(&why));
+            continue;
+        }
+        let ran: Vec<Box<dyn Finish>> = batch.drain(..).map(|j| j.run(&conn)).collect();
+        match conn.execute_batch("COMMIT") {
+            Ok(()) => ran.into_iter().for_each(|r| r.finish(Ok(()))),
+            Err(e) => {
+                let why = e.to_string();
+                tracing::error!(journal = location, error = %why, "journal commit failed; nothing in this batch was acknowledged");
+                let _ = conn.execute_batch("ROLLBACK");
+                ran.into_iter().for_each(|r| r.finish(Err(&why)));
+            }
+        }
+    }
+}
+
+const STATE_PENDING: &str = "pending";
+const STATE_IN_FLIGHT: &str = "in_flight";
+const STATE_DELIVERED: &str = "delivered";
+const STATE_DEAD: &str = "dead";
+const STATE_DISCARDED: &str = "discarded";
+
+fn ts(ms: Option<i64>) -> Option<Timestamp> {
+    ms.map(Timestamp::from_millis)
+}
+
+/// `(sql fragment, json parameter)` selecting records for an operator action.
+fn selector_sql(selector: &Selector) -> (&'static str, String) {
+    match selector {
+        Selector::Ids(ids) => ("id IN (SELECT value FROM json_each(?1))", serde_json_array(ids)),
+        Selector::Flow(flow) => ("flow = ?1", flow.clone()),
+        Selector::All => ("?1 IS NOT NULL", String::new()),
+    }
+}
+
+fn serde_json_array(ids: &[RecordId]) -> String {
+    let items: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    format!("[{}]", items.join(","))
+}
+
+fn ingest_tx(conn: &Connection, r: &NewRecord) -> rusqlite::Result<Ingested> {
+    let (state, next_at, finished_at, class, reason) = match &r.quarantine {
+        None => (STATE_PENDING, Some(r.received_at.as_millis()), None, None, None),
+        Some((class, reason)) => {
+            (STATE_DEAD, None, Some(r.received_at.as_millis()), Some(class.as_str()), Some(reason.as_str()))
+        }
+    };
+    let inserted: Option<i64> = conn
+        .prepare_cached(
+            "INSERT INTO records (flow, delivery_id, idempotency_key, correlation_id, content_type, payload, received_at,
+                                  state, next_attempt_at, finished_at, dead_class, dead_reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             ON CONFLICT (flow, delivery_id) WHERE delivery_id IS NOT NULL DO NOTHING
+             RETURNING id",
+        )?
+        .query_row(
+            params![
+                r.flow,
+                r.delivery_id,
+                r.idempotency_key,
+                r.correlation_id,
+                r.content_type,
+                r.payload,
+                r.received_at.as_millis(),
+                state,
+                next_at,
+                finished_at,
+                class,
+                reason
+            ],
+            |row| row.get(0),
+        )
+        .optional()?;
+    if let Some(id) = inserted {
+        return Ok(Ingested::New(id));
+    }
+    let id = conn
+        .prepare_cached("SELECT id FROM records WHERE flow = ?1 AND delivery_id = ?2")?
+        .query_row(params![r.flow, r.delivery_id], |row| row.get(0))?;
+    Ok(Ingested::Duplicate(id))
+}
+
+fn lease_tx(
+    conn: &Connection,
+    flow: &str,
+    owner: &str,
+    now: Timestamp,
+    lease_for: Duration,
+    limit: usize,
+) -> rusqlite::Result<Vec<LeasedRecord>> {
+    let now_ms = now.as_millis();
+    // A lease that ran out means the holder died or hung mid-attempt: the
+    // attempt is recorded as interrupted and counts against the budget, so a
+    // record that crashes the engine cannot loop forever.
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO attempts (record_id, number, started_at, duration_ms, status, class, error)
+         SELECT id, attempts, COALESCE(leased_at, lease_until), lease_until - COALESCE(leased_at, lease_until), NULL, 'interrupted',
+                'the lease expired before a result was recorded (the engine stopped or hung mid-attempt)'
+         FROM records WHERE flow = ?1 AND state = 'in_flight' AND lease_until <= ?2",
+    )?
+    .execute(params![flow, now_ms])?;
+    conn.prepare_cached(
+        "UPDATE records SET state = 'pending', next_attempt_at = ?2, failures = failures + 1,
+                            lease_owner = NULL, lease_until = NULL, leased_at = NULL
+         WHERE flow = ?1 AND state = 'in_flight' AND lease_until <= ?2",
+    )?
+    .execute(params![flow, now_ms])?;
+    let until = now.plus(lease_for);
+    let mut stmt = conn.prepare_cached(
+        "UPDATE records SET state = 'in_flight', lease_owner = ?2, lease_until = ?3, leased_at = ?4,
+                            attempts = attempts + 1, next_attempt_at = NULL
+         WHERE id IN (SELECT id FROM records WHERE flow = ?1 AND state = 'pending' AND next_attempt_at <= ?4
+                      ORDER BY next_attempt_at, id LIMIT ?5)
+         RETURNING id, flow, idempotency_key, correlation_id, content_type, payload, attempts, failures",
+    )?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut leased: Vec<LeasedRecord> = stmt
+        .query_map(params![flow, owner, until.as_millis(), now_ms, limit], |r| {
+            Ok(LeasedRecord {
+                id: r.get(0)?,
+                flow: r.get(1)?,
+                idempotency_key: r.get(2)?,
+                correlation_id: r.get(3)?,
+                content_type: r.get(4)?,
+                payload: r.get(5)?,
+                attempt: r.get(6)?,
+                failures: r.get(7)?,
+                lease_until: until,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    leased.sort_by_key(|r| r.id);
+    Ok(leased)
+}
+
+fn complete_tx(conn: &Connection, rep: &AttemptReport) -> rusqlite::Result<bool> {
+    let a = &rep.attempt;
+    let end = a.started_at.plus(Duration::from_millis(a.duration_ms)).as_millis();
+    let changed = match &rep.outcome {
+        Outcome::Delivered => conn.prepare_cached(
+            "UPDATE records SET state = 'delivered', finished_at = ?3, lease_owner = NULL, lease_until = NULL, leased_at = NULL
+             WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2",
+        )?
+        .execute(params![rep.id, rep.owner, end])?,
+        Outcome::Retry { at } => conn.prepare_cached(
+            "UPDATE records SET state = 'pending', next_attempt_at = ?3, failures = failures + 1,
+                                lease_owner = NULL, lease_until = NULL, leased_at = NULL
+             WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2",
+        )?
+        .execute(params![rep.id, rep.owner, at.as_millis()])?,
+        Outcome::Hold { at } => conn.prepare_cached(
+            "UPDATE records SET state = 'pending', next_attempt_at = ?3, lease_owner = NULL, lease_until = NULL, leased_at = NULL
+             WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2",
+        )?
+        .execute(params![rep.id, rep.owner, at.as_millis()])?,
+        Outcome::Dead { class, reason } => conn.prepare_cached(
+            "UPDATE records SET state = 'dead', finished_at = ?3, dead_class = ?4, dead_reason = ?5,
+                                lease_owner = NULL, lease_until = NULL, leased_at = NULL
+             WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2",
+        )?
+        .execute(params![rep.id, rep.owner, end, class.as_str(), reason])?,
+    };
+    if changed == 0 {
+        return Ok(false);
+    }
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO attempts (record_id, number, started_at, duration_ms, status, class, error)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        rep.id,
+        a.number,
+        a.started_at.as_millis(),
+        i64::try_from(a.duration_ms).unwrap_or(i64::MAX),
+        a.status,
+        a.class.map(ErrorClass::as_str),
+        a.error
+    ])?;
+    Ok(true)
+}
+
+fn class_of(s: Option<String>) -> Option<ErrorClass> {
+    s.as_deref().and_then(ErrorClass::parse)
+}
+
+fn attempt_from_row(r: &Row<'_>) -> rusqlite::Result<Attempt> {
+    Ok(Attempt {
+        number: r.get(0)?,
+        started_at: Timestamp::from_millis(r.get(1)?),
+        duration_ms: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+        status: r.get(3)?,
+        class: class_of(r.get(4)?),
+        error: r.get(5)?,
+    })
+}
+
+fn record_tx(conn: &Connection, id: RecordId) -> rusqlite::Result<Option<RecordDetail>> {
+    let detail = conn
+        .prepare_cached(
+            "SELECT id, flow, state, delivery_id, idempotency_key, correlation_id, content_type, payload, received_at,
+                    next_attempt_at, lease_until, finished_at, dead_class, dead_reason
+             FROM records WHERE id = ?1",
+        )?
+        .query_row([id], |r| {
+            let state: String = r.get(2)?;
+            Ok(RecordDetail {
+                id: r.get(0)?,
+                flow: r.get(1)?,
+                state: StateName::parse(&state).unwrap_or(StateName::Pending),
+                delivery_id: r.get(3)?,
+                idempotency_key: r.get(4)?,
+                correlation_id: r.get(5)?,
+                content_type: r.get(6)?,
+                payload: r.get(7)?,
+                received_at: Timestamp::from_millis(r.get(8)?),
+                next_attempt_at: ts(r.get(9)?),
+                lease_until: ts(r.get(10)?),
+                finished_at: ts(r.get(11)?),
+                dead_class: class_of(r.get(12)?),
+                dead_reason: r.get(13)?,
+                attempts: Vec::new(),
+            })
+        })
+        .optional()?;
+    let Some(mut detail) = detail else { return Ok(None) };
+    detail.attempts = conn
+        .prepare_cached(
+            "SELECT number, started_at, duration_ms, status, class, error FROM attempts WHERE record_id = ?1 ORDER BY number",
+        )?
+        .query_map([id], attempt_from_row)?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(Some(detail))
+}
+
+fn counts_tx(conn: &Connection) -> rusqlite::Result<Vec<FlowCounts>> {
+    let mut by_flow: std::collections::BTreeMap<String, FlowCounts> = Default::default();
+    let mut stmt = conn.prepare_cached(
+        "SELECT flow, state, COUNT(*), MIN(CASE WHEN state IN ('pending', 'in_flight') THEN received_at END)
+         FROM records GROUP BY flow, state",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, Option<i64>>(3)?))
+    })?;
+    for row in rows {
+        let (flow, state, n, oldest) = row?;
+        let c = by_flow.entry(flow.clone()).or_insert_with(|| FlowCounts { flow, ..Default::default() });
+        let n = u64::try_from(n).unwrap_or(0);
+        match state.as_str() {
+            STATE_PENDING => c.pending = n,
+            STATE_IN_FLIGHT => c.in_flight = n,
+            STATE_DELIVERED => c.delivered = n,
+            STATE_DEAD => c.dead = n,
+            STATE_DISCARDED => c.discarded = n,
+            _ => {}
+        }
+        if let Some(o) = ts(oldest) {
+            c.oldest_pending_at = Some(c.oldest_pending_at.map_or(o, |prev| prev.min(o)));
+        }
+    }
+    let mut stmt = conn.prepare_cached("SELECT flow, since, reason FROM flow_pauses")?;
+    for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))? {
+        let (flow, since, reason) = row?;
+        let c = by_flow.entry(flow.clone()).or_insert_with(|| FlowCounts { flow, ..Default::default() });
+        c.paused = Some(Pause { since: Timestamp::from_millis(since), reason });
+    }
+    Ok(by_flow.into_values().collect())
+}
+
+#[async_trait]
+impl Journal for SqliteJournal {
+    async fn ingest(&self, record: NewRecord) -> Result<Ingested> {
+        self.write(move |c| ingest_tx(c, &record)).await
+    }
+
+    async fn lease(
+        &self,
+        flow: &str,
+        owner: &str,
+        now: Timestamp,
+        lease_for: Duration,
+        limit: usize,
+    ) -> Result<Vec<LeasedRecord>> {
+        let (flow, owner) = (flow.to_string(), owner.to_string());
+        self.write(move |c| lease_tx(c, &flow, &owner, now, lease_for, limit)).await
+    }
+
+    async fn complete(&self, report: AttemptReport) -> Result<bool> {
+        self.write(move |c| complete_tx(c, &report)).await
+    }
+
+    async fn next_due(&self, flow: &str) -> Result<Option<Timestamp>> {
+        let flow = flow.to_string();
+        self.read(move |c| {
+            let pending: Option<i64> = c
+                .prepare_cached("SELECT MIN(next_attempt_at) FROM records WHERE flow = ?1 AND state = 'pending'")?
+                .query_row([&flow], |r| r.get(0))?;
+            let lease: Option<i64> = c
+                .prepare_cached("SELECT MIN(lease_until) FROM records WHERE flow = ?1 AND state = 'in_flight'")?
+                .query_row([&flow], |r| r.get(0))?;
+            Ok(match (pending, lease) {
+                (Some(a), Some(b)) => Some(Timestamp::from_millis(a.min(b))),
+                (a, b) => ts(a.or(b)),
+            })
+        })
+        .await
+    }
+
+    async fn counts(&self) -> Result<Vec<FlowCounts>> {
+        self.read(counts_tx).await
+    }
+
+    async fn dead_letters(&self, flow: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>> {
+        let flow = flow.map(str::to_string);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT id, flow, dead_class, dead_reason, finished_at, received_at, attempts, correlation_id
+                 FROM records WHERE state = 'dead' AND (?1 IS NULL OR flow = ?1) ORDER BY id LIMIT ?2",
+            )?
+            .query_map(params![flow, limit], |r| {
+                Ok(DeadLetter {
+                    id: r.get(0)?,
+                    flow: r.get(1)?,
+                    class: class_of(r.get(2)?).unwrap_or(ErrorClass::Rejected),
+                    reason: r.get::<_, Option<String>>(3)?.unwrap_or_default(),
+                    dead_at: Timestamp::from_millis(r.get::<_, Option<i64>>(4)?.unwrap_or(0)),
+                    received_at: Timestamp::from_millis(r.get(5)?),
+                    attempts: r.get(6)?,
+                    correlation_id: r.get(7)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn record(&self, id: RecordId) -> Result<Option<RecordDetail>> {
+        self.read(move |c| record_tx(c, id)).await
+    }
+
+    async fn count_dead(&self, selector: &Selector) -> Result<u64> {
+        let (cond, param) = selector_sql(selector);
+        self.read(move |c| {
+            let n: i64 =
+                c.query_row(&format!("SELECT COUNT(*) FROM records WHERE state = 'dead' AND {cond}"), [param], |r| {
+                    r.get(0)
+                })?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn replay(&self, selector: &Selector, now: Timestamp, limit: usize) -> Result<u64> {
+        let (cond, param) = selector_sql(selector);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.write(move |c| {
+            let sql = format!(
+                "UPDATE records SET state = 'pending', next_attempt_at = ?2, failures = 0, finished_at = NULL,
+                                    dead_class = NULL, dead_reason = NULL
+                 WHERE id IN (SELECT id FROM records WHERE state = 'dead' AND {cond} ORDER BY id LIMIT ?3)"
+            );
+            c.prepare_cached(&sql)?.execute(params![param, now.as_millis(), limit]).map(|n| n as u64)
+        })
+        .await
+    }
+
+    async fn discard(&self, selector: &Selector, now: Timestamp, limit: usize) -> Result<u64> {
+        let (cond, param) = selector_sql(selector);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.write(move |c| {
+            let sql = format!(
+                "UPDATE records SET state = 'discarded', finished_at = ?2
+                 WHERE id IN (SELECT id FROM records WHERE state = 'dead' AND {cond} ORDER BY id LIMIT ?3)"
+            );
+            c.prepare_cached(&sql)?.execute(params![param, now.as_millis(), limit]).map(|n| n as u64)
+        })
+        .await
+    }
+
+    async fn pause_flow(&self, flow: &str, reason: &str, now: Timestamp) -> Result<()> {
+        let (flow, reason) = (flow.to_string(), reason.to_string());
+        self.write(move |c| {
+            c.prepare_cached("INSERT INTO flow_pauses (flow, since, reason) VALUES (?1, ?2, ?3) ON CONFLICT (flow) DO UPDATE SET reason = excluded.reason")?
+                .execute(params![flow, now.as_millis(), reason])
+                .map(|_| ())
+        })
+        .await
+    }
+
+    async fn resume_flow(&self, flow: &str) -> Result<bool> {
+        let flow = flow.to_string();
+        self.write(move |c| c.prepare_cached("DELETE FROM flow_pauses WHERE flow = ?1")?.execute([flow]).map(|n| n > 0))
+            .await
+    }
+
+    async fn pause_of(&self, flow: &str) -> Result<Option<Pause>> {
+        let flow = flow.to_string();
+        self.read(move |c| {
+            c.prepare_cached("SELECT since, reason FROM flow_pauses WHERE flow = ?1")?
+                .query_row([flow], |r| Ok(Pause { since: Timestamp::from_millis(r.get(0)?), reason: r.get(1)? }))
+                .optional()
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+}
