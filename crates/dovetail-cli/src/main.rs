@@ -1,0 +1,93 @@
+//! `dovetail`: the binary. Parses arguments, wires the libraries together,
+//! prints. The work happens in the library crates.
+
+mod dev;
+mod dlq;
+mod init;
+mod project;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "dovetail",
+    version,
+    about = "Integrations that hold: durable journal, idempotent delivery, classified retries, dead-letter queue."
+)]
+struct Cli {
+    /// The config file.
+    #[arg(short = 'c', long = "config", global = true, env = "DOVETAIL_CONFIG", default_value = "dovetail.toml")]
+    config: PathBuf,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, global = true, env = "DOVETAIL_LOG", default_value = "info")]
+    log_level: tracing::Level,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the engine: webhook intake, delivery, health endpoints.
+    Run,
+    /// Validate the config file; exits non-zero on any error.
+    Check,
+    /// Per-flow counts: pending, in flight, delivered, dead, oldest pending age.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The dead-letter queue.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
+    /// Lift a flow's pause (set after an auth failure) once the cause is fixed.
+    Resume { flow: String },
+    /// Write a runnable example project into DIR.
+    Init { dir: PathBuf },
+    /// Development aids: a local partner and a signed-webhook sender.
+    #[command(subcommand)]
+    Dev(dev::DevCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    use std::io::IsTerminal as _;
+    tracing_subscriber::fmt()
+        .with_max_level(cli.log_level)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    dovetail_connectors::http::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let config = cli.config;
+    match cli.command {
+        Command::Run => project::run(&config).await,
+        Command::Check => project::check(&config),
+        Command::Status { json } => status::status(&config, json).await,
+        Command::Dlq(cmd) => dlq::run(&config, cmd).await,
+        Command::Resume { flow } => project::resume(&config, &flow).await,
+        Command::Init { dir } => init::init(&dir),
+        Command::Dev(cmd) => dev::run(&config, cmd).await,
+    }
+}

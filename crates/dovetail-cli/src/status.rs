@@ -1,0 +1,101 @@
+//! `dovetail status`: is every flow healthy? One line per flow.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use dovetail_core::clock::{Clock, SystemClock, Timestamp};
+use dovetail_core::duration::format_duration;
+use dovetail_journal::{FlowCounts, Journal, Pause};
+
+use crate::project;
+
+/// The stable JSON shape of `dovetail status --json` (documented in the README).
+#[derive(Serialize)]
+struct StatusReport {
+    generated_at: Timestamp,
+    flows: Vec<FlowStatus>,
+}
+
+#[derive(Serialize)]
+struct FlowStatus {
+    flow: String,
+    /// "running" or "paused".
+    state: &'static str,
+    pending: u64,
+    in_flight: u64,
+    delivered: u64,
+    dead: u64,
+    discarded: u64,
+    oldest_pending_at: Option<Timestamp>,
+    oldest_pending_age_seconds: Option<f64>,
+    paused: Option<Pause>,
+    /// False for a flow that has records in the journal but is no longer in the config.
+    configured: bool,
+}
+
+pub async fn status(path: &Path, json: bool) -> Result<ExitCode> {
+    let loaded = project::load(path)?;
+    let journal = project::open_existing_journal(&loaded)?;
+    let now = SystemClock.now();
+    let mut counts = journal.counts().await?;
+    for name in loaded.config.flows.keys() {
+        if !counts.iter().any(|c| &c.flow == name) {
+            counts.push(FlowCounts { flow: name.clone(), ..Default::default() });
+        }
+    }
+    counts.sort_by(|a, b| a.flow.cmp(&b.flow));
+    let flows: Vec<FlowStatus> = counts
+        .into_iter()
+        .map(|c| FlowStatus {
+            configured: loaded.config.flows.contains_key(&c.flow),
+            state: if c.paused.is_some() { "paused" } else { "running" },
+            oldest_pending_age_seconds: c.oldest_pending_at.map(|t| now.since(t).as_secs_f64()),
+            flow: c.flow,
+            pending: c.pending,
+            in_flight: c.in_flight,
+            delivered: c.delivered,
+            dead: c.dead,
+            discarded: c.discarded,
+            oldest_pending_at: c.oldest_pending_at,
+            paused: c.paused,
+        })
+        .collect();
+    let report = StatusReport { generated_at: now, flows };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report, now);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_table(report: &StatusReport, now: Timestamp) {
+    let mut rows = vec![
+        ["FLOW", "STATE", "PENDING", "IN FLIGHT", "DELIVERED", "DEAD", "OLDEST PENDING"].map(String::from).to_vec(),
+    ];
+    for f in &report.flows {
+        let age = f.oldest_pending_at.map(|t| format_duration(std::time::Duration::from_secs(now.since(t).as_secs())));
+        let name = if f.configured { f.flow.clone() } else { format!("{} (not in config)", f.flow) };
+        rows.push(vec![
+            name,
+            f.state.to_string(),
+            f.pending.to_string(),
+            f.in_flight.to_string(),
+            f.delivered.to_string(),
+            f.dead.to_string(),
+            age.unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    print!("{}", crate::dlq::table(&rows));
+    for f in &report.flows {
+        if let Some(p) = &f.paused {
+            println!(
+                "\n{} is paused since {}: {}\n  records are held; after fixing the cause run `dovetail resume {}`",
+                f.flow, p.since, p.reason, f.flow
+            );
+        }
+    }
+}

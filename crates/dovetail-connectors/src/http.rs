@@ -1,0 +1,225 @@
+//! The HTTP sink: one request per record to a named connector.
+//!
+//! Every request carries the connector's pinned API version header, its
+//! credentials, the record's deterministic `Idempotency-Key` (the same on
+//! every retry and after a restart) and its correlation id, both as
+//! `X-Correlation-ID` and as a W3C `traceparent`.
+
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use dovetail_core::clock::Timestamp;
+use dovetail_core::config::{HttpConnector, ResolvedAuth};
+use dovetail_core::policy::{Answer, parse_retry_after};
+
+/// How much of a partner's response body is kept for the DLQ and logs.
+pub const BODY_EXCERPT_LIMIT: usize = 4096;
+
+/// A connector or sink that cannot be built from its (already checked) config.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpSinkError {
+    #[error("connector `{connector}`: header `{header}` cannot be sent: {reason}")]
+    BadHeader { connector: String, header: String, reason: String },
+    #[error("connector `{connector}`: cannot build the HTTP client: {reason}")]
+    Client { connector: String, reason: String },
+    #[error("connector `{connector}`: `{method}` is not an HTTP method")]
+    BadMethod { connector: String, method: String },
+}
+
+/// What one attempt produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptResult {
+    pub answer: Answer,
+    pub duration: Duration,
+    /// Start of the response body (or the transport error), for the DLQ.
+    pub detail: Option<String>,
+}
+
+/// The record-specific parts of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Outbound<'a> {
+    pub payload: &'a [u8],
+    pub content_type: Option<&'a str>,
+    pub idempotency_key: &'a str,
+    pub correlation_id: &'a str,
+}
+
+/// One flow's HTTP sink through one connector.
+#[derive(Debug, Clone)]
+pub struct HttpSink {
+    connector: String,
+    client: reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    headers: HeaderMap,
+    timeout: Duration,
+}
+
+static CRYPTO: Once = Once::new();
+
+/// Installs the process-wide TLS crypto provider (ring: small, builds with cc alone).
+/// Idempotent; call before building any `reqwest::Client`.
+pub fn install_crypto_provider() {
+    CRYPTO.call_once(|| {
+        // Another part of the process may have installed one already; that one is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// A client for one connector, shared by every flow that uses it.
+pub fn client_for(name: &str, c: &HttpConnector) -> Result<reqwest::Client, HttpSinkError> {
+    install_crypto_provider();
+    reqwest::Client::builder()
+        .user_agent(concat!("dovetail/", env!("CARGO_PKG_VERSION")))
+        .pool_max_idle_per_host(c.max_in_flight)
+        .connect_timeout(c.timeout.min(Duration::from_secs(10)))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| HttpSinkError::Client { connector: name.to_string(), reason: e.to_string() })
+}
+
+impl HttpSink {
+    pub fn new(
+        connector: &str,
+        config: &HttpConnector,
+        auth: &ResolvedAuth,
+        client: reqwest::Client,
+        method: &str,
+        path: &str,
+    ) -> Result<HttpSink, HttpSinkError> {
+        let bad = |header: &str, reason: String| HttpSinkError::BadHeader {
+            connector: connector.to_string(),
+            header: header.to_string(),
+            reason,
+        };
+        let mut headers = HeaderMap::new();
+        let mut put = |name: &str, value: &str, sensitive: bool| -> Result<(), HttpSinkError> {
+            let n = HeaderName::from_bytes(name.as_bytes()).map_err(|e| bad(name, e.to_string()))?;
+            let mut v = HeaderValue::from_str(value).map_err(|e| bad(name, e.to_string()))?;
+            v.set_sensitive(sensitive);
+            headers.insert(n, v);
+            Ok(())
+        };
+        for (name, value) in &config.headers {
+            put(name, value, false)?;
+        }
+        if let Some(v) = &config.api_version {
+            put(&v.header, &v.value, false)?;
+        }
+        if let Some(a) = &auth.authorization {
+            // A bad credential must not be echoed into an error message.
+            put("authorization", a.expose(), true)
+                .map_err(|_| bad("authorization", "the credential has characters a header cannot carry".into()))?;
+        }
+        let method = reqwest::Method::from_bytes(method.as_bytes())
+            .map_err(|_| HttpSinkError::BadMethod { connector: connector.to_string(), method: method.to_string() })?;
+        let url = format!("{}{}", config.base_url.trim_end_matches('/'), path);
+        Ok(HttpSink { connector: connector.to_string(), client, method, url, headers, timeout: config.timeout })
+    }
+
+    pub fn connector(&self) -> &str {
+        &self.connector
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Performs one attempt. `now` resolves an HTTP-date `Retry-After`.
+    pub async fn send(&self, out: Outbound<'_>, now: impl Fn() -> Timestamp) -> AttemptResult {
+        let started = Instant::now();
+        let request = self
+            .client
+            .request(self.method.clone(), &self.url)
+            .headers(self.headers.clone())
+            .header(header::CONTENT_TYPE, out.content_type.unwrap_or("application/json"))
+            .header("idempotency-key", out.idempotency_key)
+            .header("x-correlation-id", out.correlation_id)
+            .timeout(self.timeout)
+            .body(out.payload.to_vec());
+        let request = match traceparent(out.correlation_id) {
+            Some(tp) => request.header("traceparent", tp),
+            None => request,
+        };
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => return transport_failure(&e, started),
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, now()));
+        let body = read_excerpt(response).await;
+        let detail = match body {
+            Ok(b) if b.is_empty() => None,
+            Ok(b) => Some(b),
+            // The status arrived; a body cut short does not change what it means.
+            Err(e) => Some(format!("(response body unreadable: {})", error_chain(&e))),
+        };
+        AttemptResult { answer: Answer::Status { status, retry_after }, duration: started.elapsed(), detail }
+    }
+}
+
+fn transport_failure(e: &reqwest::Error, started: Instant) -> AttemptResult {
+    let answer = if e.is_timeout() { Answer::Timeout } else { Answer::Connection };
+    AttemptResult { answer, duration: started.elapsed(), detail: Some(error_chain(e)) }
+}
+
+/// The error and its causes on one line ("error sending request: connection closed before message completed").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+async fn read_excerpt(mut response: reqwest::Response) -> Result<String, reqwest::Error> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = BODY_EXCERPT_LIMIT.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if buf.len() >= BODY_EXCERPT_LIMIT {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// A W3C `traceparent` for a correlation id that is a valid trace-id.
+fn traceparent(correlation_id: &str) -> Option<String> {
+    let valid = correlation_id.len() == 32
+        && correlation_id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && correlation_id.bytes().any(|b| b != b'0');
+    valid.then(|| format!("00-{correlation_id}-{:016x}-01", fastrand_span_id()))
+}
+
+fn fastrand_span_id() -> u64 {
+    // Span ids only need to be unique-ish per hop; a zero id is invalid.
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(Instant::now()) | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_only_for_trace_ids() {
+        let tp = traceparent("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+        assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && tp.ends_with("-01"), "{tp}");
+        assert_eq!(tp.len(), 55);
+        assert_eq!(traceparent("req-7"), None);
+        assert_eq!(traceparent("00000000000000000000000000000000"), None);
+    }
+}

@@ -1,0 +1,286 @@
+//! One dispatcher per flow: lease due records, attempt each, write back.
+//!
+//! Concurrency is bounded by the connector's permits, taken before the
+//! lease so that a leased record is never waiting for a permit while its
+//! lease runs down. The dispatcher sleeps until the earliest due record,
+//! an intake wakes it, or the idle poll comes round.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, watch};
+
+use dovetail_connectors::http::{AttemptResult, Outbound};
+use dovetail_core::clock::Timestamp;
+use dovetail_core::policy::{Answer, ErrorClass, Jitter, RetryPolicy, Verdict, classify};
+use dovetail_core::record::Attempt;
+use dovetail_journal::{AttemptReport, Journal, LeasedRecord, Outcome};
+
+use crate::{EngineOptions, FlowRuntime};
+
+/// After a journal error, how long before trying again.
+const JOURNAL_BACKOFF: Duration = Duration::from_millis(500);
+
+pub(crate) async fn run(
+    flow: Arc<FlowRuntime>,
+    journal: Arc<dyn Journal>,
+    options: EngineOptions,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut inflight = tokio::task::JoinSet::new();
+    while !*stop.borrow() {
+        // Reap finished attempts so the set does not grow.
+        while inflight.try_join_next().is_some() {}
+        match journal.pause_of(&flow.name).await {
+            Ok(Some(_)) => {
+                idle(&flow, &options, None, &mut stop).await;
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(flow = %flow.name, error = %e, "cannot read the flow's pause state");
+                pause_for(JOURNAL_BACKOFF, &mut stop).await;
+                continue;
+            }
+        }
+        let permits = take_permits(&flow, &mut stop).await;
+        if permits.is_empty() {
+            continue;
+        }
+        let now = options.clock.now();
+        let leased = match journal.lease(&flow.name, &options.node_id, now, flow.lease_for, permits.len()).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(flow = %flow.name, error = %e, "cannot lease records");
+                pause_for(JOURNAL_BACKOFF, &mut stop).await;
+                continue;
+            }
+        };
+        if leased.is_empty() {
+            drop(permits);
+            let next = journal.next_due(&flow.name).await.ok().flatten();
+            idle(&flow, &options, next, &mut stop).await;
+            continue;
+        }
+        for (record, permit) in leased.into_iter().zip(permits) {
+            let (flow, journal, options) = (flow.clone(), journal.clone(), options.clone());
+            inflight.spawn(async move {
+                attempt(&flow, &*journal, &options, record).await;
+                drop(permit);
+            });
+        }
+    }
+    // Attempts already sent finish and are recorded; nothing new starts.
+    while inflight.join_next().await.is_some() {}
+}
+
+/// One permit (waiting for it), plus as many more as are free right now.
+async fn take_permits(flow: &FlowRuntime, stop: &mut watch::Receiver<bool>) -> Vec<OwnedSemaphorePermit> {
+    let first = tokio::select! {
+        p = flow.permits.clone().acquire_owned() => p,
+        _ = stop.wait_for(|s| *s) => return Vec::new(),
+    };
+    let Ok(first) = first else { return Vec::new() };
+    let mut permits = vec![first];
+    while let Ok(p) = flow.permits.clone().try_acquire_owned() {
+        permits.push(p);
+    }
+    permits
+}
+
+async fn idle(
+    flow: &FlowRuntime,
+    options: &EngineOptions,
+    next_due: Option<Timestamp>,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let wait = next_due.map(|t| t.since(options.clock.now())).unwrap_or(options.idle_poll).min(options.idle_poll);
+    tokio::select! {
+        _ = flow.wake.notified() => {}
+        _ = tokio::time::sleep(wait) => {}
+        _ = stop.wait_for(|s| *s) => {}
+    }
+}
+
+async fn pause_for(d: Duration, stop: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = stop.wait_for(|s| *s) => {}
+    }
+}
+
+async fn attempt(flow: &FlowRuntime, journal: &dyn Journal, options: &EngineOptions, record: LeasedRecord) {
+    let started_at = options.clock.now();
+    let out = Outbound {
+        payload: &record.payload,
+        content_type: record.content_type.as_deref(),
+        idempotency_key: &record.idempotency_key,
+        correlation_id: &record.correlation_id,
+    };
+    let result = flow.sink.send(out, || options.clock.now()).await;
+    let now = options.clock.now();
+    let (outcome, class) = decide(&result, record.failures, &flow.retry, &*options.jitter, now);
+    log_attempt(flow, &record, &result, &outcome);
+    let status = match result.answer {
+        Answer::Status { status, .. } => Some(status),
+        _ => None,
+    };
+    let report = AttemptReport {
+        id: record.id,
+        owner: options.node_id.clone(),
+        attempt: Attempt {
+            number: record.attempt,
+            started_at,
+            duration_ms: u64::try_from(result.duration.as_millis()).unwrap_or(u64::MAX),
+            status,
+            class,
+            error: class.map(|_| describe(&result)),
+        },
+        outcome: outcome.clone(),
+    };
+    if let Outcome::Hold { .. } = outcome {
+        let reason = format!("connector `{}` refused our credentials: {}", flow.sink.connector(), describe(&result));
+        if let Err(e) = journal.pause_flow(&flow.name, &reason, now).await {
+            tracing::error!(flow = %flow.name, error = %e, "cannot record the flow's pause");
+        }
+    }
+    match journal.complete(report).await {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(flow = %flow.name, record_id = record.id,
+            "the lease expired before the attempt finished; another dispatcher owns the record now"),
+        // The lease will expire and the record will be tried again with the
+        // same idempotency key, so the partner sees no double effect.
+        Err(e) => tracing::error!(flow = %flow.name, record_id = record.id, error = %e, "cannot record an attempt"),
+    }
+}
+
+/// What one attempt means for the record: the outcome to journal and the
+/// error class to store with the attempt (`None` when delivered).
+pub fn decide(
+    result: &AttemptResult,
+    failures_before: u32,
+    policy: &RetryPolicy,
+    jitter: &dyn Jitter,
+    now: Timestamp,
+) -> (Outcome, Option<ErrorClass>) {
+    match classify(&result.answer) {
+        Verdict::Delivered => (Outcome::Delivered, None),
+        Verdict::DeadLetter(class) => (Outcome::Dead { class, reason: describe(result) }, Some(class)),
+        Verdict::PauseFlow => (Outcome::Hold { at: now }, Some(ErrorClass::Auth)),
+        Verdict::Retry { class, not_before } => {
+            let failures = failures_before.saturating_add(1);
+            match policy.next_delay(failures, not_before, jitter) {
+                Some(delay) => (Outcome::Retry { at: now.plus(delay) }, Some(class)),
+                None => {
+                    let reason = format!("gave up after {failures} transient failures; last: {}", describe(result));
+                    (Outcome::Dead { class, reason }, Some(class))
+                }
+            }
+        }
+    }
+}
+
+/// "503 Service Unavailable: {body}" / "timeout: ..." for attempts and the DLQ.
+fn describe(result: &AttemptResult) -> String {
+    let head = match &result.answer {
+        Answer::Status { status, .. } => format!("HTTP {status}"),
+        Answer::Timeout => "timed out".to_string(),
+        Answer::Connection => "connection failed".to_string(),
+    };
+    match &result.detail {
+        Some(d) => format!("{head}: {d}"),
+        None => head,
+    }
+}
+
+fn log_attempt(flow: &FlowRuntime, record: &LeasedRecord, result: &AttemptResult, outcome: &Outcome) {
+    let (id, corr, n) = (record.id, &record.correlation_id, record.attempt);
+    let ms = result.duration.as_millis();
+    match outcome {
+        Outcome::Delivered => {
+            tracing::debug!(flow = %flow.name, record_id = id, correlation_id = %corr, attempt = n, ms, "delivered")
+        }
+        Outcome::Retry { at } => {
+            tracing::info!(flow = %flow.name, record_id = id, correlation_id = %corr, attempt = n, ms,
+            retry_at = %at, error = %describe(result), "transient failure; will retry")
+        }
+        Outcome::Dead { class, reason } => {
+            tracing::warn!(flow = %flow.name, record_id = id, correlation_id = %corr, attempt = n,
+            class = class.as_str(), %reason, "dead-lettered")
+        }
+        Outcome::Hold { .. } => {
+            tracing::error!(flow = %flow.name, record_id = id, correlation_id = %corr, connector = flow.sink.connector(),
+            error = %describe(result),
+            "auth failure: the partner refused our credentials; flow paused, records held. Fix the credentials, then run `dovetail resume {}`",
+            flow.name)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoJitter;
+    impl Jitter for NoJitter {
+        fn sample(&self) -> f64 {
+            0.0
+        }
+    }
+
+    fn result(answer: Answer) -> AttemptResult {
+        AttemptResult { answer, duration: Duration::from_millis(5), detail: Some("body".into()) }
+    }
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(10),
+            jitter: 0.5,
+        }
+    }
+
+    const NOW: Timestamp = Timestamp::from_secs(1000);
+
+    #[test]
+    fn transient_failures_retry_with_backoff_until_the_budget_is_spent() {
+        let r = result(Answer::Status { status: 503, retry_after: None });
+        assert_eq!(decide(&r, 0, &policy(), &NoJitter, NOW).0, Outcome::Retry { at: NOW.plus(Duration::from_secs(1)) });
+        assert_eq!(decide(&r, 1, &policy(), &NoJitter, NOW).0, Outcome::Retry { at: NOW.plus(Duration::from_secs(2)) });
+        let (outcome, class) = decide(&r, 2, &policy(), &NoJitter, NOW);
+        assert!(
+            matches!(outcome, Outcome::Dead { class: ErrorClass::Server, ref reason } if reason.starts_with("gave up after 3"))
+        );
+        assert_eq!(class, Some(ErrorClass::Server));
+    }
+
+    #[test]
+    fn retry_after_is_honoured() {
+        let r = result(Answer::Status { status: 429, retry_after: Some(Duration::from_secs(42)) });
+        assert_eq!(
+            decide(&r, 0, &policy(), &NoJitter, NOW).0,
+            Outcome::Retry { at: NOW.plus(Duration::from_secs(42)) }
+        );
+    }
+
+    #[test]
+    fn rejections_dead_letter_with_the_response() {
+        let r = result(Answer::Status { status: 422, retry_after: None });
+        let (outcome, _) = decide(&r, 0, &policy(), &NoJitter, NOW);
+        assert_eq!(outcome, Outcome::Dead { class: ErrorClass::Rejected, reason: "HTTP 422: body".into() });
+    }
+
+    #[test]
+    fn auth_failures_hold_the_record() {
+        let r = result(Answer::Status { status: 401, retry_after: None });
+        assert_eq!(decide(&r, 5, &policy(), &NoJitter, NOW), (Outcome::Hold { at: NOW }, Some(ErrorClass::Auth)));
+    }
+
+    #[test]
+    fn dropped_connections_and_timeouts_retry() {
+        for a in [Answer::Timeout, Answer::Connection] {
+            assert!(matches!(decide(&result(a), 0, &policy(), &NoJitter, NOW).0, Outcome::Retry { .. }));
+        }
+    }
+}

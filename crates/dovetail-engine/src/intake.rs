@@ -1,0 +1,106 @@
+//! Webhook intake: verify, journal, then answer.
+//!
+//! The order is the contract. A request that fails verification gets 401
+//! and touches nothing. A verified request is journalled, and only when
+//! the journal says the record is durable does the sender hear 2xx; if
+//! the journal fails, the sender hears 503 and retries. A body that is not
+//! JSON is still kept (quarantined, dead with class `validation`, raw
+//! bytes intact) and answered 2xx, so the sender does not retry forever.
+
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::json;
+use tokio::sync::Notify;
+
+use dovetail_core::clock::Clock;
+use dovetail_core::ids;
+use dovetail_core::policy::ErrorClass;
+use dovetail_core::signature::{Scheme, Verifier};
+use dovetail_journal::{Ingested, Journal, NewRecord};
+
+/// One flow's webhook endpoint.
+pub(crate) struct Intake {
+    pub flow: String,
+    pub path: String,
+    pub verifier: Option<Arc<Verifier>>,
+    pub journal: Arc<dyn Journal>,
+    pub clock: Arc<dyn Clock>,
+    pub wake: Arc<Notify>,
+}
+
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn answer(status: StatusCode, correlation_id: &str, body: serde_json::Value) -> Response {
+    (status, [("x-correlation-id", correlation_id.to_string())], axum::Json(body)).into_response()
+}
+
+impl Intake {
+    pub async fn receive(&self, headers: HeaderMap, body: Bytes) -> Response {
+        let now = self.clock.now();
+        let correlation_id =
+            ids::inbound_correlation_id(header(&headers, "traceparent"), header(&headers, "x-correlation-id"))
+                .unwrap_or_else(ids::new_correlation_id);
+        let mut delivery_id = match &self.verifier {
+            Some(v) => match v.verify(|name| header(&headers, name), &body, now) {
+                Ok(verified) => verified.delivery_id,
+                Err(e) => {
+                    tracing::warn!(flow = %self.flow, correlation_id = %correlation_id, error = %e, "webhook refused: signature check failed");
+                    return answer(StatusCode::UNAUTHORIZED, &correlation_id, json!({ "error": e.to_string() }));
+                }
+            },
+            // Unsigned endpoints may still name their deliveries.
+            None => header(&headers, "webhook-id").or(header(&headers, "idempotency-key")).map(str::to_string),
+        };
+        let parsed = serde_json::from_slice::<serde_json::Value>(&body);
+        if delivery_id.is_none()
+            && self.verifier.as_ref().is_some_and(|v| v.scheme() == Scheme::Stripe)
+            && let Ok(v) = &parsed
+        {
+            // Stripe names its events in the body, not in a header.
+            delivery_id = v.get("id").and_then(|id| id.as_str()).map(str::to_string);
+        }
+        let quarantine = parsed.err().map(|e| (ErrorClass::Validation, format!("the body is not JSON: {e}")));
+        let record = NewRecord {
+            flow: self.flow.clone(),
+            idempotency_key: ids::idempotency_key(&self.flow, delivery_id.as_deref()),
+            delivery_id,
+            correlation_id: correlation_id.clone(),
+            content_type: header(&headers, "content-type").map(str::to_string),
+            payload: body.to_vec(),
+            received_at: now,
+            quarantine: quarantine.clone(),
+        };
+        match self.journal.ingest(record).await {
+            Ok(Ingested::New(id)) => {
+                if let Some((_, reason)) = quarantine {
+                    tracing::warn!(flow = %self.flow, record_id = id, correlation_id = %correlation_id, %reason, "record quarantined at intake");
+                    return answer(
+                        StatusCode::ACCEPTED,
+                        &correlation_id,
+                        json!({ "status": "quarantined", "record_id": id, "reason": reason }),
+                    );
+                }
+                self.wake.notify_one();
+                tracing::debug!(flow = %self.flow, record_id = id, correlation_id = %correlation_id, "record journalled");
+                answer(StatusCode::ACCEPTED, &correlation_id, json!({ "status": "accepted", "record_id": id }))
+            }
+            Ok(Ingested::Duplicate(id)) => {
+                tracing::debug!(flow = %self.flow, record_id = id, "duplicate delivery acknowledged, not journalled again");
+                answer(StatusCode::OK, &correlation_id, json!({ "status": "duplicate", "record_id": id }))
+            }
+            Err(e) => {
+                tracing::error!(flow = %self.flow, correlation_id = %correlation_id, error = %e, "cannot journal a webhook; answering 503 so the sender retries");
+                answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &correlation_id,
+                    json!({ "error": "the record could not be stored; retry later" }),
+                )
+            }
+        }
+    }
+}

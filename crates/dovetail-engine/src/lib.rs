@@ -1,0 +1,187 @@
+//! The runtime: webhook intake, one dispatcher per flow, health endpoints.
+//!
+//! The path of a record: [`intake`] verifies the signature, journals the
+//! record (answering only once it is durable) and wakes the flow's
+//! [`dispatch`]er; the dispatcher leases due records, sends each through
+//! the flow's sink, asks the core's policies what the answer means, and
+//! writes the attempt and the record's next state back to the journal.
+//!
+//! The engine holds no record state of its own: everything that matters
+//! is in the journal, so a crash at any point loses nothing that was
+//! acknowledged, and a restart carries on where the journal says.
+
+mod dispatch;
+mod intake;
+mod server;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+
+use dovetail_connectors::http::{HttpSink, HttpSinkError, client_for};
+use dovetail_core::clock::{Clock, SystemClock};
+use dovetail_core::config::{
+    Config, ConnectorConfig, Resolved, Secret, SecretRef, SecretSource, SinkConfig, SourceConfig,
+};
+use dovetail_core::policy::{Jitter, RandomJitter, RetryPolicy};
+use dovetail_journal::Journal;
+
+pub use dispatch::decide;
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Sink(#[from] HttpSinkError),
+    #[error("flow `{flow}`: {reason}")]
+    Flow { flow: String, reason: String },
+    #[error("cannot serve on {addr}: {source}")]
+    Serve { addr: String, source: std::io::Error },
+}
+
+/// The process environment as a [`SecretSource`] for `env:` references.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EnvSecrets;
+
+impl SecretSource for EnvSecrets {
+    fn lookup(&self, reference: &SecretRef) -> Option<Secret> {
+        match reference {
+            SecretRef::Env(name) => std::env::var(name).ok().map(Secret::new),
+        }
+    }
+}
+
+/// What the engine takes from outside besides its config.
+#[derive(Clone)]
+pub struct EngineOptions {
+    pub clock: Arc<dyn Clock>,
+    pub jitter: Arc<dyn Jitter>,
+    /// This process's lease owner name; unique per run.
+    pub node_id: String,
+    /// How often an idle dispatcher looks at the journal anyway (pauses lifted
+    /// and replays made by the CLI, leases expired by another node).
+    pub idle_poll: Duration,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            clock: Arc::new(SystemClock),
+            jitter: Arc::new(RandomJitter),
+            node_id: format!("node-{}-{:08x}", std::process::id(), fastrand_u32()),
+            idle_poll: Duration::from_secs(1),
+        }
+    }
+}
+
+fn fastrand_u32() -> u32 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now()) as u32
+}
+
+/// Everything one flow needs at run time.
+pub(crate) struct FlowRuntime {
+    pub name: String,
+    pub sink: HttpSink,
+    pub retry: RetryPolicy,
+    pub lease_for: Duration,
+    /// Shared by every flow on the same connector: its `max_in_flight`.
+    pub permits: Arc<tokio::sync::Semaphore>,
+    pub wake: Arc<Notify>,
+}
+
+/// A started engine.
+pub struct RunningEngine {
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl RunningEngine {
+    /// Stops taking webhooks and leasing records, lets attempts in flight
+    /// finish (each is bounded by its connector's timeout), then returns.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Runs until `signal` completes, then shuts down.
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
+        signal.await;
+        tracing::info!("shutting down: finishing attempts in flight");
+        self.shutdown().await;
+    }
+}
+
+/// Builds every flow's runtime, binds nothing: `listener` is already bound.
+pub async fn start(
+    config: &Config,
+    resolved: &Resolved,
+    journal: Arc<dyn Journal>,
+    listener: tokio::net::TcpListener,
+    options: EngineOptions,
+) -> Result<RunningEngine, EngineError> {
+    let addr =
+        listener.local_addr().map_err(|e| EngineError::Serve { addr: config.engine.listen.clone(), source: e })?;
+    let mut clients = BTreeMap::new();
+    let mut permits = BTreeMap::new();
+    for (name, c) in &config.connectors {
+        let ConnectorConfig::Http(h) = c;
+        clients.insert(name.clone(), client_for(name, h)?);
+        permits.insert(name.clone(), Arc::new(tokio::sync::Semaphore::new(h.max_in_flight)));
+    }
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let mut intakes = Vec::new();
+    for (name, flow) in &config.flows {
+        let missing =
+            |what: &str| EngineError::Flow { flow: name.clone(), reason: format!("{what} is not configured") };
+        let SinkConfig::Http { connector, method, path } = &flow.sink;
+        let http = config.http_connector(connector).ok_or_else(|| missing("its connector"))?;
+        let auth = resolved.connectors.get(connector).cloned().unwrap_or_default();
+        let client = clients.get(connector).cloned().ok_or_else(|| missing("its connector"))?;
+        let sink = HttpSink::new(connector, http, &auth, client, method, path)?;
+        let wake = Arc::new(Notify::new());
+        let runtime = Arc::new(FlowRuntime {
+            name: name.clone(),
+            sink,
+            retry: http.retry.policy(),
+            // Long enough for the slowest legal attempt, short enough that a
+            // crashed node's records come back soon.
+            lease_for: http.timeout * 2 + Duration::from_secs(5),
+            permits: permits.get(connector).cloned().ok_or_else(|| missing("its connector"))?,
+            wake: wake.clone(),
+        });
+        let SourceConfig::Webhook { path, .. } = &flow.source;
+        let verifier = resolved.flows.get(name).and_then(|f| f.verifier.clone());
+        intakes.push(intake::Intake {
+            flow: name.clone(),
+            path: path.clone(),
+            verifier,
+            journal: journal.clone(),
+            clock: options.clock.clone(),
+            wake,
+        });
+        if let Some(p) = journal.pause_of(name).await.ok().flatten() {
+            tracing::warn!(flow = %name, since = %p.since, reason = %p.reason,
+                "flow is paused; its records are held. After fixing the cause run `dovetail resume {name}`");
+        }
+        tasks.spawn(dispatch::run(runtime, journal.clone(), options.clone(), shutdown_rx.clone()));
+    }
+    let app = server::router(intakes, journal.clone(), config.engine.max_body.0);
+    let mut stop = shutdown_rx.clone();
+    tasks.spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "the HTTP server stopped");
+        }
+    });
+    tracing::info!(%addr, flows = config.flows.len(), node = %options.node_id, "engine started");
+    Ok(RunningEngine { addr, shutdown, tasks })
+}

@@ -1,0 +1,1025 @@
+//! A fake partner HTTP API that misbehaves on cue.
+//!
+//! Dovetail forwards records to partner APIs that time out, rate-limit, reject
+//! payloads and drop connections, and it must deliver every record exactly
+//! once in effect: a retry may never apply a record a second time. To test
+//! that, [`Partner`] stands in for a partner on `127.0.0.1` and
+//!
+//! * answers each request according to a [`Behaviour`]: a script of
+//!   [`Reply`]s for the first requests, a default after that, and per-payload
+//!   overrides (one poisoned record that always fails);
+//! * enforces `Idempotency-Key` semantics like a well-behaved partner
+//!   (draft-ietf-httpapi-idempotency-key-header): replays the stored response
+//!   for a key that was already committed, answers 409 while the first request
+//!   with that key is still being processed, 400 when the header is missing;
+//! * records every committed [`Effect`] and every [`SeenRequest`], so a test
+//!   can ask for [`Partner::double_effects`] (the bug Dovetail must never
+//!   have) or inspect headers and arrival times (backoff, `Retry-After`).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use dovetail_testkit::partner::{Behaviour, Partner, Reply};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> std::io::Result<()> {
+//! // The first delivery is applied but its response is lost; later ones succeed.
+//! let partner = Partner::start(Behaviour::script(vec![Reply::DropAfterCommit], Reply::Ok)).await?;
+//! let base_url = partner.url(); // point the connector under test here
+//! # let _ = base_url;
+//! // ... have Dovetail deliver three records, then:
+//! partner
+//!     .wait_until(Duration::from_secs(30), |s| s.effects >= 3)
+//!     .await
+//!     .expect("all records delivered");
+//! assert!(partner.double_effects().is_empty(), "a record was applied twice");
+//! partner.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Why raw TCP
+//!
+//! The server is a small hand-written HTTP/1.1 implementation on
+//! [`tokio::net::TcpListener`] rather than a web framework, because the
+//! interesting failures are about *when* the connection dies:
+//! [`Reply::DropAfterCommit`] closes the socket after the effect happened but
+//! before a single response byte is written, which is exactly the case where
+//! a client cannot know whether its request took effect. It also keeps the
+//! double cheap enough to serve as a sink for benchmarks: with
+//! [`Reply::Ok`] a connection costs one buffered read and one buffered write
+//! per request, and no lock is held while doing I/O.
+//!
+//! # HTTP subset
+//!
+//! Request line, headers up to the empty line (64 KiB at most, otherwise 431),
+//! body framed by `Content-Length` (16 MiB at most, otherwise 413). Requests
+//! with `Transfer-Encoding` (chunked bodies) get 411 and the connection is
+//! closed; malformed requests get 400 and the connection is closed.
+//! Connections are persistent (several requests per connection, as pooling
+//! clients such as reqwest expect; pipelined requests are answered in order)
+//! unless the client sends `Connection: close` or speaks HTTP/1.0 without
+//! `Connection: keep-alive`. `Expect: 100-continue` is answered. Every
+//! response carries `Content-Type: application/json` and `Content-Length`.
+//!
+//! # How a request is answered
+//!
+//! Each request is decided atomically under one lock, in this order:
+//!
+//! 1. [`Behaviour::require_headers`]: a missing or different header gets 401
+//!    (for `authorization`) or 400, no effect.
+//! 2. If [`Behaviour::enforce_idempotency`]: no `Idempotency-Key` gets 400
+//!    `{"error":"Idempotency-Key header required"}`; a key whose effect was
+//!    committed gets the original 200 response replayed with
+//!    `Idempotent-Replayed: true`; a key whose effect is committed but whose
+//!    response is still pending ([`Reply::SlowAfterCommit`]) gets 409.
+//! 3. Otherwise the [`Reply`] is chosen: the first [`Behaviour::by_body`]
+//!    entry whose needle occurs in the body, else the next unused
+//!    [`Behaviour::script`] entry, else [`Behaviour::default`]. Only requests
+//!    that reach this step consume a script entry, and a `by_body` match does
+//!    not consume one.
+//!
+//! A key is remembered only once its effect was committed (`Ok`,
+//! `SlowAfterCommit`, `DropAfterCommit`); requests that were refused or
+//! dropped before the commit can be retried with the same key and are then
+//! processed afresh, as a real partner would.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::io::{self, Write as _};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::{JoinHandle, JoinSet};
+
+/// How many requests [`Partner::requests`] keeps; later requests are still
+/// answered and counted in [`Stats::requests`] but not stored.
+pub const MAX_RECORDED_REQUESTS: usize = 100_000;
+
+/// Largest accepted request line plus headers, in bytes.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Largest accepted request body, in bytes.
+const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Read and write buffer size per connection.
+const IO_BUFFER_BYTES: usize = 16 * 1024;
+/// How often [`Partner::wait_until`] looks at the stats.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+const MISSING_KEY_BODY: &str = r#"{"error":"Idempotency-Key header required"}"#;
+const CONFLICT_BODY: &str = r#"{"error":"a request with this Idempotency-Key is still being processed"}"#;
+const RETRY_AFTER_BODY: &str = r#"{"error":"try again later"}"#;
+const UNAUTHORIZED_BODY: &str = r#"{"error":"missing or invalid authorization"}"#;
+
+/// What the partner does with one request that reached the reply step (see
+/// the [module docs](self) for the order of checks).
+#[derive(Clone, Debug)]
+pub enum Reply {
+    /// Commit the effect and answer `200 {"ok":true,"effect":N}`, where `N`
+    /// is the effect's [`Effect::seq`].
+    Ok,
+    /// No effect; answer with this status and this body verbatim (for
+    /// example 422 with a JSON error, 401, 400 or 503).
+    Status {
+        /// HTTP status code.
+        status: u16,
+        /// Response body, sent as is with `Content-Type: application/json`.
+        body: String,
+    },
+    /// No effect; answer with this status (typically 429 or 503) and a
+    /// `Retry-After` header carrying `value` verbatim (delay-seconds or an
+    /// HTTP-date, or something malformed on purpose).
+    RetryAfter {
+        /// HTTP status code.
+        status: u16,
+        /// Value of the `Retry-After` header, not validated.
+        value: String,
+    },
+    /// Commit the effect, then wait this long before answering 200. Models a
+    /// client timeout after the effect already happened; while waiting, a
+    /// request with the same `Idempotency-Key` gets 409.
+    SlowAfterCommit(Duration),
+    /// Commit the effect, then close the connection without writing any
+    /// response byte. The client cannot tell whether its request took effect.
+    DropAfterCommit,
+    /// Close the connection without effect and without any response.
+    DropBeforeCommit,
+}
+
+/// The partner's script: how it answers requests. Change it while running
+/// with [`Partner::set_behaviour`].
+#[derive(Clone, Debug)]
+pub struct Behaviour {
+    /// Replies used in order for the first requests that reach the reply
+    /// step, one per request, across all connections.
+    pub script: Vec<Reply>,
+    /// Reply used once the script is exhausted.
+    pub default: Reply,
+    /// If the request body contains the needle (a byte substring), use that
+    /// reply instead of the script or default; checked in order, before the
+    /// script, and does not consume a script entry. Lets a test make one
+    /// record always fail, e.g. with 422.
+    pub by_body: Vec<(String, Reply)>,
+    /// Enforce `Idempotency-Key` semantics (replay, 409 while in progress,
+    /// 400 without the header). When false, every commit is a new effect even
+    /// for a repeated key, which makes double effects observable.
+    pub enforce_idempotency: bool,
+    /// Headers that must be present with exactly this value (names compared
+    /// case-insensitively, values byte for byte after trimming surrounding
+    /// whitespace). Otherwise the request gets 401 if the name is
+    /// `authorization`, else 400, and has no effect.
+    pub require_headers: Vec<(String, String)>,
+}
+
+impl Default for Behaviour {
+    /// No script, default [`Reply::Ok`], no body overrides, idempotency
+    /// enforced, no required headers: a well-behaved partner.
+    fn default() -> Self {
+        Behaviour {
+            script: Vec::new(),
+            default: Reply::Ok,
+            by_body: Vec::new(),
+            enforce_idempotency: true,
+            require_headers: Vec::new(),
+        }
+    }
+}
+
+impl Behaviour {
+    /// Answer every request with `r` (idempotency enforced).
+    pub fn always(r: Reply) -> Self {
+        Behaviour { default: r, ..Behaviour::default() }
+    }
+
+    /// Answer the first requests with `rs`, in order, then with `then`.
+    pub fn script(rs: Vec<Reply>, then: Reply) -> Self {
+        Behaviour { script: rs, default: then, ..Behaviour::default() }
+    }
+
+    /// Answer every request whose body contains `needle` with `r`, whatever
+    /// the script says.
+    pub fn fail_body(mut self, needle: &str, r: Reply) -> Self {
+        self.by_body.push((needle.to_owned(), r));
+        self
+    }
+
+    /// Require header `name` (case-insensitive) with exactly `value`.
+    pub fn require(mut self, name: &str, value: &str) -> Self {
+        self.require_headers.push((name.to_ascii_lowercase(), value.to_owned()));
+        self
+    }
+}
+
+/// One committed effect: the partner applied a request.
+#[derive(Clone, Debug)]
+pub struct Effect {
+    /// Position in commit order, starting at 1; also the `effect` field of
+    /// the 200 response.
+    pub seq: u64,
+    /// The request's `Idempotency-Key` header, if any.
+    pub idempotency_key: Option<String>,
+    /// The top-level `"id"` field of the JSON body if it is a string or a
+    /// number (numbers in their JSON spelling), so effects can be counted per
+    /// business record.
+    pub record_id: Option<String>,
+    /// The `x-correlation-id` header, or else the trace-id of `traceparent`.
+    pub correlation_id: Option<String>,
+    /// Request target (path and query).
+    pub path: String,
+    /// Request body.
+    pub body: Bytes,
+}
+
+/// Counters, as returned by [`Partner::stats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Requests received, including malformed ones and ones that were
+    /// dropped.
+    pub requests: u64,
+    /// Effects committed.
+    pub effects: u64,
+    /// Requests answered with a replayed response (committed key).
+    pub replays: u64,
+    /// Requests answered 409 because their key was in progress.
+    pub conflicts: u64,
+    /// Requests answered with a non-2xx status (including 409, missing key,
+    /// missing required header and malformed requests).
+    pub rejected: u64,
+    /// Connections dropped on purpose ([`Reply::DropAfterCommit`] and
+    /// [`Reply::DropBeforeCommit`]).
+    pub dropped: u64,
+    /// Requests refused because `Idempotency-Key` was missing.
+    pub missing_key: u64,
+}
+
+/// A request as the partner saw it.
+#[derive(Clone, Debug)]
+pub struct SeenRequest {
+    /// Request method, as sent.
+    pub method: String,
+    /// Request target (path and query), as sent.
+    pub path: String,
+    /// Headers in arrival order, names lower-cased, values trimmed.
+    pub headers: Vec<(String, String)>,
+    /// Request body (empty if it was not read, e.g. a chunked request).
+    pub body: Bytes,
+    /// When the request line arrived.
+    pub at: Instant,
+}
+
+impl SeenRequest {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        find_header(&self.headers, name)
+    }
+}
+
+/// A running fake partner on `127.0.0.1`. Dropping it, or calling
+/// [`Partner::shutdown`], stops the listener and closes every connection.
+pub struct Partner {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for Partner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Partner").field("addr", &self.addr).field("stats", &self.stats()).finish_non_exhaustive()
+    }
+}
+
+impl Partner {
+    /// Binds `127.0.0.1:0` and starts serving with `behaviour`. Must be called
+    /// within a Tokio runtime; the server runs on spawned tasks.
+    pub async fn start(behaviour: Behaviour) -> io::Result<Partner> {
+        Partner::start_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), behaviour).await
+    }
+
+    /// Like [`Partner::start`], on a chosen address (for `dovetail dev partner`).
+    pub async fn start_on(addr: SocketAddr, behaviour: Behaviour) -> io::Result<Partner> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::new(behaviour));
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(accept_loop(listener, Arc::clone(&shared), stopped));
+        Ok(Partner { addr, shared, stop: Some(stop), task: Some(task) })
+    }
+
+    /// The address the partner listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Base URL without trailing slash, e.g. `http://127.0.0.1:40123`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Replaces the behaviour; applies from the next request decided (a
+    /// request already being answered, e.g. a slow one, is not affected).
+    /// The new script starts from its first entry. Committed keys, effects,
+    /// requests and stats are kept.
+    pub fn set_behaviour(&self, b: Behaviour) {
+        let mut st = self.shared.lock();
+        st.behaviour = b;
+        st.script_pos = 0;
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.lock().stats.clone()
+    }
+
+    /// Every committed effect, in commit order. Effects are kept without a
+    /// cap (a small record per effect, sharing the request body), so a
+    /// long benchmark grows with the number of effects.
+    pub fn effects(&self) -> Vec<Effect> {
+        self.shared.lock().effects.clone()
+    }
+
+    /// Every request seen, in the order they were decided, up to
+    /// [`MAX_RECORDED_REQUESTS`].
+    pub fn requests(&self) -> Vec<SeenRequest> {
+        self.shared.lock().requests.clone()
+    }
+
+    /// Business records (by [`Effect::record_id`]) that were applied more
+    /// than once: the double effects Dovetail must never cause. Maps
+    /// record id to effect count, only for counts above 1.
+    pub fn double_effects(&self) -> BTreeMap<String, u64> {
+        let mut counts = self.effects_by_record();
+        counts.retain(|_, n| *n > 1);
+        counts
+    }
+
+    /// Number of effects per [`Effect::record_id`] (effects without a record
+    /// id are not counted).
+    pub fn effects_by_record(&self) -> BTreeMap<String, u64> {
+        let st = self.shared.lock();
+        let mut counts = BTreeMap::new();
+        for id in st.effects.iter().filter_map(|e| e.record_id.as_deref()) {
+            *counts.entry(id.to_owned()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Waits until `pred(&stats)` holds, checking about every 10 ms, for at
+    /// most `timeout`. Returns the stats that satisfied `pred`, or `Err` with
+    /// the last stats on timeout. Lets tests wait for delivery without fixed
+    /// sleeps; give it a generous timeout, it returns as soon as it can.
+    pub async fn wait_until(&self, timeout: Duration, pred: impl Fn(&Stats) -> bool) -> Result<Stats, Stats> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let stats = self.stats();
+            if pred(&stats) {
+                return Ok(stats);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(stats);
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Stops accepting, closes every open connection (including ones waiting
+    /// in [`Reply::SlowAfterCommit`]) and returns once all of that is done.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Partner {
+    fn drop(&mut self) {
+        // Aborting the accept task drops its JoinSet, which aborts every
+        // connection task and so closes every socket.
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Shared state and the decision logic.
+
+struct Shared {
+    state: Mutex<State>,
+}
+
+struct State {
+    behaviour: Behaviour,
+    script_pos: usize,
+    stats: Stats,
+    effects: Vec<Effect>,
+    requests: Vec<SeenRequest>,
+    keys: HashMap<String, KeyState>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum KeyState {
+    /// Effect committed, response not yet sent.
+    InFlight,
+    /// Effect committed with this seq; the response is `Body::Effect(seq)`.
+    Done(u64),
+}
+
+/// A fully read request, plus what was derived from it outside the lock.
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Bytes,
+    at: Instant,
+    idempotency_key: Option<String>,
+    record_id: Option<String>,
+    correlation_id: Option<String>,
+}
+
+enum Action {
+    Respond(Response),
+    /// Effect committed; sleep, mark the key done, then answer 200.
+    Slow {
+        delay: Duration,
+        key: Option<String>,
+        seq: u64,
+    },
+    /// Close the connection without answering.
+    Drop,
+}
+
+struct Response {
+    status: u16,
+    body: Body,
+    retry_after: Option<String>,
+    replayed: bool,
+}
+
+enum Body {
+    /// `{"ok":true,"effect":N}`
+    Effect(u64),
+    Static(&'static str),
+    Text(String),
+}
+
+impl Response {
+    fn json(status: u16, body: Body) -> Self {
+        Response { status, body, retry_after: None, replayed: false }
+    }
+}
+
+impl Shared {
+    fn new(behaviour: Behaviour) -> Self {
+        Shared {
+            state: Mutex::new(State {
+                behaviour,
+                script_pos: 0,
+                stats: Stats::default(),
+                effects: Vec::new(),
+                requests: Vec::new(),
+                keys: HashMap::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere must not hide the evidence from the test.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Decides how to answer `req`, commits its effect if any, and records it.
+    fn decide(&self, req: Request) -> Action {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        st.stats.requests += 1;
+        let action = st.decide(&req);
+        st.record(req);
+        action
+    }
+
+    /// Counts and records a request that could not be read completely and is
+    /// answered with `status`.
+    fn malformed(&self, head: Option<Head>) {
+        let mut st = self.lock();
+        st.stats.requests += 1;
+        st.stats.rejected += 1;
+        if let Some(h) = head
+            && st.requests.len() < MAX_RECORDED_REQUESTS
+        {
+            st.requests.push(SeenRequest {
+                method: h.method,
+                path: h.path,
+                headers: h.headers,
+                body: Bytes::new(),
+                at: h.at,
+            });
+        }
+    }
+
+    /// A slow reply is about to be sent: its key may now be replayed.
+    fn finish_slow(&self, key: Option<String>, seq: u64) {
+        if let Some(key) = key {
+            self.lock().keys.insert(key, KeyState::Done(seq));
+        }
+    }
+}
+
+impl State {
+    fn decide(&mut self, req: &Request) -> Action {
+        let b = &self.behaviour;
+
+        for (name, value) in &b.require_headers {
+            let present = req.headers.iter().any(|(n, v)| n.eq_ignore_ascii_case(name) && v == value.trim());
+            if !present {
+                self.stats.rejected += 1;
+                return Action::Respond(if name.eq_ignore_ascii_case("authorization") {
+                    Response::json(401, Body::Static(UNAUTHORIZED_BODY))
+                } else {
+                    let error = format!("missing or invalid header {}", name.to_ascii_lowercase());
+                    Response::json(400, Body::Text(serde_json::json!({ "error": error }).to_string()))
+                });
+            }
+        }
+
+        let enforce = b.enforce_idempotency;
+        if enforce {
+            let Some(key) = &req.idempotency_key else {
+                self.stats.missing_key += 1;
+                self.stats.rejected += 1;
+                return Action::Respond(Response::json(400, Body::Static(MISSING_KEY_BODY)));
+            };
+            match self.keys.get(key) {
+                Some(KeyState::Done(seq)) => {
+                    self.stats.replays += 1;
+                    return Action::Respond(Response { replayed: true, ..Response::json(200, Body::Effect(*seq)) });
+                }
+                Some(KeyState::InFlight) => {
+                    self.stats.conflicts += 1;
+                    self.stats.rejected += 1;
+                    return Action::Respond(Response::json(409, Body::Static(CONFLICT_BODY)));
+                }
+                None => {}
+            }
+        }
+
+        let reply = if let Some((_, r)) = b.by_body.iter().find(|(needle, _)| contains(&req.body, needle.as_bytes())) {
+            r.clone()
+        } else if let Some(r) = b.script.get(self.script_pos) {
+            self.script_pos += 1;
+            r.clone()
+        } else {
+            b.default.clone()
+        };
+
+        // The key to remember for a committed effect, if enforcing.
+        let key = if enforce { req.idempotency_key.clone() } else { None };
+        match reply {
+            Reply::Ok => {
+                let seq = self.commit(req);
+                if let Some(key) = key {
+                    self.keys.insert(key, KeyState::Done(seq));
+                }
+                Action::Respond(Response::json(200, Body::Effect(seq)))
+            }
+            Reply::Status { status, body } => {
+                self.count_status(status);
+                Action::Respond(Response::json(status, Body::Text(body)))
+            }
+            Reply::RetryAfter { status, value } => {
+                self.count_status(status);
+                Action::Respond(Response {
+                    retry_after: Some(value),
+                    ..Response::json(status, Body::Static(RETRY_AFTER_BODY))
+                })
+            }
+            Reply::SlowAfterCommit(delay) => {
+                let seq = self.commit(req);
+                if let Some(key) = &key {
+                    self.keys.insert(key.clone(), KeyState::InFlight);
+                }
+                Action::Slow { delay, key, seq }
+            }
+            Reply::DropAfterCommit => {
+                let seq = self.commit(req);
+                if let Some(key) = key {
+                    self.keys.insert(key, KeyState::Done(seq));
+                }
+                self.stats.dropped += 1;
+                Action::Drop
+            }
+            Reply::DropBeforeCommit => {
+                self.stats.dropped += 1;
+                Action::Drop
+            }
+        }
+    }
+
+    fn count_status(&mut self, status: u16) {
+        if !(200..300).contains(&status) {
+            self.stats.rejected += 1;
+        }
+    }
+
+    fn commit(&mut self, req: &Request) -> u64 {
+        self.stats.effects += 1;
+        let seq = self.stats.effects;
+        self.effects.push(Effect {
+            seq,
+            idempotency_key: req.idempotency_key.clone(),
+            record_id: req.record_id.clone(),
+            correlation_id: req.correlation_id.clone(),
+            path: req.path.clone(),
+            body: req.body.clone(),
+        });
+        seq
+    }
+
+    fn record(&mut self, req: Request) {
+        if self.requests.len() < MAX_RECORDED_REQUESTS {
+            self.requests.push(SeenRequest {
+                method: req.method,
+                path: req.path,
+                headers: req.headers,
+                body: req.body,
+                at: req.at,
+            });
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+}
+
+/// The top-level `"id"` of a JSON object body, if it is a string or number.
+fn record_id(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(default)]
+        id: Option<serde_json::Value>,
+    }
+    // Cheap pre-check so non-JSON bodies cost nothing.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    match serde_json::from_slice::<Probe>(body).ok()?.id? {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// `x-correlation-id`, else the trace-id of a W3C `traceparent`
+/// (`version-traceid-parentid-flags`).
+fn correlation_id(headers: &[(String, String)]) -> Option<String> {
+    if let Some(id) = find_header(headers, "x-correlation-id") {
+        return Some(id.to_owned());
+    }
+    let traceparent = find_header(headers, "traceparent")?;
+    let trace_id = traceparent.split('-').nth(1)?;
+    (trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| trace_id.to_owned())
+}
+
+// ---------------------------------------------------------------------------
+// Networking.
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            // Either an explicit shutdown or the Partner was dropped.
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    connections.spawn(serve_connection(stream, Arc::clone(&shared)));
+                }
+                Err(error) => {
+                    // E.g. out of file descriptors: back off instead of spinning.
+                    tracing::warn!(%error, "fake partner: accept failed");
+                    tokio::time::sleep(POLL_INTERVAL).await;
+                }
+            },
+            // Reap finished connections so the set does not grow.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    drop(listener);
+    connections.shutdown().await;
+}
+
+/// Why reading a request stopped.
+enum ReadError {
+    /// The peer went away (EOF or I/O error mid-request): just close.
+    Closed,
+    /// Answer with this status and message, then close.
+    Bad(u16, &'static str),
+}
+
+/// Request line and headers.
+struct Head {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    at: Instant,
+    keep_alive: bool,
+}
+
+/// Per-connection scratch buffers, reused across requests.
+struct Scratch {
+    line: Vec<u8>,
+    out: Vec<u8>,
+}
+
+async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.split();
+    let mut reader = BufReader::with_capacity(IO_BUFFER_BYTES, rd);
+    let mut writer = BufWriter::with_capacity(IO_BUFFER_BYTES, wr);
+    let mut scratch = Scratch { line: Vec::with_capacity(256), out: Vec::with_capacity(512) };
+    loop {
+        let head = match read_head(&mut reader, &mut scratch.line).await {
+            Ok(Some(head)) => head,
+            Ok(None) | Err(ReadError::Closed) => break,
+            Err(ReadError::Bad(status, message)) => {
+                shared.malformed(None);
+                let _ = answer_and_close(&mut writer, &mut scratch.out, status, message).await;
+                break;
+            }
+        };
+        let len = match body_length(&head.headers) {
+            Ok(len) => len,
+            Err((status, message)) => {
+                shared.malformed(Some(head));
+                let _ = answer_and_close(&mut writer, &mut scratch.out, status, message).await;
+                break;
+            }
+        };
+        if len > 0 && find_header(&head.headers, "expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
+            let sent = async {
+                writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                writer.flush().await
+            };
+            if sent.await.is_err() {
+                break;
+            }
+        }
+        let body = if len == 0 {
+            Bytes::new()
+        } else {
+            let mut buf = vec![0; len];
+            if reader.read_exact(&mut buf).await.is_err() {
+                break;
+            }
+            Bytes::from(buf)
+        };
+
+        let keep_alive = head.keep_alive;
+        let request = Request {
+            idempotency_key: find_header(&head.headers, "idempotency-key").map(str::to_owned),
+            record_id: record_id(&body),
+            correlation_id: correlation_id(&head.headers),
+            method: head.method,
+            path: head.path,
+            headers: head.headers,
+            body,
+            at: head.at,
+        };
+        let response = match shared.decide(request) {
+            Action::Respond(response) => response,
+            Action::Slow { delay, key, seq } => {
+                // Earlier pipelined responses go out before the pause.
+                if writer.flush().await.is_err() {
+                    // The client is gone, but the partner still finishes its work.
+                    tokio::time::sleep(delay).await;
+                    shared.finish_slow(key, seq);
+                    break;
+                }
+                tokio::time::sleep(delay).await;
+                shared.finish_slow(key, seq);
+                Response::json(200, Body::Effect(seq))
+            }
+            Action::Drop => {
+                // Earlier pipelined responses still go out; this one never does.
+                let _ = writer.flush().await;
+                break;
+            }
+        };
+        let written = write_response(&mut writer, &mut scratch.out, &response, !keep_alive).await;
+        if written.is_err() {
+            break;
+        }
+        if !keep_alive {
+            let _ = writer.shutdown().await;
+            break;
+        }
+        // Batch responses to pipelined requests; otherwise send right away.
+        if reader.buffer().is_empty() && writer.flush().await.is_err() {
+            break;
+        }
+    }
+}
+
+async fn answer_and_close<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    out: &mut Vec<u8>,
+    status: u16,
+    message: &'static str,
+) -> io::Result<()> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    write_response(writer, out, &Response::json(status, Body::Text(body)), true).await?;
+    writer.shutdown().await
+}
+
+/// Reads one line into `line` without its line ending, charging its length
+/// against `budget`. `Ok(false)` on EOF before the first byte.
+async fn read_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    line: &mut Vec<u8>,
+    budget: &mut usize,
+) -> Result<bool, ReadError> {
+    line.clear();
+    if *budget == 0 {
+        return Err(ReadError::Bad(431, "request head too large"));
+    }
+    let n = (&mut *reader).take(*budget as u64).read_until(b'\n', line).await.map_err(|_| ReadError::Closed)?;
+    if n == 0 {
+        return Ok(false);
+    }
+    if line.last() != Some(&b'\n') {
+        return Err(if n == *budget { ReadError::Bad(431, "request head too large") } else { ReadError::Closed });
+    }
+    *budget -= n;
+    line.pop();
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    Ok(true)
+}
+
+/// Reads the request line and headers. `Ok(None)` on a clean EOF between
+/// requests.
+async fn read_head<R: AsyncBufRead + Unpin>(reader: &mut R, line: &mut Vec<u8>) -> Result<Option<Head>, ReadError> {
+    const BAD: ReadError = ReadError::Bad(400, "malformed request");
+    let mut budget = MAX_HEAD_BYTES;
+    // Tolerate empty lines before the request line (RFC 9112, 2.2).
+    loop {
+        if !read_line(reader, line, &mut budget).await? {
+            return Ok(None);
+        }
+        if !line.is_empty() {
+            break;
+        }
+    }
+    let at = Instant::now();
+
+    let request_line = std::str::from_utf8(line).map_err(|_| BAD)?;
+    let mut parts = request_line.split(' ');
+    let (Some(method), Some(path), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(BAD);
+    };
+    if method.is_empty() || path.is_empty() {
+        return Err(BAD);
+    }
+    let http11 = match version {
+        "HTTP/1.1" => true,
+        "HTTP/1.0" => false,
+        _ => return Err(ReadError::Bad(505, "only HTTP/1.0 and HTTP/1.1 are supported")),
+    };
+    let method = method.to_owned();
+    let path = path.to_owned();
+
+    let mut headers = Vec::with_capacity(16);
+    loop {
+        if !read_line(reader, line, &mut budget).await? {
+            return Err(ReadError::Closed);
+        }
+        if line.is_empty() {
+            break;
+        }
+        if line[0] == b' ' || line[0] == b'\t' {
+            return Err(ReadError::Bad(400, "obsolete header line folding"));
+        }
+        let colon = line.iter().position(|&b| b == b':').ok_or(BAD)?;
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        if name.is_empty() || name.iter().any(|b| b.is_ascii_whitespace()) {
+            return Err(BAD);
+        }
+        let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+        let value = String::from_utf8_lossy(value.trim_ascii()).into_owned();
+        headers.push((name, value));
+    }
+
+    let mut close = false;
+    let mut keep_alive = false;
+    for (_, value) in headers.iter().filter(|(n, _)| n == "connection") {
+        for token in value.split(',').map(str::trim) {
+            close |= token.eq_ignore_ascii_case("close");
+            keep_alive |= token.eq_ignore_ascii_case("keep-alive");
+        }
+    }
+    Ok(Some(Head { method, path, headers, at, keep_alive: !close && (http11 || keep_alive) }))
+}
+
+/// The body length from `Content-Length` (0 if absent).
+fn body_length(headers: &[(String, String)]) -> Result<usize, (u16, &'static str)> {
+    if headers.iter().any(|(n, _)| n == "transfer-encoding") {
+        return Err((411, "Transfer-Encoding is not supported; send Content-Length"));
+    }
+    let mut length = None;
+    for (_, value) in headers.iter().filter(|(n, _)| n == "content-length") {
+        let parsed = (!value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| value.parse::<usize>().ok())
+            .flatten()
+            .ok_or((400, "invalid Content-Length"))?;
+        if length.is_some_and(|l| l != parsed) {
+            return Err((400, "conflicting Content-Length headers"));
+        }
+        length = Some(parsed);
+    }
+    match length.unwrap_or(0) {
+        n if n > MAX_BODY_BYTES => Err((413, "request body too large")),
+        n => Ok(n),
+    }
+}
+
+async fn write_response<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    out: &mut Vec<u8>,
+    response: &Response,
+    close: bool,
+) -> io::Result<()> {
+    let mut effect_buf = [0u8; 48];
+    let body: &[u8] = match &response.body {
+        Body::Effect(seq) => {
+            let mut cursor = &mut effect_buf[..];
+            write!(cursor, r#"{{"ok":true,"effect":{seq}}}"#)?;
+            let len = 48 - cursor.len();
+            &effect_buf[..len]
+        }
+        Body::Static(s) => s.as_bytes(),
+        Body::Text(s) => s.as_bytes(),
+    };
+    out.clear();
+    write!(
+        out,
+        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        response.status,
+        reason(response.status),
+        body.len()
+    )?;
+    if let Some(value) = &response.retry_after {
+        write!(out, "Retry-After: {value}\r\n")?;
+    }
+    if response.replayed {
+        out.extend_from_slice(b"Idempotent-Replayed: true\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    writer.write_all(out).await
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        422 => "Unprocessable Content",
+        425 => "Too Early",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        // The reason phrase may be empty (RFC 9112, 4).
+        _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests;
