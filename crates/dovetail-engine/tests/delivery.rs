@@ -1,0 +1,415 @@
+//! The engine end to end over real HTTP on 127.0.0.1: signed webhooks in,
+//! a misbehaving partner out, a real SQLite journal in between.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dovetail_core::clock::{Clock, SystemClock};
+use dovetail_core::config::{self, Config, Resolved};
+use dovetail_core::policy::ErrorClass;
+use dovetail_core::record::StateName;
+use dovetail_core::signature::{Scheme, SigningSecret, sign};
+use dovetail_engine::{EngineOptions, RunningEngine};
+use dovetail_journal::{FlowCounts, Journal, SqliteJournal, SqliteOptions};
+use dovetail_testkit::partner::{Behaviour, Partner, Reply};
+
+const SW_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const STRIPE_SECRET: &str = "whsec_stripe_test_secret";
+const GITHUB_SECRET: &str = "It's a Secret to Everybody";
+type Headers = Vec<(&'static str, String)>;
+
+const FAST_RETRY: &str = r#"{ max_attempts = 4, initial_backoff = "50ms", max_backoff = "200ms", jitter = 0.0 }"#;
+
+struct Harness {
+    engine: Option<RunningEngine>,
+    journal: Arc<SqliteJournal>,
+    partner: Partner,
+    base: String,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+fn config_text(partner: &str, retry: &str) -> String {
+    format!(
+        r#"
+[engine]
+store = "sqlite://journal.db"
+listen = "127.0.0.1:0"
+max_body = "4KiB"
+
+[connectors.billing]
+type = "http"
+base_url = "{partner}"
+api_version = {{ header = "Api-Version", value = "2026-01-01" }}
+auth = {{ type = "bearer", token = "env:BILLING_TOKEN" }}
+timeout = "500ms"
+retry = {retry}
+
+[flows.orders]
+source = {{ type = "webhook", path = "/hooks/orders", signature = {{ scheme = "standard-webhooks", secret = "env:ORDERS_SECRET" }} }}
+sink = {{ type = "http", connector = "billing", path = "/v1/orders" }}
+
+[flows.payments]
+source = {{ type = "webhook", path = "/hooks/stripe", signature = {{ scheme = "stripe", secret = "env:STRIPE_SECRET" }} }}
+sink = {{ type = "http", connector = "billing", path = "/v1/payments" }}
+
+[flows.pushes]
+source = {{ type = "webhook", path = "/hooks/github", signature = {{ scheme = "github", secret = "env:GITHUB_SECRET" }} }}
+sink = {{ type = "http", connector = "billing", path = "/v1/pushes" }}
+"#
+    )
+}
+
+fn secrets() -> BTreeMap<String, String> {
+    [
+        ("BILLING_TOKEN", "tok_123"),
+        ("ORDERS_SECRET", SW_SECRET),
+        ("STRIPE_SECRET", STRIPE_SECRET),
+        ("GITHUB_SECRET", GITHUB_SECRET),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+fn load(text: &str) -> (Config, Resolved) {
+    let (loaded, _warnings) = config::load(text, Path::new("dovetail.toml")).expect("test config is valid");
+    let resolved = loaded.resolve(&secrets()).expect("test secrets resolve");
+    (loaded.config, resolved)
+}
+
+impl Harness {
+    async fn start(behaviour: Behaviour) -> Harness {
+        Harness::with_retry(behaviour, FAST_RETRY).await
+    }
+
+    async fn with_retry(behaviour: Behaviour, retry: &str) -> Harness {
+        dovetail_connectors::http::install_crypto_provider();
+        let partner =
+            Partner::start(behaviour.require("authorization", "Bearer tok_123").require("api-version", "2026-01-01"))
+                .await
+                .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Arc::new(SqliteJournal::open(&dir.path().join("journal.db"), SqliteOptions::default()).unwrap());
+        let (config, resolved) = load(&config_text(&partner.url(), retry));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let options = EngineOptions { idle_poll: Duration::from_millis(50), ..EngineOptions::default() };
+        let engine = dovetail_engine::start(&config, &resolved, journal.clone(), listener, options).await.unwrap();
+        let base = format!("http://{}", engine.addr);
+        Harness { engine: Some(engine), journal, partner, base, http: reqwest::Client::new(), _dir: dir }
+    }
+
+    async fn post(&self, path: &str, headers: &[(&str, String)], body: &[u8]) -> (u16, serde_json::Value) {
+        let mut req = self.http.post(format!("{}{path}", self.base)).body(body.to_vec());
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let json = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap_or(serde_json::Value::Null);
+        (status, json)
+    }
+
+    /// A Standard Webhooks delivery signed now.
+    async fn send_order(&self, id: &str, body: &str) -> (u16, serde_json::Value) {
+        let secret = SigningSecret::parse(Scheme::StandardWebhooks, SW_SECRET).unwrap();
+        let headers = sign(Scheme::StandardWebhooks, &secret, id, SystemClock.now(), body.as_bytes());
+        let headers: Vec<(&str, String)> = headers.into_iter().collect();
+        self.post("/hooks/orders", &headers, body.as_bytes()).await
+    }
+
+    async fn counts(&self, flow: &str) -> FlowCounts {
+        self.journal.counts().await.unwrap().into_iter().find(|c| c.flow == flow).unwrap_or_default()
+    }
+
+    /// Polls until `pred` holds on the flow's counts; generous bound, never a speed test.
+    async fn wait_for(&self, flow: &str, what: &str, pred: impl Fn(&FlowCounts) -> bool) -> FlowCounts {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let c = self.counts(flow).await;
+            if pred(&c) {
+                return c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; counts: {c:?}; partner: {:?}",
+                self.partner.stats()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(e) = self.engine.take() {
+            e.shutdown().await;
+        }
+    }
+}
+
+fn order(id: &str) -> String {
+    format!(r#"{{"id":"{id}","amount":"12.50","currency":"EUR"}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_webhook_is_delivered_once_with_every_header() {
+    let h = Harness::start(Behaviour::default()).await;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let secret = SigningSecret::parse(Scheme::StandardWebhooks, SW_SECRET).unwrap();
+    let body = order("ord_1");
+    let mut headers: Vec<(&str, String)> =
+        sign(Scheme::StandardWebhooks, &secret, "msg_1", SystemClock.now(), body.as_bytes());
+    headers.push(("traceparent", tp.to_string()));
+    headers.push(("content-type", "application/json".to_string()));
+    let (status, json) = h.post("/hooks/orders", &headers, body.as_bytes()).await;
+    assert_eq!(status, 202, "{json}");
+    assert_eq!(json["status"], "accepted");
+    h.wait_for("orders", "delivery", |c| c.delivered == 1).await;
+
+    let effects = h.partner.effects();
+    assert_eq!(effects.len(), 1);
+    assert_eq!(effects[0].record_id.as_deref(), Some("ord_1"));
+    assert_eq!(effects[0].path, "/v1/orders");
+    assert_eq!(effects[0].body.as_ref(), body.as_bytes(), "the payload is forwarded byte for byte");
+    let req = &h.partner.requests()[0];
+    assert_eq!(req.header("api-version"), Some("2026-01-01"));
+    assert_eq!(req.header("authorization"), Some("Bearer tok_123"));
+    assert_eq!(req.header("content-type"), Some("application/json"));
+    assert_eq!(
+        req.header("x-correlation-id"),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+        "the inbound trace id travels on"
+    );
+    assert!(req.header("traceparent").unwrap().starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+    let key = req.header("idempotency-key").unwrap();
+    assert_eq!(
+        key,
+        dovetail_core::ids::idempotency_key("orders", Some("msg_1")),
+        "the key is derived from the delivery id"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_altered_stale_and_unsigned_requests_get_401_and_touch_nothing() {
+    let h = Harness::start(Behaviour::default()).await;
+    let secret = SigningSecret::parse(Scheme::StandardWebhooks, SW_SECRET).unwrap();
+    let wrong = SigningSecret::parse(Scheme::StandardWebhooks, "whsec_QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=").unwrap();
+    let body = order("ord_x");
+    let now = SystemClock.now();
+    let cases: Vec<(&str, Headers, String)> = vec![
+        ("forged", sign(Scheme::StandardWebhooks, &wrong, "m1", now, body.as_bytes()), body.clone()),
+        ("altered", sign(Scheme::StandardWebhooks, &secret, "m2", now, body.as_bytes()), body.replace("12.50", "0.01")),
+        (
+            "stale",
+            sign(Scheme::StandardWebhooks, &secret, "m3", six_minutes_before(now), body.as_bytes()),
+            body.clone(),
+        ),
+        ("unsigned", vec![], body.clone()),
+    ];
+    for (what, headers, sent) in cases {
+        let (status, json) = h.post("/hooks/orders", &headers, sent.as_bytes()).await;
+        assert_eq!(status, 401, "{what}: {json}");
+        assert!(json["error"].is_string(), "{what}: the refusal says why");
+    }
+    assert_eq!(h.counts("orders").await, FlowCounts::default(), "nothing was journalled");
+    assert_eq!(h.partner.stats().requests, 0);
+    h.stop().await;
+}
+
+/// Past the 5-minute tolerance.
+fn six_minutes_before(t: dovetail_core::clock::Timestamp) -> dovetail_core::clock::Timestamp {
+    dovetail_core::clock::Timestamp::from_millis(t.as_millis() - 6 * 60 * 1000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_webhook_id_twice_is_accepted_twice_and_journalled_once() {
+    let h = Harness::start(Behaviour::default()).await;
+    let (s1, j1) = h.send_order("msg_dup", &order("ord_2")).await;
+    let (s2, j2) = h.send_order("msg_dup", &order("ord_2")).await;
+    assert_eq!((s1, s2), (202, 200), "{j1} {j2}");
+    assert_eq!(j2["status"], "duplicate");
+    assert_eq!(j1["record_id"], j2["record_id"]);
+    h.wait_for("orders", "delivery", |c| c.delivered == 1).await;
+    let c = h.counts("orders").await;
+    assert_eq!(c.pending + c.in_flight + c.delivered, 1);
+    assert_eq!(h.partner.stats().effects, 1);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_are_retried_with_the_same_key_until_delivered() {
+    let script =
+        vec![Reply::Status { status: 503, body: "down".into() }, Reply::Status { status: 500, body: "oops".into() }];
+    let h = Harness::start(Behaviour::script(script, Reply::Ok)).await;
+    let (_, json) = h.send_order("msg_r", &order("ord_3")).await;
+    h.wait_for("orders", "delivery after retries", |c| c.delivered == 1).await;
+    let requests = h.partner.requests();
+    assert_eq!(requests.len(), 3);
+    let keys: Vec<_> = requests.iter().map(|r| r.header("idempotency-key").unwrap().to_string()).collect();
+    assert!(keys.windows(2).all(|w| w[0] == w[1]), "one key on every retry: {keys:?}");
+    let id = json["record_id"].as_i64().unwrap();
+    let detail = h.journal.record(id).await.unwrap().unwrap();
+    let classes: Vec<_> = detail.attempts.iter().map(|a| (a.status, a.class)).collect();
+    assert_eq!(
+        classes,
+        [(Some(503), Some(ErrorClass::Server)), (Some(500), Some(ErrorClass::Server)), (Some(200), None)]
+    );
+    assert!(detail.attempts[0].error.as_deref().unwrap().contains("down"), "the partner's answer is kept");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_422_is_dead_lettered_at_once_with_the_response_body() {
+    let behaviour = Behaviour::default()
+        .fail_body("bad", Reply::Status { status: 422, body: r#"{"error":"amount invalid"}"#.into() });
+    let h = Harness::start(behaviour).await;
+    let (_, json) = h.send_order("msg_bad", r#"{"id":"bad","amount":"-1"}"#).await;
+    h.wait_for("orders", "dead letter", |c| c.dead == 1).await;
+    let dl = h.journal.dead_letters(Some("orders"), 10).await.unwrap();
+    assert_eq!(dl[0].id, json["record_id"].as_i64().unwrap());
+    assert_eq!(dl[0].class, ErrorClass::Rejected);
+    assert!(dl[0].reason.contains("422") && dl[0].reason.contains("amount invalid"), "{}", dl[0].reason);
+    // Let retries that should not happen have time to happen.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(h.partner.stats().requests, 1, "a 422 is never retried");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured_before_the_next_attempt() {
+    let script = vec![Reply::RetryAfter { status: 429, value: "1".into() }];
+    let h = Harness::start(Behaviour::script(script, Reply::Ok)).await;
+    h.send_order("msg_ra", &order("ord_4")).await;
+    h.wait_for("orders", "delivery", |c| c.delivered == 1).await;
+    let r = h.partner.requests();
+    assert_eq!(r.len(), 2);
+    let gap = r[1].at.duration_since(r[0].at);
+    assert!(gap >= Duration::from_millis(1000), "retried {gap:?} after a Retry-After of 1s");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_after_the_partner_committed_causes_no_double_effect() {
+    let retry = r#"{ max_attempts = 4, initial_backoff = "1s", max_backoff = "2s", jitter = 0.0 }"#;
+    let script = vec![Reply::SlowAfterCommit(Duration::from_millis(800))];
+    let h = Harness::with_retry(Behaviour::script(script, Reply::Ok), retry).await;
+    let (_, json) = h.send_order("msg_slow", &order("ord_5")).await;
+    h.wait_for("orders", "delivery", |c| c.delivered == 1).await;
+    assert!(h.partner.double_effects().is_empty());
+    assert_eq!(h.partner.stats().effects, 1);
+    assert_eq!(h.partner.stats().replays, 1, "the retry was answered from the partner's idempotency store");
+    let detail = h.journal.record(json["record_id"].as_i64().unwrap()).await.unwrap().unwrap();
+    assert_eq!(detail.attempts[0].class, Some(ErrorClass::Timeout));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_dropped_after_commit_causes_no_double_effect() {
+    let h = Harness::start(Behaviour::script(vec![Reply::DropAfterCommit, Reply::DropBeforeCommit], Reply::Ok)).await;
+    let (_, json) = h.send_order("msg_drop", &order("ord_6")).await;
+    h.wait_for("orders", "delivery", |c| c.delivered == 1).await;
+    assert!(h.partner.double_effects().is_empty());
+    assert_eq!(h.partner.stats().effects, 1);
+    let detail = h.journal.record(json["record_id"].as_i64().unwrap()).await.unwrap().unwrap();
+    assert_eq!(detail.attempts[0].class, Some(ErrorClass::Connection));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auth_failure_pauses_the_flow_and_holds_the_record() {
+    let h = Harness::start(Behaviour::always(Reply::Status { status: 401, body: "token expired".into() })).await;
+    let (_, json) = h.send_order("msg_auth", &order("ord_7")).await;
+    let id = json["record_id"].as_i64().unwrap();
+    let c = h.wait_for("orders", "pause", |c| c.paused.is_some() && c.pending == 1).await;
+    assert!(c.paused.unwrap().reason.contains("401"));
+    h.send_order("msg_auth_2", &order("ord_8")).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(h.partner.stats().requests, 1, "a paused flow sends nothing more");
+    let c = h.counts("orders").await;
+    assert_eq!((c.pending, c.dead), (2, 0), "records are held, never dead-lettered");
+    let detail = h.journal.record(id).await.unwrap().unwrap();
+    assert_eq!(detail.state, StateName::Pending);
+    assert_eq!(detail.attempts[0].class, Some(ErrorClass::Auth));
+
+    h.partner.set_behaviour(Behaviour::default().require("authorization", "Bearer tok_123"));
+    assert!(h.journal.resume_flow("orders").await.unwrap());
+    h.wait_for("orders", "delivery after resume", |c| c.delivered == 2).await;
+    assert!(h.partner.double_effects().is_empty());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_dead_lettered_when_the_budget_is_spent() {
+    let h = Harness::start(Behaviour::always(Reply::Status { status: 503, body: "maintenance".into() })).await;
+    h.send_order("msg_503", &order("ord_9")).await;
+    h.wait_for("orders", "dead letter", |c| c.dead == 1).await;
+    assert_eq!(h.partner.stats().requests, 4, "max_attempts = 4");
+    let dl = h.journal.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dl[0].class, ErrorClass::Server);
+    assert!(dl[0].reason.starts_with("gave up after 4 transient failures"), "{}", dl[0].reason);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_is_not_json_is_quarantined_with_its_raw_bytes() {
+    let h = Harness::start(Behaviour::default()).await;
+    let (status, json) = h.send_order("msg_nj", "amount=12&currency=EUR").await;
+    assert_eq!(status, 202, "{json}");
+    assert_eq!(json["status"], "quarantined");
+    assert!(json["reason"].as_str().unwrap().contains("not JSON"));
+    let detail = h.journal.record(json["record_id"].as_i64().unwrap()).await.unwrap().unwrap();
+    assert_eq!(detail.state, StateName::Dead);
+    assert_eq!(detail.dead_class, Some(ErrorClass::Validation));
+    assert_eq!(detail.payload, b"amount=12&currency=EUR");
+    assert_eq!(h.partner.stats().requests, 0);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_gets_413_and_touches_nothing() {
+    let h = Harness::start(Behaviour::default()).await;
+    let big = format!(r#"{{"id":"big","pad":"{}"}}"#, "x".repeat(5000));
+    let (status, _) = h.send_order("msg_big", &big).await;
+    assert_eq!(status, 413);
+    assert_eq!(h.counts("orders").await, FlowCounts::default());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripe_and_github_signatures_are_verified() {
+    let h = Harness::start(Behaviour::default()).await;
+    let now = SystemClock.now();
+    let body = r#"{"id":"evt_1","type":"payment_intent.succeeded"}"#;
+    let stripe = SigningSecret::parse(Scheme::Stripe, STRIPE_SECRET).unwrap();
+    let headers = sign(Scheme::Stripe, &stripe, "evt_1", now, body.as_bytes());
+    assert_eq!(h.post("/hooks/stripe", &headers, body.as_bytes()).await.0, 202);
+    assert_eq!(h.post("/hooks/stripe", &headers, body.as_bytes()).await.0, 200, "Stripe's event id de-duplicates");
+    let forged = SigningSecret::parse(Scheme::Stripe, "whsec_other").unwrap();
+    let headers = sign(Scheme::Stripe, &forged, "evt_2", now, body.as_bytes());
+    assert_eq!(h.post("/hooks/stripe", &headers, body.as_bytes()).await.0, 401);
+
+    let gh = SigningSecret::parse(Scheme::GitHub, GITHUB_SECRET).unwrap();
+    let push = r#"{"id":"push_1","ref":"refs/heads/main"}"#;
+    let headers = sign(Scheme::GitHub, &gh, "delivery-1", now, push.as_bytes());
+    assert_eq!(h.post("/hooks/github", &headers, push.as_bytes()).await.0, 202);
+    let altered = push.replace("main", "evil");
+    assert_eq!(h.post("/hooks/github", &headers, altered.as_bytes()).await.0, 401);
+    h.wait_for("payments", "delivery", |c| c.delivered == 1).await;
+    h.wait_for("pushes", "delivery", |c| c.delivered == 1).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_endpoints_and_unknown_paths() {
+    let h = Harness::start(Behaviour::default()).await;
+    let get = |p: &str| h.http.get(format!("{}{p}", h.base)).send();
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    let ready = get("/readyz").await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let body: serde_json::Value = serde_json::from_slice(&ready.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["journal"], "ok");
+    assert_eq!(h.post("/hooks/nothing", &[], b"{}").await.0, 404);
+    h.stop().await;
+}
