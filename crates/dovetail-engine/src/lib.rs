@@ -51,6 +51,7 @@ impl SecretSource for EnvSecrets {
     fn lookup(&self, reference: &SecretRef) -> Option<Secret> {
         match reference {
             SecretRef::Env(name) => std::env::var(name).ok().map(Secret::new),
+            SecretRef::Invalid { .. } => None,
         }
     }
 }

@@ -22,6 +22,7 @@ impl SecretSource for BTreeMap<String, String> {
     fn lookup(&self, reference: &SecretRef) -> Option<Secret> {
         match reference {
             SecretRef::Env(name) => self.get(name).cloned().map(Secret::new),
+            SecretRef::Invalid { .. } => None,
         }
     }
 }
@@ -111,12 +112,40 @@ impl Config {
                 }
             }
         }
+        for (path, r) in self.secret_refs() {
+            if let SecretRef::Invalid { reason } = r {
+                let path: Vec<&str> = path.iter().map(String::as_str).collect();
+                out.push(Finding::error(&path, "this is not a secret reference", reason.clone()));
+            }
+        }
         if self.flows.is_empty() {
             out.push(Finding::warning(
                 &["flows"],
                 "no flows are declared, so the engine has nothing to do",
                 "add a [flows.NAME] table; `dovetail init` writes an example",
             ));
+        }
+        out
+    }
+
+    /// Every secret reference with its key path.
+    fn secret_refs(&self) -> Vec<(Vec<String>, &SecretRef)> {
+        let p = |parts: &[&str]| parts.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut out = Vec::new();
+        for (name, c) in &self.connectors {
+            let ConnectorConfig::Http(h) = c;
+            match &h.auth {
+                Some(AuthConfig::Bearer { token }) => out.push((p(&["connectors", name, "auth", "token"]), token)),
+                Some(AuthConfig::Basic { password, .. }) => {
+                    out.push((p(&["connectors", name, "auth", "password"]), password))
+                }
+                None => {}
+            }
+        }
+        for (name, flow) in &self.flows {
+            let SourceConfig::Webhook { signature: Some(sig), .. } = &flow.source else { continue };
+            out.extend(sig.secret.iter().map(|r| (p(&["flows", name, "source", "signature", "secret"]), r)));
+            out.extend(sig.secrets.iter().map(|r| (p(&["flows", name, "source", "signature", "secrets"]), r)));
         }
         out
     }
@@ -254,8 +283,9 @@ impl Loaded {
         let mut findings = Vec::new();
         let mut fetch = |path: &[&str], r: &SecretRef| -> Option<Secret> {
             let found = secrets.lookup(r).filter(|s| !s.expose().is_empty());
-            if found.is_none() {
-                let SecretRef::Env(var) = r;
+            if found.is_none()
+                && let SecretRef::Env(var) = r
+            {
                 findings.push(Finding::error(
                     path,
                     format!("the secret `{r}` is not set"),

@@ -71,12 +71,17 @@ impl<'de> Deserialize<'de> for ByteSize {
 pub enum SecretRef {
     /// `env:NAME`: the process environment variable NAME.
     Env(String),
+    /// Not a reference (e.g. a literal secret). Kept, without the value, so
+    /// that [`Config::check`](super::Config) reports it at its own key
+    /// alongside every other error; a config holding one never loads.
+    Invalid { reason: String },
 }
 
 impl fmt::Display for SecretRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SecretRef::Env(name) => write!(f, "env:{name}"),
+            SecretRef::Invalid { .. } => f.write_str("(invalid secret reference)"),
         }
     }
 }
@@ -102,7 +107,7 @@ impl SecretRef {
 impl<'de> Deserialize<'de> for SecretRef {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        SecretRef::parse(&s).map_err(de::Error::custom)
+        Ok(SecretRef::parse(&s).unwrap_or_else(|reason| SecretRef::Invalid { reason }))
     }
 }
 

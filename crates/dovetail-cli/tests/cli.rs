@@ -1,0 +1,214 @@
+//! The `dovetail` binary as a user meets it: config errors, status and the DLQ
+//! against a real journal file. Messages users read are snapshot-tested.
+
+use std::path::Path;
+use std::process::Command;
+
+use dovetail_core::clock::Timestamp;
+use dovetail_core::policy::ErrorClass;
+use dovetail_journal::{Journal, NewRecord, SqliteJournal, SqliteOptions};
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn dovetail(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dovetail"));
+    cmd.current_dir(dir).args(args).env_remove("DOVETAIL_CONFIG").env("DOVETAIL_LOG", "warn");
+    for var in ["ORDERS_SECRET", "BILLING_TOKEN"] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run dovetail");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn check(config: &str, env: &[(&str, &str)]) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dovetail.toml"), config).unwrap();
+    dovetail(dir.path(), &["check"], env)
+}
+
+const GOOD: &str = r#"[engine]
+store = "sqlite://journal.db"
+listen = "127.0.0.1:0"
+
+[connectors.billing]
+type = "http"
+base_url = "http://127.0.0.1:9"
+auth = { type = "bearer", token = "env:BILLING_TOKEN" }
+
+[flows.orders]
+source = { type = "webhook", path = "/hooks/orders", signature = { scheme = "standard-webhooks", secret = "env:ORDERS_SECRET" } }
+sink = { type = "http", connector = "billing", path = "/v1/orders" }
+"#;
+
+const SECRETS: &[(&str, &str)] = &[("ORDERS_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), ("BILLING_TOKEN", "t")];
+
+#[test]
+fn a_good_config_checks_ok() {
+    let r = check(GOOD, SECRETS);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    insta::assert_snapshot!(r.stdout, @"dovetail.toml: ok (1 connector(s), 1 flow(s))");
+}
+
+#[test]
+fn invalid_toml_names_the_line() {
+    let r = check("[engine]\nstore = sqlite://journal.db\n", &[]);
+    assert_eq!(r.code, 1);
+    insta::assert_snapshot!(r.stdout);
+}
+
+#[test]
+fn a_misspelt_key_names_the_line_and_the_expected_keys() {
+    let r = check(&GOOD.replace("base_url", "baseurl"), SECRETS);
+    assert_eq!(r.code, 1);
+    insta::assert_snapshot!(r.stdout);
+}
+
+#[test]
+fn a_bad_duration_says_the_accepted_forms() {
+    let r = check(&GOOD.replace("auth = ", "timeout = \"ten seconds\"\nauth = "), SECRETS);
+    assert_eq!(r.code, 1);
+    insta::assert_snapshot!(r.stdout);
+}
+
+#[test]
+fn every_meaning_error_is_reported_at_once() {
+    let config =
+        GOOD.replace("connector = \"billing\"", "connector = \"biling\"").replace("env:BILLING_TOKEN", "sk_live_123")
+            + r#"
+[flows.refunds]
+source = { type = "webhook", path = "/hooks/orders" }
+sink = { type = "http", connector = "billing", method = "GET" }
+"#;
+    let r = check(&config, SECRETS);
+    assert_eq!(r.code, 1);
+    insta::assert_snapshot!(r.stdout);
+}
+
+#[test]
+fn missing_secrets_name_the_variable_and_the_line() {
+    let r = check(GOOD, &[]);
+    assert_eq!(r.code, 1);
+    insta::assert_snapshot!(r.stdout);
+}
+
+#[test]
+fn a_wrongly_formed_signing_secret_is_refused() {
+    let r = check(GOOD, &[("ORDERS_SECRET", "whsec_***not base64***"), ("BILLING_TOKEN", "t")]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stdout.contains("dovetail.toml:11:") && r.stdout.contains("not a standard-webhooks secret"),
+        "{}",
+        r.stdout
+    );
+    assert!(!r.stdout.contains("not base64***"), "the secret value is never printed: {}", r.stdout);
+}
+
+#[test]
+fn a_missing_config_file_says_how_to_get_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = dovetail(dir.path(), &["status"], &[]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("cannot read the config file dovetail.toml") && r.stderr.contains("dovetail init"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn status_before_the_engine_ever_ran_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dovetail.toml"), GOOD).unwrap();
+    let r = dovetail(dir.path(), &["status"], &[]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("there is no journal at") && r.stderr.contains("dovetail run"), "{}", r.stderr);
+}
+
+fn dead_record(i: usize) -> NewRecord {
+    NewRecord {
+        flow: "orders".into(),
+        delivery_id: Some(format!("msg_{i}")),
+        idempotency_key: format!("key_{i}"),
+        correlation_id: format!("corr_{i}"),
+        content_type: Some("application/json".into()),
+        payload: format!(r#"{{"id":"ord_{i}"}}"#).into_bytes(),
+        received_at: Timestamp::from_secs(1_700_000_000),
+        quarantine: Some((ErrorClass::Validation, format!("record {i} is unusable"))),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_list_show_replay_and_discard_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dovetail.toml"), GOOD).unwrap();
+    let journal = SqliteJournal::open(&dir.path().join("journal.db"), SqliteOptions::default()).unwrap();
+    for i in 0..2503 {
+        journal.ingest(dead_record(i)).await.unwrap();
+    }
+    let p = dir.path();
+
+    let list = dovetail(p, &["dlq", "list", "--json", "--limit", "2"], &[]);
+    let v: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    let first = &v["dead_letters"][0];
+    assert_eq!((first["id"].as_i64(), first["class"].as_str()), (Some(1), Some("validation")), "{}", list.stdout);
+    assert_eq!(v["dead_letters"].as_array().unwrap().len(), 2);
+
+    let show = dovetail(p, &["dlq", "show", "1", "--json"], &[]);
+    let v: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    assert_eq!(v["payload"]["id"], "ord_0");
+    assert_eq!(v["idempotency_key"], "key_0");
+    assert_eq!(v["last_error"], "record 0 is unusable");
+
+    let none = dovetail(p, &["dlq", "replay"], &[]);
+    assert_eq!(none.code, 1, "replay without a selection refuses: {}", none.stderr);
+    assert!(none.stderr.contains("say which records"), "{}", none.stderr);
+
+    let one = dovetail(p, &["dlq", "replay", "1"], &[]);
+    assert_eq!(one.code, 0, "{}", one.stderr);
+    assert!(one.stdout.starts_with("replayed 1 record(s)"), "{}", one.stdout);
+    let detail = journal.record(1).await.unwrap().unwrap();
+    assert_eq!((detail.state.as_str(), detail.idempotency_key.as_str()), ("pending", "key_0"), "same key after replay");
+
+    let discard = dovetail(p, &["dlq", "discard", "2", "3"], &[]);
+    assert!(discard.stdout.starts_with("discarded 2 record(s)"), "{}", discard.stdout);
+
+    let all = dovetail(p, &["dlq", "replay", "--flow", "orders"], &[]);
+    assert_eq!(all.code, 0, "{}", all.stderr);
+    assert!(all.stdout.starts_with("replayed 2500 record(s)"), "chunked replay moves every record: {}", all.stdout);
+
+    let status = dovetail(p, &["status", "--json"], &[]);
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let orders = &v["flows"][0];
+    assert_eq!(
+        (orders["flow"].as_str(), orders["pending"].as_u64(), orders["dead"].as_u64(), orders["discarded"].as_u64()),
+        (Some("orders"), Some(2501), Some(0), Some(2))
+    );
+    assert_eq!(orders["state"], "running");
+    assert!(orders["oldest_pending_age_seconds"].as_f64().unwrap() > 0.0);
+
+    let human = dovetail(p, &["status"], &[]);
+    assert!(human.stdout.starts_with("FLOW    STATE    PENDING"), "{}", human.stdout);
+}
+
+#[test]
+fn init_writes_a_project_that_checks_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = dovetail(dir.path(), &["init", "shop"], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let env = [("ORDERS_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), ("BILLING_TOKEN", "t")];
+    let r = dovetail(&dir.path().join("shop"), &["check"], &env);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let again = dovetail(dir.path(), &["init", "shop"], &[]);
+    assert_eq!(again.code, 1, "init never overwrites a project");
+}
