@@ -28,15 +28,16 @@ pub(crate) async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut inflight = tokio::task::JoinSet::new();
+    let mut pause = PauseCache::default();
     while !*stop.borrow() {
         // Reap finished attempts so the set does not grow.
         while inflight.try_join_next().is_some() {}
-        match journal.pause_of(&flow.name).await {
-            Ok(Some(_)) => {
+        match pause.is_paused(&flow, journal.as_ref(), &options).await {
+            Ok(true) => {
                 idle(&flow, &options, None, &mut stop).await;
                 continue;
             }
-            Ok(None) => {}
+            Ok(false) => {}
             Err(e) => {
                 tracing::error!(flow = %flow.name, error = %e, "cannot read the flow's pause state");
                 pause_for(JOURNAL_BACKOFF, &mut stop).await;
@@ -72,6 +73,32 @@ pub(crate) async fn run(
     }
     // Attempts already sent finish and are recorded; nothing new starts.
     while inflight.join_next().await.is_some() {}
+}
+
+/// The flow's pause flag, read from the journal at most once per idle poll
+/// (a `dovetail resume` from the CLI lands within that) and at once after
+/// one of this flow's attempts was refused for its credentials.
+#[derive(Default)]
+struct PauseCache {
+    checked: Option<(std::time::Instant, bool)>,
+}
+
+impl PauseCache {
+    async fn is_paused(
+        &mut self,
+        flow: &FlowRuntime,
+        journal: &dyn Journal,
+        options: &EngineOptions,
+    ) -> dovetail_journal::Result<bool> {
+        let auth_failed = flow.auth_failed.swap(false, std::sync::atomic::Ordering::AcqRel);
+        let fresh = self.checked.filter(|(at, _)| !auth_failed && at.elapsed() < options.idle_poll);
+        if let Some((_, paused)) = fresh {
+            return Ok(paused);
+        }
+        let paused = journal.pause_of(&flow.name).await?.is_some();
+        self.checked = Some((std::time::Instant::now(), paused));
+        Ok(paused)
+    }
 }
 
 /// One permit (waiting for it), plus as many more as are free right now.
@@ -143,6 +170,7 @@ async fn attempt(flow: &FlowRuntime, journal: &dyn Journal, options: &EngineOpti
         if let Err(e) = journal.pause_flow(&flow.name, &reason, now).await {
             tracing::error!(flow = %flow.name, error = %e, "cannot record the flow's pause");
         }
+        flow.auth_failed.store(true, std::sync::atomic::Ordering::Release);
     }
     match journal.complete(report).await {
         Ok(true) => {}

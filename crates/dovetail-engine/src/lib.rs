@@ -93,6 +93,9 @@ pub(crate) struct FlowRuntime {
     /// Shared by every flow on the same connector: its `max_in_flight`.
     pub permits: Arc<tokio::sync::Semaphore>,
     pub wake: Arc<Notify>,
+    /// Set by an attempt refused for its credentials, so the dispatcher
+    /// re-reads the pause at once instead of at its next poll.
+    pub auth_failed: std::sync::atomic::AtomicBool,
 }
 
 /// A started engine.
@@ -156,6 +159,7 @@ pub async fn start(
             lease_for: http.timeout * 2 + Duration::from_secs(5),
             permits: permits.get(connector).cloned().ok_or_else(|| missing("its connector"))?,
             wake: wake.clone(),
+            auth_failed: Default::default(),
         });
         let SourceConfig::Webhook { path, .. } = &flow.source;
         let verifier = resolved.flows.get(name).and_then(|f| f.verifier.clone());

@@ -340,3 +340,65 @@ impl Loaded {
         if findings.is_empty() { Ok(Resolved { flows, connectors }) } else { Err(ConfigErrors(self.locate(findings))) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::load;
+
+    const CONFIG: &str = r#"
+[connectors.a]
+type = "http"
+base_url = "https://a.example"
+auth = { type = "bearer", token = "env:A_TOKEN" }
+
+[connectors.b]
+type = "http"
+base_url = "https://b.example"
+auth = { type = "basic", username = "dovetail", password = "env:B_PASSWORD" }
+
+[flows.f]
+source = { type = "webhook", path = "/hooks/f", signature = { scheme = "github", secrets = ["env:OLD", "env:NEW"] } }
+sink = { type = "http", connector = "a" }
+"#;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn bearer_and_basic_become_authorization_headers() {
+        let (loaded, _) = load(CONFIG, Path::new("d.toml")).unwrap();
+        let r =
+            loaded.resolve(&env(&[("A_TOKEN", "t0k"), ("B_PASSWORD", "pa:ss"), ("OLD", "o"), ("NEW", "n")])).unwrap();
+        assert_eq!(r.connectors["a"].authorization.as_ref().unwrap().expose(), "Bearer t0k");
+        // base64("dovetail:pa:ss")
+        assert_eq!(r.connectors["b"].authorization.as_ref().unwrap().expose(), "Basic ZG92ZXRhaWw6cGE6c3M=");
+        assert!(r.flows["f"].verifier.is_some());
+    }
+
+    #[test]
+    fn every_missing_secret_is_reported_with_its_key() {
+        let (loaded, _) = load(CONFIG, Path::new("d.toml")).unwrap();
+        let errors = loaded.resolve(&env(&[("A_TOKEN", "t0k"), ("NEW", "")])).unwrap_err();
+        let keys: Vec<&str> = errors.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["connectors.b.auth.password", "flows.f.source.signature.secrets", "flows.f.source.signature.secrets"],
+            "{errors}"
+        );
+        assert!(errors.0.iter().all(|e| e.line > 0), "{errors}");
+    }
+
+    #[test]
+    fn resolved_secrets_never_show_in_debug_output() {
+        let (loaded, _) = load(CONFIG, Path::new("d.toml")).unwrap();
+        let r = loaded
+            .resolve(&env(&[("A_TOKEN", "s3cret-token"), ("B_PASSWORD", "pw-value"), ("OLD", "o"), ("NEW", "n")]))
+            .unwrap();
+        let shown = format!("{r:?}");
+        assert!(!shown.contains("s3cret-token") && !shown.contains("pw-value"), "{shown}");
+    }
+}
