@@ -24,7 +24,7 @@ use dovetail_core::clock::Timestamp;
 use dovetail_core::policy::ErrorClass;
 use dovetail_core::record::{Attempt, RecordId, StateName};
 
-pub use sqlite::{SqliteJournal, SqliteOptions};
+pub use sqlite::{SqliteJournal, SqliteOptions, WriterStats};
 
 /// What went wrong talking to the store. Messages name the store and the operation.
 #[derive(Debug, thiserror::Error)]

@@ -162,6 +162,21 @@ pub struct SqliteJournal {
     jobs: mpsc::Sender<Box<dyn Job>>,
     reader: Arc<Mutex<Connection>>,
     location: Arc<str>,
+    stats: Arc<WriterCounters>,
+}
+
+/// How the writer thread has batched work so far: `jobs / commits` is the
+/// group-commit factor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriterStats {
+    pub commits: u64,
+    pub jobs: u64,
+}
+
+#[derive(Default)]
+struct WriterCounters {
+    commits: std::sync::atomic::AtomicU64,
+    jobs: std::sync::atomic::AtomicU64,
 }
 
 impl SqliteJournal {
@@ -182,11 +197,19 @@ impl SqliteJournal {
 
         let (tx, rx) = mpsc::channel::<Box<dyn Job>>(options.max_batch * 4);
         let thread_location = location.clone();
+        let stats = Arc::new(WriterCounters::default());
+        let thread_stats = stats.clone();
         std::thread::Builder::new()
             .name("journal-writer".into())
-            .spawn(move || writer_loop(writer, rx, options.max_batch, &thread_location))
+            .spawn(move || writer_loop(writer, rx, options.max_batch, &thread_location, &thread_stats))
             .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
-        Ok(SqliteJournal { jobs: tx, reader: Arc::new(Mutex::new(reader)), location })
+        Ok(SqliteJournal { jobs: tx, reader: Arc::new(Mutex::new(reader)), location, stats })
+    }
+
+    /// Commits and jobs the writer thread has done since the journal was opened.
+    pub fn writer_stats(&self) -> WriterStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        WriterStats { commits: self.stats.commits.load(Relaxed), jobs: self.stats.jobs.load(Relaxed) }
     }
 
     pub fn path(&self) -> PathBuf {
@@ -242,7 +265,13 @@ fn migrate(conn: &Connection, location: &str) -> Result<()> {
     Ok(())
 }
 
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Box<dyn Job>>, max_batch: usize, location: &str) {
+fn writer_loop(
+    conn: Connection,
+    mut rx: mpsc::Receiver<Box<dyn Job>>,
+    max_batch: usize,
+    location: &str,
+    stats: &WriterCounters,
+) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -260,7 +289,12 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Box<dyn Job>>, max_batch
         }
         let ran: Vec<Box<dyn Finish>> = batch.drain(..).map(|j| j.run(&conn)).collect();
         match conn.execute_batch("COMMIT") {
-            Ok(()) => ran.into_iter().for_each(|r| r.finish(Ok(()))),
+            Ok(()) => {
+                use std::sync::atomic::Ordering::Relaxed;
+                stats.commits.fetch_add(1, Relaxed);
+                stats.jobs.fetch_add(ran.len() as u64, Relaxed);
+                ran.into_iter().for_each(|r| r.finish(Ok(())));
+            }
             Err(e) => {
                 let why = e.to_string();
                 tracing::error!(journal = location, error = %why, "journal commit failed; nothing in this batch was acknowledged");
