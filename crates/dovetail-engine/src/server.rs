@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -20,13 +21,30 @@ pub(crate) fn router(intakes: Vec<Intake>, journal: Arc<dyn Journal>, max_body: 
         .route("/readyz", get(readyz).with_state(journal));
     for intake in intakes {
         let path = intake.path.clone();
-        let route = post(|State(i): State<Arc<Intake>>, headers: HeaderMap, body: Bytes| async move {
-            i.receive(headers, body).await
-        })
+        let route = post(
+            move |State(i): State<Arc<Intake>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>| async move {
+                match body {
+                    Ok(body) => i.receive(headers, body).await,
+                    Err(rejection) => refuse_body(&rejection, max_body),
+                }
+            },
+        )
         .with_state(Arc::new(intake));
         app = app.route(&path, route);
     }
     app.layer(DefaultBodyLimit::max(max_body)).fallback(not_found)
+}
+
+/// A body that could not be read (too large, cut off) is refused before
+/// anything else happens; nothing is stored.
+fn refuse_body(rejection: &BytesRejection, max_body: usize) -> Response {
+    let status = rejection.status();
+    let error = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        format!("the body is larger than the limit of {max_body} bytes (set by [engine] max_body)")
+    } else {
+        rejection.body_text()
+    };
+    (status, axum::Json(json!({ "error": error }))).into_response()
 }
 
 async fn readyz(State(journal): State<Arc<dyn Journal>>) -> Response {

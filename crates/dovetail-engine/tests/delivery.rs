@@ -371,8 +371,9 @@ async fn a_body_that_is_not_json_is_quarantined_with_its_raw_bytes() {
 async fn an_oversized_body_gets_413_and_touches_nothing() {
     let h = Harness::start(Behaviour::default()).await;
     let big = format!(r#"{{"id":"big","pad":"{}"}}"#, "x".repeat(5000));
-    let (status, _) = h.send_order("msg_big", &big).await;
+    let (status, json) = h.send_order("msg_big", &big).await;
     assert_eq!(status, 413);
+    assert!(json["error"].as_str().unwrap().contains("limit of 4096 bytes"), "{json}");
     assert_eq!(h.counts("orders").await, FlowCounts::default());
     h.stop().await;
 }
