@@ -138,6 +138,12 @@ async fn pause_for(d: Duration, stop: &mut watch::Receiver<bool>) {
 
 async fn attempt(flow: &FlowRuntime, journal: &dyn Journal, options: &EngineOptions, record: LeasedRecord) {
     let started_at = options.clock.now();
+    if record.failures >= flow.retry.max_attempts {
+        // Interrupted attempts (engine crashes mid-send) spent the budget:
+        // a record whose sending keeps killing the engine must stop here.
+        give_up_interrupted(flow, journal, options, &record, started_at).await;
+        return;
+    }
     let out = Outbound {
         payload: &record.payload,
         content_type: record.content_type.as_deref(),
@@ -146,7 +152,7 @@ async fn attempt(flow: &FlowRuntime, journal: &dyn Journal, options: &EngineOpti
     };
     let result = flow.sink.send(out, || options.clock.now()).await;
     let now = options.clock.now();
-    let (outcome, class) = decide(&result, record.failures, &flow.retry, &*options.jitter, now);
+    let (outcome, class) = decide(&result, record.attempt, record.failures, &flow.retry, &*options.jitter, now);
     log_attempt(flow, &record, &result, &outcome);
     let status = match result.answer {
         Answer::Status { status, .. } => Some(status),
@@ -165,13 +171,45 @@ async fn attempt(flow: &FlowRuntime, journal: &dyn Journal, options: &EngineOpti
         },
         outcome: outcome.clone(),
     };
+    let mut report = report;
     if let Outcome::Hold { .. } = outcome {
         let reason = format!("connector `{}` refused our credentials: {}", flow.sink.connector(), describe(&result));
         if let Err(e) = journal.pause_flow(&flow.name, &reason, now).await {
             tracing::error!(flow = %flow.name, error = %e, "cannot record the flow's pause");
+            // Without the pause the record would be sent again at once.
+            report.outcome = Outcome::Hold { at: now.plus(options.idle_poll.max(JOURNAL_BACKOFF)) };
         }
         flow.auth_failed.store(true, std::sync::atomic::Ordering::Release);
     }
+    record_outcome(flow, journal, &record, report).await;
+}
+
+async fn give_up_interrupted(
+    flow: &FlowRuntime,
+    journal: &dyn Journal,
+    options: &EngineOptions,
+    record: &LeasedRecord,
+    now: Timestamp,
+) {
+    let reason = format!("gave up after {} transient failures; the last attempts were interrupted", record.failures);
+    tracing::warn!(flow = %flow.name, record_id = record.id, %reason, "dead-lettered without sending");
+    let report = AttemptReport {
+        id: record.id,
+        owner: options.node_id.clone(),
+        attempt: Attempt {
+            number: record.attempt,
+            started_at: now,
+            duration_ms: 0,
+            status: None,
+            class: Some(ErrorClass::Interrupted),
+            error: Some("not sent: the retry budget was spent by interrupted attempts".into()),
+        },
+        outcome: Outcome::Dead { class: ErrorClass::Interrupted, reason },
+    };
+    record_outcome(flow, journal, record, report).await;
+}
+
+async fn record_outcome(flow: &FlowRuntime, journal: &dyn Journal, record: &LeasedRecord, report: AttemptReport) {
     match journal.complete(report).await {
         Ok(true) => {}
         Ok(false) => tracing::warn!(flow = %flow.name, record_id = record.id,
@@ -186,12 +224,13 @@ async fn attempt(flow: &FlowRuntime, journal: &dyn Journal, options: &EngineOpti
 /// error class to store with the attempt (`None` when delivered).
 pub fn decide(
     result: &AttemptResult,
+    attempt: u32,
     failures_before: u32,
     policy: &RetryPolicy,
     jitter: &dyn Jitter,
     now: Timestamp,
 ) -> (Outcome, Option<ErrorClass>) {
-    match classify(&result.answer) {
+    match classify(&result.answer, attempt > 1) {
         Verdict::Delivered => (Outcome::Delivered, None),
         Verdict::DeadLetter(class) => (Outcome::Dead { class, reason: describe(result) }, Some(class)),
         Verdict::PauseFlow => (Outcome::Hold { at: now }, Some(ErrorClass::Auth)),
@@ -274,9 +313,15 @@ mod tests {
     #[test]
     fn transient_failures_retry_with_backoff_until_the_budget_is_spent() {
         let r = result(Answer::Status { status: 503, retry_after: None });
-        assert_eq!(decide(&r, 0, &policy(), &NoJitter, NOW).0, Outcome::Retry { at: NOW.plus(Duration::from_secs(1)) });
-        assert_eq!(decide(&r, 1, &policy(), &NoJitter, NOW).0, Outcome::Retry { at: NOW.plus(Duration::from_secs(2)) });
-        let (outcome, class) = decide(&r, 2, &policy(), &NoJitter, NOW);
+        assert_eq!(
+            decide(&r, 1, 0, &policy(), &NoJitter, NOW).0,
+            Outcome::Retry { at: NOW.plus(Duration::from_secs(1)) }
+        );
+        assert_eq!(
+            decide(&r, 1, 1, &policy(), &NoJitter, NOW).0,
+            Outcome::Retry { at: NOW.plus(Duration::from_secs(2)) }
+        );
+        let (outcome, class) = decide(&r, 1, 2, &policy(), &NoJitter, NOW);
         assert!(
             matches!(outcome, Outcome::Dead { class: ErrorClass::Server, ref reason } if reason.starts_with("gave up after 3"))
         );
@@ -287,7 +332,7 @@ mod tests {
     fn retry_after_is_honoured() {
         let r = result(Answer::Status { status: 429, retry_after: Some(Duration::from_secs(42)) });
         assert_eq!(
-            decide(&r, 0, &policy(), &NoJitter, NOW).0,
+            decide(&r, 1, 0, &policy(), &NoJitter, NOW).0,
             Outcome::Retry { at: NOW.plus(Duration::from_secs(42)) }
         );
     }
@@ -295,20 +340,33 @@ mod tests {
     #[test]
     fn rejections_dead_letter_with_the_response() {
         let r = result(Answer::Status { status: 422, retry_after: None });
-        let (outcome, _) = decide(&r, 0, &policy(), &NoJitter, NOW);
+        let (outcome, _) = decide(&r, 1, 0, &policy(), &NoJitter, NOW);
         assert_eq!(outcome, Outcome::Dead { class: ErrorClass::Rejected, reason: "HTTP 422: body".into() });
+    }
+
+    #[test]
+    fn a_409_after_an_earlier_attempt_is_retried() {
+        let r = result(Answer::Status { status: 409, retry_after: None });
+        assert_eq!(
+            decide(&r, 2, 1, &policy(), &NoJitter, NOW).0,
+            Outcome::Retry { at: NOW.plus(Duration::from_secs(2)) }
+        );
+        assert!(matches!(
+            decide(&r, 1, 0, &policy(), &NoJitter, NOW).0,
+            Outcome::Dead { class: ErrorClass::Rejected, .. }
+        ));
     }
 
     #[test]
     fn auth_failures_hold_the_record() {
         let r = result(Answer::Status { status: 401, retry_after: None });
-        assert_eq!(decide(&r, 5, &policy(), &NoJitter, NOW), (Outcome::Hold { at: NOW }, Some(ErrorClass::Auth)));
+        assert_eq!(decide(&r, 1, 5, &policy(), &NoJitter, NOW), (Outcome::Hold { at: NOW }, Some(ErrorClass::Auth)));
     }
 
     #[test]
     fn dropped_connections_and_timeouts_retry() {
         for a in [Answer::Timeout, Answer::Connection] {
-            assert!(matches!(decide(&result(a), 0, &policy(), &NoJitter, NOW).0, Outcome::Retry { .. }));
+            assert!(matches!(decide(&result(a), 1, 0, &policy(), &NoJitter, NOW).0, Outcome::Retry { .. }));
         }
     }
 }

@@ -1,11 +1,19 @@
 //! Classification of one delivery attempt's result, before anything is retried.
 //!
-//! The rules come from the product brief: 2xx delivered; 400/404/409/422 are
-//! the partner refusing this record (dead-letter at once, keep the body);
-//! 401/403 are our credentials (pause the flow, keep the record); 429 waits
-//! as long as `Retry-After` says; 5xx, timeouts and dropped connections are
-//! transient. Anything unrecognised is treated as transient so that a record
-//! is never dead-lettered on a guess, but the retry budget still bounds it.
+//! The rules come from the product brief: 2xx delivered; 400/404/409/422
+//! and the other 4xx are the partner refusing this record (dead-letter at
+//! once, keep the body); 401/403 are our credentials (pause the flow, keep
+//! the record); 429 waits as long as `Retry-After` says; 408, 5xx, timeouts
+//! and dropped connections are transient.
+//!
+//! One refinement: every request carries an `Idempotency-Key`, and under the
+//! IETF idempotency-key draft a 409 to a key that was sent before means "a
+//! request with this key is still being processed" (our earlier attempt timed
+//! out or lost its connection while the partner kept working). That 409 is
+//! transient; a 409 to a first attempt is a real conflict.
+//!
+//! Status codes outside 1xx–5xx are treated as transient so that a record
+//! is never dead-lettered on a guess; the retry budget still bounds them.
 
 use std::time::Duration;
 
@@ -39,6 +47,8 @@ pub enum ErrorClass {
     Connection,
     /// The engine stopped while the attempt was in flight (its lease expired).
     Interrupted,
+    /// 409 to a key sent before: the partner is still processing an earlier attempt.
+    InProgress,
     /// The record itself is unusable (e.g. its body is not JSON).
     Validation,
 }
@@ -53,6 +63,7 @@ impl ErrorClass {
             ErrorClass::Timeout => "timeout",
             ErrorClass::Connection => "connection",
             ErrorClass::Interrupted => "interrupted",
+            ErrorClass::InProgress => "in_progress",
             ErrorClass::Validation => "validation",
         }
     }
@@ -66,6 +77,7 @@ impl ErrorClass {
             ErrorClass::Timeout,
             ErrorClass::Connection,
             ErrorClass::Interrupted,
+            ErrorClass::InProgress,
             ErrorClass::Validation,
         ]
         .into_iter()
@@ -88,12 +100,14 @@ pub enum Verdict {
     },
 }
 
-/// Classifies one attempt's answer.
-pub fn classify(answer: &Answer) -> Verdict {
+/// Classifies one attempt's answer. `key_sent_before` is true when this
+/// record's idempotency key went out in an earlier attempt.
+pub fn classify(answer: &Answer, key_sent_before: bool) -> Verdict {
     match *answer {
         Answer::Status { status, retry_after } => match status {
             200..=299 => Verdict::Delivered,
             401 | 403 => Verdict::PauseFlow,
+            409 if key_sent_before => Verdict::Retry { class: ErrorClass::InProgress, not_before: retry_after },
             408 => Verdict::Retry { class: ErrorClass::Timeout, not_before: retry_after },
             429 => Verdict::Retry { class: ErrorClass::RateLimited, not_before: retry_after },
             400..=499 => Verdict::DeadLetter(ErrorClass::Rejected),
@@ -112,7 +126,7 @@ mod tests {
     use super::*;
 
     fn status(s: u16) -> Verdict {
-        classify(&Answer::Status { status: s, retry_after: None })
+        classify(&Answer::Status { status: s, retry_after: None }, false)
     }
 
     #[test]
@@ -130,6 +144,16 @@ mod tests {
     }
 
     #[test]
+    fn a_409_to_a_retried_key_means_still_processing() {
+        let again = classify(&Answer::Status { status: 409, retry_after: Some(Duration::from_secs(2)) }, true);
+        assert_eq!(again, Verdict::Retry { class: ErrorClass::InProgress, not_before: Some(Duration::from_secs(2)) });
+        let first = classify(&Answer::Status { status: 409, retry_after: None }, false);
+        assert_eq!(first, Verdict::DeadLetter(ErrorClass::Rejected), "a 409 to a first attempt is a real conflict");
+        let other = classify(&Answer::Status { status: 422, retry_after: None }, true);
+        assert_eq!(other, Verdict::DeadLetter(ErrorClass::Rejected), "only 409 gets this reading");
+    }
+
+    #[test]
     fn auth_failures_pause_and_are_never_retried_or_dead_lettered() {
         assert_eq!(status(401), Verdict::PauseFlow);
         assert_eq!(status(403), Verdict::PauseFlow);
@@ -137,9 +161,9 @@ mod tests {
 
     #[test]
     fn throttling_carries_retry_after() {
-        let v = classify(&Answer::Status { status: 429, retry_after: Some(Duration::from_secs(7)) });
+        let v = classify(&Answer::Status { status: 429, retry_after: Some(Duration::from_secs(7)) }, false);
         assert_eq!(v, Verdict::Retry { class: ErrorClass::RateLimited, not_before: Some(Duration::from_secs(7)) });
-        let v = classify(&Answer::Status { status: 503, retry_after: Some(Duration::from_secs(3)) });
+        let v = classify(&Answer::Status { status: 503, retry_after: Some(Duration::from_secs(3)) }, false);
         assert_eq!(v, Verdict::Retry { class: ErrorClass::Server, not_before: Some(Duration::from_secs(3)) });
     }
 
@@ -148,13 +172,19 @@ mod tests {
         for s in [500, 502, 503, 504] {
             assert!(matches!(status(s), Verdict::Retry { class: ErrorClass::Server, .. }), "{s}");
         }
-        assert!(matches!(classify(&Answer::Timeout), Verdict::Retry { class: ErrorClass::Timeout, .. }));
-        assert!(matches!(classify(&Answer::Connection), Verdict::Retry { class: ErrorClass::Connection, .. }));
+        assert!(matches!(classify(&Answer::Timeout, false), Verdict::Retry { class: ErrorClass::Timeout, .. }));
+        assert!(matches!(classify(&Answer::Connection, false), Verdict::Retry { class: ErrorClass::Connection, .. }));
     }
 
     #[test]
     fn error_class_names_round_trip() {
-        for c in [ErrorClass::Rejected, ErrorClass::Auth, ErrorClass::Interrupted, ErrorClass::Validation] {
+        for c in [
+            ErrorClass::Rejected,
+            ErrorClass::Auth,
+            ErrorClass::Interrupted,
+            ErrorClass::InProgress,
+            ErrorClass::Validation,
+        ] {
             assert_eq!(ErrorClass::parse(c.as_str()), Some(c));
         }
     }
