@@ -182,8 +182,10 @@ async fn bulk(journal: &SqliteJournal, selector: Selector, action: Action) -> Re
         bar
     });
     let mut done = 0u64;
+    // One cut-off for every chunk: a record the running engine dead-letters
+    // again while this runs is not picked up a second time.
+    let now = SystemClock.now();
     loop {
-        let now = SystemClock.now();
         let n = match action {
             Action::Replay => journal.replay(&selector, now, CHUNK).await?,
             Action::Discard => journal.discard(&selector, now, CHUNK).await?,

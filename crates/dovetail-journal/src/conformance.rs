@@ -30,7 +30,8 @@ macro_rules! journal_conformance {
             retry_waits_until_due, dead_letter_and_replay_keep_the_key, discard_keeps_the_record,
             quarantine_is_dead_at_intake, hold_does_not_spend_the_budget, pause_and_resume,
             oldest_pending_and_counts, replay_in_chunks, concurrent_ingests_all_land, lease_limit_and_order,
-            stale_owner_cannot_complete);
+            stale_owner_cannot_complete, same_owner_cannot_complete_an_older_attempt,
+            replay_takes_only_what_was_dead_at_its_start);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -139,6 +140,38 @@ pub async fn stale_owner_cannot_complete(j: &dyn Journal) {
     assert!(j.complete(fresh).await.unwrap());
 }
 
+pub async fn same_owner_cannot_complete_an_older_attempt(j: &dyn Journal) {
+    let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
+    j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
+    // The process stalled past its lease and took the record over itself.
+    let again = j.lease("orders", "a", T0.plus(LEASE), LEASE, 10).await.unwrap();
+    assert_eq!(again[0].attempt, 2);
+    let old = AttemptReport {
+        id,
+        owner: "a".into(),
+        attempt: attempt(1, 503, Some(ErrorClass::Server)),
+        outcome: Outcome::Retry { at: T0 },
+    };
+    assert!(!j.complete(old).await.unwrap(), "the older attempt's result is ignored");
+    assert_eq!(j.record(id).await.unwrap().unwrap().state, StateName::InFlight);
+    let new = AttemptReport { id, owner: "a".into(), attempt: attempt(2, 200, None), outcome: Outcome::Delivered };
+    assert!(j.complete(new).await.unwrap());
+}
+
+pub async fn replay_takes_only_what_was_dead_at_its_start(j: &dyn Journal) {
+    let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
+    j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
+    let dead_at = T0.plus(Duration::from_secs(60));
+    let mut a = attempt(1, 422, Some(ErrorClass::Rejected));
+    a.started_at = dead_at;
+    let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "no".into() };
+    j.complete(AttemptReport { id, owner: "a".into(), attempt: a, outcome: dead }).await.unwrap();
+    let started = T0.plus(Duration::from_secs(30));
+    assert_eq!(j.replay(&Selector::All, started, 10).await.unwrap(), 0, "died after the replay started");
+    assert_eq!(j.discard(&Selector::All, started, 10).await.unwrap(), 0);
+    assert_eq!(j.replay(&Selector::All, dead_at.plus(LEASE), 10).await.unwrap(), 1);
+}
+
 pub async fn retry_waits_until_due(j: &dyn Journal) {
     let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
     j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
@@ -198,7 +231,8 @@ pub async fn discard_keeps_the_record(j: &dyn Journal) {
     })
     .await
     .unwrap();
-    assert_eq!(j.discard(&Selector::Flow("orders".into()), T0, 100).await.unwrap(), 1);
+    let later = T0.plus(Duration::from_secs(1));
+    assert_eq!(j.discard(&Selector::Flow("orders".into()), later, 100).await.unwrap(), 1);
     let c = counts_of(j, "orders").await;
     assert_eq!((c.dead, c.discarded), (0, 1));
     assert_eq!(j.record(id).await.unwrap().unwrap().state, StateName::Discarded);

@@ -226,17 +226,19 @@ pub trait Journal: Send + Sync + 'static {
     /// How many dead records `selector` matches.
     async fn count_dead(&self, selector: &Selector) -> Result<u64>;
 
-    /// Moves up to `limit` dead records back to pending, due at `now`, with
-    /// their idempotency key unchanged and a fresh retry budget.
+    /// Moves up to `limit` records that were dead at `now` (dead-lettered at
+    /// or before it) back to pending, due at `now`, with their idempotency
+    /// key unchanged and a fresh retry budget. Calling it in chunks with the
+    /// same `now` never picks up a record that died again meanwhile.
     async fn replay(&self, selector: &Selector, now: Timestamp, limit: usize) -> Result<u64>;
 
-    /// Marks up to `limit` dead records discarded (kept, never delivered).
+    /// Marks up to `limit` records that were dead at `now` discarded (kept, never delivered).
     async fn discard(&self, selector: &Selector, now: Timestamp, limit: usize) -> Result<u64>;
 
     async fn pause_flow(&self, flow: &str, reason: &str, now: Timestamp) -> Result<()>;
     async fn resume_flow(&self, flow: &str) -> Result<bool>;
     async fn pause_of(&self, flow: &str) -> Result<Option<Pause>>;
 
-    /// Succeeds when the store answers a query.
+    /// Succeeds when the store can take writes.
     async fn ping(&self) -> Result<()>;
 }

@@ -79,11 +79,14 @@ pub struct SqliteOptions {
     pub fsync_every_commit: bool,
     /// Most jobs in one group commit.
     pub max_batch: usize,
+    /// A ceiling on the journal file's size; writes past it fail (and are
+    /// not acknowledged) instead of filling the disk. `None`: no ceiling.
+    pub max_size_bytes: Option<u64>,
 }
 
 impl Default for SqliteOptions {
     fn default() -> Self {
-        SqliteOptions { fsync_every_commit: true, max_batch: 1024 }
+        SqliteOptions { fsync_every_commit: true, max_batch: 1024, max_size_bytes: None }
     }
 }
 
@@ -139,18 +142,17 @@ impl<T: Send> Finish for Ran<T> {
     }
 }
 
+/// Runs one job in a savepoint so that its failure undoes only its own
+/// writes. The job's own error is the one reported, not a rollback's.
 fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
     conn.execute_batch("SAVEPOINT job")?;
-    match f(conn) {
-        Ok(v) => {
-            conn.execute_batch("RELEASE job")?;
-            Ok(v)
-        }
-        Err(e) => {
-            conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
-            Err(e)
-        }
+    let result = f(conn).and_then(|v| conn.execute_batch("RELEASE job").map(|()| v));
+    if result.is_err() && !conn.is_autocommit() {
+        // If this fails too, the outer transaction is gone; the writer sees
+        // that through `is_autocommit` and fails the whole batch.
+        let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
     }
+    result
 }
 
 fn sql_err(location: &str, source: rusqlite::Error) -> JournalError {
@@ -192,6 +194,12 @@ impl SqliteJournal {
         let writer = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
         configure(&writer, &options).map_err(|e| sql_err(&location, e))?;
         migrate(&writer, &location)?;
+        if let Some(max) = options.max_size_bytes {
+            let page: i64 =
+                writer.pragma_query_value(None, "page_size", |r| r.get(0)).map_err(|e| sql_err(&location, e))?;
+            let pages = i64::try_from(max).unwrap_or(i64::MAX) / page.max(1);
+            writer.pragma_update(None, "max_page_count", pages).map_err(|e| sql_err(&location, e))?;
+        }
         let reader = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
         configure(&reader, &options).map_err(|e| sql_err(&location, e))?;
 
@@ -272,22 +280,46 @@ fn writer_loop(
     location: &str,
     stats: &WriterCounters,
 ) {
-    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < max_batch {
+    let mut queue: std::collections::VecDeque<Box<dyn Job>> = std::collections::VecDeque::with_capacity(max_batch);
+    loop {
+        if queue.is_empty() {
+            match rx.blocking_recv() {
+                Some(job) => queue.push_back(job),
+                None => return,
+            }
+        }
+        while queue.len() < max_batch {
             match rx.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(job) => queue.push_back(job),
                 Err(_) => break,
             }
         }
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             let why = e.to_string();
             tracing::error!(journal = location, error = %why, "cannot begin a journal transaction");
-            batch.drain(..).for_each(|j| j.abort(&why));
+            queue.drain(..).for_each(|j| j.abort(&why));
             continue;
         }
-        let ran: Vec<Box<dyn Finish>> = batch.drain(..).map(|j| j.run(&conn)).collect();
+        let mut ran: Vec<Box<dyn Finish>> = Vec::with_capacity(queue.len().min(max_batch));
+        let mut lost = false;
+        while ran.len() < max_batch {
+            let Some(job) = queue.pop_front() else { break };
+            ran.push(job.run(&conn));
+            // Some errors (disk full, I/O, out of memory) make SQLite roll
+            // back the whole transaction on its own. Every job run so far
+            // lost its writes; the rest of the queue waits for the next
+            // transaction instead of committing one by one in autocommit.
+            if conn.is_autocommit() {
+                lost = true;
+                break;
+            }
+        }
+        if lost {
+            let why = "SQLite rolled the transaction back after an error";
+            tracing::error!(journal = location, "{why}; {} job(s) failed, nothing of them was acknowledged", ran.len());
+            ran.into_iter().for_each(|r| r.finish(Err(why)));
+            continue;
+        }
         match conn.execute_batch("COMMIT") {
             Ok(()) => {
                 use std::sync::atomic::Ordering::Relaxed;
@@ -298,7 +330,9 @@ fn writer_loop(
             Err(e) => {
                 let why = e.to_string();
                 tracing::error!(journal = location, error = %why, "journal commit failed; nothing in this batch was acknowledged");
-                let _ = conn.execute_batch("ROLLBACK");
+                if !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
                 ran.into_iter().for_each(|r| r.finish(Err(&why)));
             }
         }
@@ -427,29 +461,38 @@ fn lease_tx(
 fn complete_tx(conn: &Connection, rep: &AttemptReport) -> rusqlite::Result<bool> {
     let a = &rep.attempt;
     let end = a.started_at.plus(Duration::from_millis(a.duration_ms)).as_millis();
+    // The lease is this owner's *and* this attempt's: an owner whose lease
+    // expired and who then re-leased the same record (a paused process, a
+    // clock jump) cannot complete the newer attempt with the older result.
+    let held = "id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3";
+    let n = a.number;
     let changed = match &rep.outcome {
-        Outcome::Delivered => conn.prepare_cached(
-            "UPDATE records SET state = 'delivered', finished_at = ?3, lease_owner = NULL, lease_until = NULL, leased_at = NULL
-             WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2",
-        )?
-        .execute(params![rep.id, rep.owner, end])?,
-        Outcome::Retry { at } => conn.prepare_cached(
-            "UPDATE records SET state = 'pending', next_attempt_at = ?3, failures = failures + 1,
-                                lease_owner = NULL, lease_until = NULL, leased_at = NULL
-             WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2",
-        )?
-        .execute(params![rep.id, rep.owner, at.as_millis()])?,
-        Outcome::Hold { at } => conn.prepare_cached(
-            "UPDATE records SET state = 'pending', next_attempt_at = ?3, lease_owner = NULL, lease_until = NULL, leased_at = NULL
-             WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2",
-        )?
-        .execute(params![rep.id, rep.owner, at.as_millis()])?,
-        Outcome::Dead { class, reason } => conn.prepare_cached(
-            "UPDATE records SET state = 'dead', finished_at = ?3, dead_class = ?4, dead_reason = ?5,
-                                lease_owner = NULL, lease_until = NULL, leased_at = NULL
-             WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2",
-        )?
-        .execute(params![rep.id, rep.owner, end, class.as_str(), reason])?,
+        Outcome::Delivered => conn
+            .prepare_cached(&format!(
+                "UPDATE records SET state = 'delivered', finished_at = ?4, lease_owner = NULL, lease_until = NULL, leased_at = NULL
+                 WHERE {held}"
+            ))?
+            .execute(params![rep.id, rep.owner, n, end])?,
+        Outcome::Retry { at } => conn
+            .prepare_cached(&format!(
+                "UPDATE records SET state = 'pending', next_attempt_at = ?4, failures = failures + 1,
+                                    lease_owner = NULL, lease_until = NULL, leased_at = NULL
+                 WHERE {held}"
+            ))?
+            .execute(params![rep.id, rep.owner, n, at.as_millis()])?,
+        Outcome::Hold { at } => conn
+            .prepare_cached(&format!(
+                "UPDATE records SET state = 'pending', next_attempt_at = ?4, lease_owner = NULL, lease_until = NULL, leased_at = NULL
+                 WHERE {held}"
+            ))?
+            .execute(params![rep.id, rep.owner, n, at.as_millis()])?,
+        Outcome::Dead { class, reason } => conn
+            .prepare_cached(&format!(
+                "UPDATE records SET state = 'dead', finished_at = ?4, dead_class = ?5, dead_reason = ?6,
+                                    lease_owner = NULL, lease_until = NULL, leased_at = NULL
+                 WHERE {held}"
+            ))?
+            .execute(params![rep.id, rep.owner, n, end, class.as_str(), reason])?,
     };
     if changed == 0 {
         return Ok(false);
@@ -648,7 +691,8 @@ impl Journal for SqliteJournal {
             let sql = format!(
                 "UPDATE records SET state = 'pending', next_attempt_at = ?2, failures = 0, finished_at = NULL,
                                     dead_class = NULL, dead_reason = NULL
-                 WHERE id IN (SELECT id FROM records WHERE state = 'dead' AND {cond} ORDER BY id LIMIT ?3)"
+                 WHERE id IN (SELECT id FROM records WHERE state = 'dead' AND finished_at <= ?2 AND {cond}
+                              ORDER BY id LIMIT ?3)"
             );
             c.prepare_cached(&sql)?.execute(params![param, now.as_millis(), limit]).map(|n| n as u64)
         })
@@ -661,7 +705,8 @@ impl Journal for SqliteJournal {
         self.write(move |c| {
             let sql = format!(
                 "UPDATE records SET state = 'discarded', finished_at = ?2
-                 WHERE id IN (SELECT id FROM records WHERE state = 'dead' AND {cond} ORDER BY id LIMIT ?3)"
+                 WHERE id IN (SELECT id FROM records WHERE state = 'dead' AND finished_at <= ?2 AND {cond}
+                              ORDER BY id LIMIT ?3)"
             );
             c.prepare_cached(&sql)?.execute(params![param, now.as_millis(), limit]).map(|n| n as u64)
         })
@@ -695,6 +740,8 @@ impl Journal for SqliteJournal {
     }
 
     async fn ping(&self) -> Result<()> {
-        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+        // Through the writer: a journal whose writer is gone cannot store
+        // anything, so it must not look ready.
+        self.write(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
     }
 }
