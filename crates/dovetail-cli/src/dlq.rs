@@ -124,12 +124,12 @@ async fn show(journal: &SqliteJournal, id: RecordId, json: bool) -> Result<ExitC
         println!("  delivery id     {d}");
     }
     if let (Some(c), Some(r)) = (detail.dead_class, &detail.dead_reason) {
-        println!("  dead            {} — {}", c.as_str(), r);
+        println!("  dead            {} — {}", c.as_str(), printable(r));
     }
     println!("\npayload:");
     match serde_json::from_slice::<serde_json::Value>(&detail.payload) {
         Ok(v) => println!("{}", serde_json::to_string_pretty(&v)?),
-        Err(_) => println!("{}", String::from_utf8_lossy(&detail.payload)),
+        Err(_) => println!("{}", printable(&String::from_utf8_lossy(&detail.payload))),
     }
     println!("\nattempts:");
     if detail.attempts.is_empty() {
@@ -150,7 +150,7 @@ async fn show(journal: &SqliteJournal, id: RecordId, json: bool) -> Result<ExitC
         print!("{}", table(&rows));
     }
     if let Some(e) = last_error {
-        println!("\nlast error: {e}");
+        println!("\nlast error: {}", printable(&e));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -206,6 +206,14 @@ async fn bulk(journal: &SqliteJournal, selector: Selector, action: Action) -> Re
         println!("they keep their idempotency keys, so a partner that already applied one will not apply it twice");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Text from outside (payloads, partners' answers) with control characters
+/// escaped, so it cannot drive the operator's terminal; newlines and tabs stay.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() && c != '\n' && c != '\t' { c.escape_default().to_string() } else { c.to_string() })
+        .collect()
 }
 
 fn one_line(s: &str, max: usize) -> String {

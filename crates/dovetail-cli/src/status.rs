@@ -94,7 +94,10 @@ fn print_table(report: &StatusReport, now: Timestamp) {
         if let Some(p) = &f.paused {
             println!(
                 "\n{} is paused since {}: {}\n  records are held; after fixing the cause run `dovetail resume {}`",
-                f.flow, p.since, p.reason, f.flow
+                f.flow,
+                p.since,
+                crate::dlq::printable(&p.reason),
+                f.flow
             );
         }
     }

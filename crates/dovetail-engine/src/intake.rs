@@ -64,6 +64,9 @@ impl Intake {
             // Stripe names its events in the body, not in a header.
             delivery_id = v.get("id").and_then(|id| id.as_str()).map(str::to_string);
         }
+        // An empty id would make every later empty-id delivery a "duplicate"
+        // of the first, acknowledged and never stored.
+        let delivery_id = delivery_id.filter(|id| !id.trim().is_empty());
         let quarantine = parsed.err().map(|e| (ErrorClass::Validation, format!("the body is not JSON: {e}")));
         let record = NewRecord {
             flow: self.flow.clone(),

@@ -397,8 +397,15 @@ async fn stripe_and_github_signatures_are_verified() {
     assert_eq!(h.post("/hooks/github", &headers, push.as_bytes()).await.0, 202);
     let altered = push.replace("main", "evil");
     assert_eq!(h.post("/hooks/github", &headers, altered.as_bytes()).await.0, 401);
+    // An empty delivery id names nothing: two such pushes are two records.
+    let other = r#"{"id":"push_2"}"#;
+    let headers = sign(Scheme::GitHub, &gh, "", now, other.as_bytes());
+    let (s1, j1) = h.post("/hooks/github", &headers, other.as_bytes()).await;
+    let (s2, j2) = h.post("/hooks/github", &headers, other.as_bytes()).await;
+    assert_eq!((s1, s2), (202, 202), "{j1} {j2}");
+    assert_ne!(j1["record_id"], j2["record_id"]);
     h.wait_for("payments", "delivery", |c| c.delivered == 1).await;
-    h.wait_for("pushes", "delivery", |c| c.delivered == 1).await;
+    h.wait_for("pushes", "delivery", |c| c.delivered == 3).await;
     h.stop().await;
 }
 

@@ -53,6 +53,12 @@ impl Config {
                             format!("`{path}` is not an absolute path"),
                             "start it with /, e.g. \"/hooks/orders\"",
                         ));
+                    } else if let Some(problem) = webhook_path_problem(path) {
+                        out.push(Finding::error(
+                            &at,
+                            format!("`{path}` {problem}"),
+                            "use a plain path of letters, digits, - _ . and /, e.g. \"/hooks/orders\"",
+                        ));
                     } else if RESERVED_PATHS.iter().any(|r| path == r || path.starts_with(&format!("{r}/"))) {
                         out.push(Finding::error(
                             &at,
@@ -208,8 +214,30 @@ fn check_http_connector(out: &mut Vec<Finding>, name: &str, h: &HttpConnector) {
     if h.timeout.is_zero() {
         out.push(Finding::error(&at("timeout"), "a timeout of 0 fails every request", "use e.g. \"10s\""));
     }
-    if h.max_in_flight == 0 {
-        out.push(Finding::error(&at("max_in_flight"), "0 requests in flight would deliver nothing", "use e.g. 16"));
+    if h.max_in_flight == 0 || h.max_in_flight > MAX_IN_FLIGHT {
+        out.push(Finding::error(
+            &at("max_in_flight"),
+            format!("{} requests in flight is outside 1..={MAX_IN_FLIGHT}", h.max_in_flight),
+            "use e.g. 16",
+        ));
+    }
+    for header in h.headers.keys() {
+        let lower = header.to_ascii_lowercase();
+        if ENGINE_HEADERS.contains(&lower.as_str()) {
+            out.push(Finding::error(
+                &["connectors", name, "headers", header],
+                format!("`{header}` is set by the engine on every request"),
+                "remove it; use `auth` for credentials and `api_version` for the version header",
+            ));
+        } else if lower.is_empty()
+            || !lower.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        {
+            out.push(Finding::error(
+                &["connectors", name, "headers", header],
+                format!("`{header}` is not a header name"),
+                "e.g. \"X-Tenant\"",
+            ));
+        }
     }
     let r = &h.retry;
     let rat = |key: &'static str| ["connectors", name, "retry", key];
@@ -246,6 +274,26 @@ fn check_http_connector(out: &mut Vec<Finding>, name: &str, h: &HttpConnector) {
             "e.g. \"Api-Version\"",
         ));
     }
+}
+
+/// Most concurrent requests a connector may allow.
+const MAX_IN_FLIGHT: usize = 10_000;
+
+/// Headers every outbound request carries from the engine itself; a static
+/// header of the same name would be sent twice.
+const ENGINE_HEADERS: [&str; 6] =
+    ["idempotency-key", "x-correlation-id", "traceparent", "content-type", "authorization", "content-length"];
+
+/// Why a webhook path cannot be routed as the literal path it looks like
+/// (the router treats `{name}`, `:name` and `*name` as wildcards).
+fn webhook_path_problem(path: &str) -> Option<&'static str> {
+    if !path.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b)) {
+        return Some("has characters a webhook path cannot have");
+    }
+    if path.contains("//") || (path.len() > 1 && path.ends_with('/')) {
+        return Some("has an empty segment");
+    }
+    None
 }
 
 fn is_loopback_url(url: &str) -> bool {
@@ -390,6 +438,41 @@ sink = { type = "http", connector = "a" }
             "{errors}"
         );
         assert!(errors.0.iter().all(|e| e.line > 0), "{errors}");
+    }
+
+    fn errors_of(text: &str) -> Vec<String> {
+        match load(text, Path::new("d.toml")) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(|e| format!("{}: {}", e.key, e.message)).collect(),
+        }
+    }
+
+    #[test]
+    fn webhook_paths_that_would_route_as_wildcards_are_refused() {
+        for bad in ["/hooks/{id}", "/hooks/:id", "/hooks/*rest", "/hooks/a b", "/hooks//x", "/hooks/x/", "/hooks?x=1"] {
+            let text = CONFIG.replace("/hooks/f", bad);
+            let errors = errors_of(&text);
+            assert!(errors.iter().any(|e| e.starts_with("flows.f.source.path")), "{bad}: {errors:?}");
+        }
+        assert!(errors_of(&CONFIG.replace("/hooks/f", "/hooks/v1.orders-new_x~y")).is_empty());
+    }
+
+    #[test]
+    fn static_headers_cannot_shadow_the_engines_own() {
+        let text = CONFIG.replace(
+            "base_url = \"https://a.example\"",
+            "base_url = \"https://a.example\"\nheaders = { \"Idempotency-Key\" = \"x\", \"Bad Name\" = \"y\" }",
+        );
+        let errors = errors_of(&text);
+        assert!(errors.iter().any(|e| e.starts_with("connectors.a.headers.Idempotency-Key: ")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.starts_with("connectors.a.headers.Bad Name: ")), "{errors:?}");
+    }
+
+    #[test]
+    fn max_in_flight_is_bounded() {
+        let text = CONFIG
+            .replace("base_url = \"https://a.example\"", "base_url = \"https://a.example\"\nmax_in_flight = 99999999");
+        assert!(errors_of(&text).iter().any(|e| e.starts_with("connectors.a.max_in_flight")));
     }
 
     #[test]
