@@ -89,7 +89,7 @@ pub async fn run(path: &Path) -> Result<ExitCode> {
         .with_context(|| format!("cannot listen on {listen} (is another engine running? change [engine] listen)"))?;
     let engine = dovetail_engine::start(&loaded.config, &resolved, journal, listener, EngineOptions::default()).await?;
     eprintln!("dovetail: listening on http://{} with journal {}", engine.addr, store.display());
-    engine.run_until(shutdown_signal()).await;
+    engine.run_until(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 

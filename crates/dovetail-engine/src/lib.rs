@@ -39,6 +39,8 @@ pub enum EngineError {
     Sink(#[from] HttpSinkError),
     #[error("flow `{flow}`: {reason}")]
     Flow { flow: String, reason: String },
+    #[error("the engine stopped: {reason}")]
+    Stopped { reason: String },
     #[error("cannot serve on {addr}: {source}")]
     Serve { addr: String, source: std::io::Error },
 }
@@ -114,10 +116,30 @@ impl RunningEngine {
     }
 
     /// Runs until `signal` completes, then shuts down.
-    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
-        signal.await;
-        tracing::info!("shutting down: finishing attempts in flight");
-        self.shutdown().await;
+    ///
+    /// Dispatchers and the server end only at shutdown. If one ends before
+    /// (a panic, the listener failing), the engine stops and reports it
+    /// rather than run on with a flow that silently delivers nothing: the
+    /// process exits non-zero, its supervisor restarts it, and the journal
+    /// says where to carry on.
+    pub async fn run_until(mut self, signal: impl std::future::Future<Output = ()>) -> Result<(), EngineError> {
+        tokio::select! {
+            _ = signal => {
+                tracing::info!("shutting down: finishing attempts in flight");
+                self.shutdown().await;
+                Ok(())
+            }
+            Some(ended) = self.tasks.join_next() => {
+                let reason = match ended {
+                    Err(e) if e.is_panic() => "a dispatcher or the server panicked".to_string(),
+                    Err(e) => format!("a dispatcher or the server was cancelled: {e}"),
+                    Ok(()) => "a dispatcher or the server stopped unexpectedly".to_string(),
+                };
+                tracing::error!(%reason, "stopping the engine; records are safe in the journal and resume on restart");
+                self.shutdown().await;
+                Err(EngineError::Stopped { reason })
+            }
+        }
     }
 }
 
