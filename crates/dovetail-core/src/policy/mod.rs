@@ -4,9 +4,13 @@
 //! them with fixed inputs and a fake clock.
 
 mod backoff;
+mod breaker;
 mod classify;
+mod rate;
 mod retry_after;
 
 pub use backoff::{Jitter, RandomJitter, RetryPolicy};
+pub use breaker::{Admission, Breaker, BreakerPolicy, BreakerState, Transition};
 pub use classify::{Answer, ErrorClass, Verdict, classify};
+pub use rate::{LimitHint, LimiterState, RateLimit, RateLimiter};
 pub use retry_after::parse_retry_after;
