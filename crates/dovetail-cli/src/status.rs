@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use dovetail_core::clock::{Clock, SystemClock, Timestamp};
 use dovetail_core::duration::format_duration;
-use dovetail_journal::{FlowCounts, Journal, Pause};
+use dovetail_journal::{ConnectorHealth, FlowCounts, Journal, Pause};
 
 use crate::project;
 
@@ -17,6 +17,7 @@ use crate::project;
 struct StatusReport {
     generated_at: Timestamp,
     flows: Vec<FlowStatus>,
+    connectors: Vec<ConnectorHealth>,
 }
 
 #[derive(Serialize)]
@@ -63,7 +64,9 @@ pub async fn status(path: &Path, json: bool) -> Result<ExitCode> {
             paused: c.paused,
         })
         .collect();
-    let report = StatusReport { generated_at: now, flows };
+    let mut connectors: Vec<ConnectorHealth> = journal.connector_health().await?;
+    connectors.retain(|c| loaded.config.connectors.contains_key(&c.connector));
+    let report = StatusReport { generated_at: now, flows, connectors };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -90,6 +93,28 @@ fn print_table(report: &StatusReport, now: Timestamp) {
         ]);
     }
     print!("{}", crate::dlq::table(&rows));
+    if !report.connectors.is_empty() {
+        let mut rows = vec![["CONNECTOR", "BREAKER", "SINCE", "PACE", "BLOCKED UNTIL"].map(String::from).to_vec()];
+        for c in &report.connectors {
+            let breaker = match c.open_until {
+                Some(until) if until > now => format!("open until {until}"),
+                _ => c.breaker.clone(),
+            };
+            let pace = match (c.current_rate, c.configured_rate) {
+                (Some(cur), Some(max)) => format!("{cur:.1}/{max:.1} per s"),
+                _ => "unlimited".to_string(),
+            };
+            let blocked = c.blocked_until.filter(|b| *b > now).map(|b| b.to_string()).unwrap_or_else(|| "-".into());
+            rows.push(vec![c.connector.clone(), breaker, c.since.to_string(), pace, blocked]);
+        }
+        println!();
+        print!("{}", crate::dlq::table(&rows));
+        for c in report.connectors.iter().filter(|c| c.breaker != "closed") {
+            if let Some(reason) = &c.reason {
+                println!("  {}: {}", c.connector, crate::dlq::printable(reason));
+            }
+        }
+    }
     for f in &report.flows {
         if let Some(p) = &f.paused {
             println!(

@@ -138,6 +138,9 @@ base_url = "{partner_url}"
 auth     = {{ type = "bearer", token = "env:BILLING_TOKEN" }}
 timeout  = "1s"
 retry    = {{ max_attempts = 20, initial_backoff = "50ms", max_backoff = "500ms", jitter = 0.5 }}
+# The partner here fails on purpose; a short open time keeps the breaker
+# (which holds records, never loses them) from stretching the test.
+breaker  = {{ open_for = "300ms", max_open_for = "1s" }}
 
 [flows.{FLOW}]
 source = {{ type = "webhook", path = "{HOOK_PATH}", signature = {{ scheme = "standard-webhooks", secret = "env:ORDERS_SECRET" }} }}

@@ -12,7 +12,7 @@ use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use dovetail_core::clock::Timestamp;
 use dovetail_core::config::{HttpConnector, ResolvedAuth};
-use dovetail_core::policy::{Answer, parse_retry_after};
+use dovetail_core::policy::{Answer, LimitHint, parse_retry_after};
 
 /// How much of a partner's response body is kept for the DLQ and logs.
 pub const BODY_EXCERPT_LIMIT: usize = 4096;
@@ -35,6 +35,8 @@ pub struct AttemptResult {
     pub duration: Duration,
     /// Start of the response body (or the transport error), for the DLQ.
     pub detail: Option<String>,
+    /// What the partner said about its rate limit.
+    pub hint: LimitHint,
 }
 
 /// The record-specific parts of a request.
@@ -47,14 +49,27 @@ pub struct Outbound<'a> {
 }
 
 /// One flow's HTTP sink through one connector.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpSink {
     connector: String,
     client: reqwest::Client,
     method: reqwest::Method,
+    /// For display: without credentials.
     url: String,
+    /// What is requested: may carry an API key in its query.
+    target: reqwest::Url,
     headers: HeaderMap,
     timeout: Duration,
+}
+
+impl std::fmt::Debug for HttpSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSink")
+            .field("connector", &self.connector)
+            .field("method", &self.method)
+            .field("url", &self.url)
+            .finish()
+    }
 }
 
 static CRYPTO: Once = Once::new();
@@ -108,15 +123,20 @@ impl HttpSink {
         if let Some(v) = &config.api_version {
             put(&v.header, &v.value, false)?;
         }
-        if let Some(a) = &auth.authorization {
+        if let Some((name, value)) = &auth.header {
             // A bad credential must not be echoed into an error message.
-            put("authorization", a.expose(), true)
-                .map_err(|_| bad("authorization", "the credential has characters a header cannot carry".into()))?;
+            put(name, value.expose(), true)
+                .map_err(|_| bad(name, "the credential has characters a header cannot carry".into()))?;
         }
         let method = reqwest::Method::from_bytes(method.as_bytes())
             .map_err(|_| HttpSinkError::BadMethod { connector: connector.to_string(), method: method.to_string() })?;
         let url = format!("{}{}", config.base_url.trim_end_matches('/'), path);
-        Ok(HttpSink { connector: connector.to_string(), client, method, url, headers, timeout: config.timeout })
+        let mut target = reqwest::Url::parse(&url)
+            .map_err(|e| HttpSinkError::Client { connector: connector.to_string(), reason: format!("`{url}`: {e}") })?;
+        if let Some((name, value)) = &auth.query {
+            target.query_pairs_mut().append_pair(name, value.expose());
+        }
+        Ok(HttpSink { connector: connector.to_string(), client, method, url, target, headers, timeout: config.timeout })
     }
 
     pub fn connector(&self) -> &str {
@@ -132,7 +152,7 @@ impl HttpSink {
         let started = Instant::now();
         let request = self
             .client
-            .request(self.method.clone(), &self.url)
+            .request(self.method.clone(), self.target.clone())
             .headers(self.headers.clone())
             .header(header::CONTENT_TYPE, out.content_type.unwrap_or("application/json"))
             .header("idempotency-key", out.idempotency_key)
@@ -145,28 +165,46 @@ impl HttpSink {
         };
         let response = match request.send().await {
             Ok(r) => r,
-            Err(e) => return transport_failure(&e, started),
+            Err(e) => return transport_failure(e, started),
         };
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, now()));
+        let headers = response.headers();
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let now = now();
+        let retry_after = text("retry-after").and_then(|v| parse_retry_after(v, now));
+        let hint = limit_hint(&text, now);
         let body = read_excerpt(response).await;
         let detail = match body {
             Ok(b) if b.is_empty() => None,
             Ok(b) => Some(b),
             // The status arrived; a body cut short does not change what it means.
-            Err(e) => Some(format!("(response body unreadable: {})", error_chain(&e))),
+            Err(e) => Some(format!("(response body unreadable: {})", error_chain(&e.without_url()))),
         };
-        AttemptResult { answer: Answer::Status { status, retry_after }, duration: started.elapsed(), detail }
+        AttemptResult { answer: Answer::Status { status, retry_after }, duration: started.elapsed(), detail, hint }
     }
 }
 
-fn transport_failure(e: &reqwest::Error, started: Instant) -> AttemptResult {
+/// `RateLimit-Remaining`/`-Reset` (IETF draft, reset in seconds) or the
+/// common `X-RateLimit-*` forms, whose reset is often a Unix time.
+fn limit_hint<'a>(text: &impl Fn(&str) -> Option<&'a str>, now: Timestamp) -> LimitHint {
+    let number = |names: [&str; 2]| names.iter().find_map(|n| text(n)).and_then(|v| v.trim().parse::<u64>().ok());
+    let remaining = number(["ratelimit-remaining", "x-ratelimit-remaining"]);
+    let reset = number(["ratelimit-reset", "x-ratelimit-reset"]).map(|v| {
+        // Seconds since the epoch are far larger than any sane window.
+        if v > 1_000_000_000 {
+            Timestamp::from_secs(i64::try_from(v).unwrap_or(i64::MAX)).since(now)
+        } else {
+            Duration::from_secs(v)
+        }
+    });
+    LimitHint { remaining, reset }
+}
+
+/// The URL is left out of transport errors: it may carry an API key.
+fn transport_failure(e: reqwest::Error, started: Instant) -> AttemptResult {
     let answer = if e.is_timeout() { Answer::Timeout } else { Answer::Connection };
-    AttemptResult { answer, duration: started.elapsed(), detail: Some(error_chain(e)) }
+    let e = e.without_url();
+    AttemptResult { answer, duration: started.elapsed(), detail: Some(error_chain(&e)), hint: LimitHint::default() }
 }
 
 /// The error and its causes on one line ("error sending request: connection closed before message completed").
@@ -213,6 +251,24 @@ fn fastrand_span_id() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_limit_headers_in_both_forms() {
+        let now = Timestamp::from_secs(1_800_000_000);
+        let ietf = |n: &str| match n {
+            "ratelimit-remaining" => Some("7"),
+            "ratelimit-reset" => Some("30"),
+            _ => None,
+        };
+        assert_eq!(limit_hint(&ietf, now), LimitHint { remaining: Some(7), reset: Some(Duration::from_secs(30)) });
+        let github = |n: &str| match n {
+            "x-ratelimit-remaining" => Some("0"),
+            "x-ratelimit-reset" => Some("1800000042"),
+            _ => None,
+        };
+        assert_eq!(limit_hint(&github, now), LimitHint { remaining: Some(0), reset: Some(Duration::from_secs(42)) });
+        assert_eq!(limit_hint(&|_: &str| Some("soon"), now), LimitHint::default());
+    }
 
     #[test]
     fn traceparent_only_for_trace_ids() {

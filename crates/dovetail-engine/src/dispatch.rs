@@ -12,10 +12,11 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 
 use dovetail_connectors::http::{AttemptResult, Outbound};
 use dovetail_core::clock::Timestamp;
-use dovetail_core::policy::{Answer, ErrorClass, Jitter, RetryPolicy, Verdict, classify};
+use dovetail_core::policy::{Answer, ErrorClass, Jitter, MAX_RETRY_AFTER, RetryPolicy, Verdict, classify};
 use dovetail_core::record::Attempt;
 use dovetail_journal::{AttemptReport, Journal, LeasedRecord, Outcome};
 
+use crate::connector::{self, Admit};
 use crate::{EngineOptions, FlowRuntime};
 
 /// After a journal error, how long before trying again.
@@ -44,19 +45,39 @@ pub(crate) async fn run(
                 continue;
             }
         }
-        let permits = take_permits(&flow, &mut stop).await;
+        let mut permits = take_permits(&flow, &mut stop).await;
         if permits.is_empty() {
             continue;
         }
         let now = options.clock.now();
-        let leased = match journal.lease(&flow.name, &options.node_id, now, flow.lease_for, permits.len()).await {
+        // The breaker and the rate limiter come before the lease, so a leased
+        // record is never waiting for its turn while its lease runs down.
+        let (admit, change) = flow.connector.admit(permits.len(), now);
+        connector::record(change, journal.as_ref()).await;
+        let (n, probe) = match admit {
+            Admit::Send { n, probe } => (n, probe),
+            Admit::Wait(wait) => {
+                drop(permits);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait.min(options.idle_poll)) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+                continue;
+            }
+        };
+        permits.truncate(n);
+        let leased = match journal.lease(&flow.name, &options.node_id, now, flow.lease_for, n).await {
             Ok(l) => l,
             Err(e) => {
+                flow.connector.unused(n, probe);
                 tracing::error!(flow = %flow.name, error = %e, "cannot lease records");
                 pause_for(JOURNAL_BACKOFF, &mut stop).await;
                 continue;
             }
         };
+        if leased.len() < n {
+            flow.connector.unused(n - leased.len(), probe && leased.is_empty());
+        }
         if leased.is_empty() {
             drop(permits);
             let next = journal.next_due(&flow.name).await.ok().flatten();
@@ -104,12 +125,12 @@ impl PauseCache {
 /// One permit (waiting for it), plus as many more as are free right now.
 async fn take_permits(flow: &FlowRuntime, stop: &mut watch::Receiver<bool>) -> Vec<OwnedSemaphorePermit> {
     let first = tokio::select! {
-        p = flow.permits.clone().acquire_owned() => p,
+        p = flow.connector.permits.clone().acquire_owned() => p,
         _ = stop.wait_for(|s| *s) => return Vec::new(),
     };
     let Ok(first) = first else { return Vec::new() };
     let mut permits = vec![first];
-    while let Ok(p) = flow.permits.clone().try_acquire_owned() {
+    while let Ok(p) = flow.connector.permits.clone().try_acquire_owned() {
         permits.push(p);
     }
     permits
@@ -152,7 +173,10 @@ async fn attempt(flow: &FlowRuntime, journal: &dyn Journal, options: &EngineOpti
     };
     let result = flow.sink.send(out, || options.clock.now()).await;
     let now = options.clock.now();
-    let (outcome, class) = decide(&result, record.attempt, record.failures, &flow.retry, &*options.jitter, now);
+    let (breaker_open_until, change) = flow.connector.observe(&result, now);
+    connector::record(change, journal).await;
+    let (outcome, class) =
+        decide(&result, record.attempt, record.failures, &flow.retry, &*options.jitter, now, breaker_open_until);
     log_attempt(flow, &record, &result, &outcome);
     let status = match result.answer {
         Answer::Status { status, .. } => Some(status),
@@ -172,7 +196,7 @@ async fn attempt(flow: &FlowRuntime, journal: &dyn Journal, options: &EngineOpti
         outcome: outcome.clone(),
     };
     let mut report = report;
-    if let Outcome::Hold { .. } = outcome {
+    if class == Some(ErrorClass::Auth) {
         let reason = format!("connector `{}` refused our credentials: {}", flow.sink.connector(), describe(&result));
         if let Err(e) = journal.pause_flow(&flow.name, &reason, now).await {
             tracing::error!(flow = %flow.name, error = %e, "cannot record the flow's pause");
@@ -222,6 +246,11 @@ async fn record_outcome(flow: &FlowRuntime, journal: &dyn Journal, record: &Leas
 
 /// What one attempt means for the record: the outcome to journal and the
 /// error class to store with the attempt (`None` when delivered).
+///
+/// Two kinds of transient failure do not spend the record's retry budget,
+/// because they are about the partner, not the record: a 429 (the record
+/// waits for `Retry-After`, or the initial backoff), and any failure after
+/// which the connector's breaker is open (the record waits for the breaker).
 pub fn decide(
     result: &AttemptResult,
     attempt: u32,
@@ -229,11 +258,19 @@ pub fn decide(
     policy: &RetryPolicy,
     jitter: &dyn Jitter,
     now: Timestamp,
+    breaker_open_until: Option<Timestamp>,
 ) -> (Outcome, Option<ErrorClass>) {
     match classify(&result.answer, attempt > 1) {
         Verdict::Delivered => (Outcome::Delivered, None),
         Verdict::DeadLetter(class) => (Outcome::Dead { class, reason: describe(result) }, Some(class)),
         Verdict::PauseFlow => (Outcome::Hold { at: now }, Some(ErrorClass::Auth)),
+        Verdict::Retry { class: ErrorClass::RateLimited, not_before } => {
+            let wait = not_before.unwrap_or(policy.initial_backoff).min(MAX_RETRY_AFTER);
+            (Outcome::Hold { at: now.plus(wait) }, Some(ErrorClass::RateLimited))
+        }
+        Verdict::Retry { class, .. } if breaker_open_until.is_some() => {
+            (Outcome::Hold { at: breaker_open_until.unwrap_or(now) }, Some(class))
+        }
         Verdict::Retry { class, not_before } => {
             let failures = failures_before.saturating_add(1);
             match policy.next_delay(failures, not_before, jitter) {
@@ -296,7 +333,12 @@ mod tests {
     }
 
     fn result(answer: Answer) -> AttemptResult {
-        AttemptResult { answer, duration: Duration::from_millis(5), detail: Some("body".into()) }
+        AttemptResult {
+            answer,
+            duration: Duration::from_millis(5),
+            detail: Some("body".into()),
+            hint: Default::default(),
+        }
     }
 
     fn policy() -> RetryPolicy {
@@ -314,14 +356,14 @@ mod tests {
     fn transient_failures_retry_with_backoff_until_the_budget_is_spent() {
         let r = result(Answer::Status { status: 503, retry_after: None });
         assert_eq!(
-            decide(&r, 1, 0, &policy(), &NoJitter, NOW).0,
+            decide(&r, 1, 0, &policy(), &NoJitter, NOW, None).0,
             Outcome::Retry { at: NOW.plus(Duration::from_secs(1)) }
         );
         assert_eq!(
-            decide(&r, 1, 1, &policy(), &NoJitter, NOW).0,
+            decide(&r, 1, 1, &policy(), &NoJitter, NOW, None).0,
             Outcome::Retry { at: NOW.plus(Duration::from_secs(2)) }
         );
-        let (outcome, class) = decide(&r, 1, 2, &policy(), &NoJitter, NOW);
+        let (outcome, class) = decide(&r, 1, 2, &policy(), &NoJitter, NOW, None);
         assert!(
             matches!(outcome, Outcome::Dead { class: ErrorClass::Server, ref reason } if reason.starts_with("gave up after 3"))
         );
@@ -329,18 +371,32 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_is_honoured() {
+    fn a_429_holds_the_record_for_retry_after_without_spending_its_budget() {
         let r = result(Answer::Status { status: 429, retry_after: Some(Duration::from_secs(42)) });
+        let late = decide(&r, 9, 7, &policy(), &NoJitter, NOW, None);
+        assert_eq!(late, (Outcome::Hold { at: NOW.plus(Duration::from_secs(42)) }, Some(ErrorClass::RateLimited)));
+        let r = result(Answer::Status { status: 429, retry_after: None });
         assert_eq!(
-            decide(&r, 1, 0, &policy(), &NoJitter, NOW).0,
-            Outcome::Retry { at: NOW.plus(Duration::from_secs(42)) }
+            decide(&r, 1, 0, &policy(), &NoJitter, NOW, None).0,
+            Outcome::Hold { at: NOW.plus(Duration::from_secs(1)) }
         );
+    }
+
+    #[test]
+    fn failures_while_the_breaker_is_open_hold_the_record_until_it_may_close() {
+        let until = NOW.plus(Duration::from_secs(30));
+        let r = result(Answer::Connection);
+        let held = decide(&r, 9, 99, &policy(), &NoJitter, NOW, Some(until));
+        assert_eq!(held, (Outcome::Hold { at: until }, Some(ErrorClass::Connection)));
+        let rejected = result(Answer::Status { status: 422, retry_after: None });
+        let dead = decide(&rejected, 1, 0, &policy(), &NoJitter, NOW, Some(until)).0;
+        assert!(matches!(dead, Outcome::Dead { .. }), "a refusal is still a refusal");
     }
 
     #[test]
     fn rejections_dead_letter_with_the_response() {
         let r = result(Answer::Status { status: 422, retry_after: None });
-        let (outcome, _) = decide(&r, 1, 0, &policy(), &NoJitter, NOW);
+        let (outcome, _) = decide(&r, 1, 0, &policy(), &NoJitter, NOW, None);
         assert_eq!(outcome, Outcome::Dead { class: ErrorClass::Rejected, reason: "HTTP 422: body".into() });
     }
 
@@ -348,11 +404,11 @@ mod tests {
     fn a_409_after_an_earlier_attempt_is_retried() {
         let r = result(Answer::Status { status: 409, retry_after: None });
         assert_eq!(
-            decide(&r, 2, 1, &policy(), &NoJitter, NOW).0,
+            decide(&r, 2, 1, &policy(), &NoJitter, NOW, None).0,
             Outcome::Retry { at: NOW.plus(Duration::from_secs(2)) }
         );
         assert!(matches!(
-            decide(&r, 1, 0, &policy(), &NoJitter, NOW).0,
+            decide(&r, 1, 0, &policy(), &NoJitter, NOW, None).0,
             Outcome::Dead { class: ErrorClass::Rejected, .. }
         ));
     }
@@ -360,13 +416,16 @@ mod tests {
     #[test]
     fn auth_failures_hold_the_record() {
         let r = result(Answer::Status { status: 401, retry_after: None });
-        assert_eq!(decide(&r, 1, 5, &policy(), &NoJitter, NOW), (Outcome::Hold { at: NOW }, Some(ErrorClass::Auth)));
+        assert_eq!(
+            decide(&r, 1, 5, &policy(), &NoJitter, NOW, None),
+            (Outcome::Hold { at: NOW }, Some(ErrorClass::Auth))
+        );
     }
 
     #[test]
     fn dropped_connections_and_timeouts_retry() {
         for a in [Answer::Timeout, Answer::Connection] {
-            assert!(matches!(decide(&result(a), 1, 0, &policy(), &NoJitter, NOW).0, Outcome::Retry { .. }));
+            assert!(matches!(decide(&result(a), 1, 0, &policy(), &NoJitter, NOW, None).0, Outcome::Retry { .. }));
         }
     }
 }

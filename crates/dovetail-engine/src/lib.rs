@@ -10,6 +10,7 @@
 //! is in the journal, so a crash at any point loses nothing that was
 //! acknowledged, and a restart carries on where the journal says.
 
+mod connector;
 mod dispatch;
 mod intake;
 mod server;
@@ -92,8 +93,8 @@ pub(crate) struct FlowRuntime {
     pub sink: HttpSink,
     pub retry: RetryPolicy,
     pub lease_for: Duration,
-    /// Shared by every flow on the same connector: its `max_in_flight`.
-    pub permits: Arc<tokio::sync::Semaphore>,
+    /// Shared by every flow on the same connector: permits, pace, breaker.
+    pub connector: Arc<connector::ConnectorRuntime>,
     pub wake: Arc<Notify>,
     /// Set by an attempt refused for its credentials, so the dispatcher
     /// re-reads the pause at once instead of at its next poll.
@@ -154,11 +155,19 @@ pub async fn start(
     let addr =
         listener.local_addr().map_err(|e| EngineError::Serve { addr: config.engine.listen.clone(), source: e })?;
     let mut clients = BTreeMap::new();
-    let mut permits = BTreeMap::new();
+    let mut connectors = BTreeMap::new();
+    let now = options.clock.now();
     for (name, c) in &config.connectors {
         let ConnectorConfig::Http(h) = c;
         clients.insert(name.clone(), client_for(name, h)?);
-        permits.insert(name.clone(), Arc::new(tokio::sync::Semaphore::new(h.max_in_flight)));
+        let rate = h.rate_limit.map(|r| r.limit());
+        let runtime = Arc::new(connector::ConnectorRuntime::new(name, h.max_in_flight, rate, h.breaker.policy(), now));
+        // A new process starts closed and at full pace; say so, replacing
+        // whatever the last run left in the journal.
+        if let Err(e) = journal.set_connector_health(runtime.health(now)).await {
+            tracing::warn!(connector = %name, error = %e, "cannot record the connector's health");
+        }
+        connectors.insert(name.clone(), runtime);
     }
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -179,7 +188,7 @@ pub async fn start(
             // Long enough for the slowest legal attempt, short enough that a
             // crashed node's records come back soon.
             lease_for: http.timeout * 2 + Duration::from_secs(5),
-            permits: permits.get(connector).cloned().ok_or_else(|| missing("its connector"))?,
+            connector: connectors.get(connector).cloned().ok_or_else(|| missing("its connector"))?,
             wake: wake.clone(),
             auth_failed: Default::default(),
         });

@@ -31,7 +31,7 @@ struct Harness {
     _dir: tempfile::TempDir,
 }
 
-fn config_text(partner: &str, retry: &str) -> String {
+fn config_text(partner: &str, retry: &str, connector_extra: &str) -> String {
     format!(
         r#"
 [engine]
@@ -46,6 +46,7 @@ api_version = {{ header = "Api-Version", value = "2026-01-01" }}
 auth = {{ type = "bearer", token = "env:BILLING_TOKEN" }}
 timeout = "500ms"
 retry = {retry}
+{connector_extra}
 
 [flows.orders]
 source = {{ type = "webhook", path = "/hooks/orders", signature = {{ scheme = "standard-webhooks", secret = "env:ORDERS_SECRET" }} }}
@@ -86,6 +87,11 @@ impl Harness {
     }
 
     async fn with_retry(behaviour: Behaviour, retry: &str) -> Harness {
+        Harness::with_connector(behaviour, retry, "").await
+    }
+
+    /// `connector_extra`: more lines for `[connectors.billing]`.
+    async fn with_connector(behaviour: Behaviour, retry: &str, connector_extra: &str) -> Harness {
         dovetail_connectors::http::install_crypto_provider();
         let partner =
             Partner::start(behaviour.require("authorization", "Bearer tok_123").require("api-version", "2026-01-01"))
@@ -93,7 +99,7 @@ impl Harness {
                 .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let journal = Arc::new(SqliteJournal::open(&dir.path().join("journal.db"), SqliteOptions::default()).unwrap());
-        let (config, resolved) = load(&config_text(&partner.url(), retry));
+        let (config, resolved) = load(&config_text(&partner.url(), retry, connector_extra));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let options = EngineOptions { idle_poll: Duration::from_millis(50), ..EngineOptions::default() };
         let engine = dovetail_engine::start(&config, &resolved, journal.clone(), listener, options).await.unwrap();
@@ -419,5 +425,47 @@ async fn health_endpoints_and_unknown_paths() {
     let body: serde_json::Value = serde_json::from_slice(&ready.bytes().await.unwrap()).unwrap();
     assert_eq!(body["journal"], "ok");
     assert_eq!(h.post("/hooks/nothing", &[], b"{}").await.0, 404);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_trips_the_breaker_holds_records_and_sees_only_probes() {
+    let extra = r#"max_in_flight = 2
+breaker = { consecutive_failures = 3, open_for = "300ms", max_open_for = "1s" }"#;
+    let h = Harness::with_connector(Behaviour::default(), FAST_RETRY, extra).await;
+    h.send_order("msg_up", &order("ord_up")).await;
+    h.wait_for("orders", "delivery before the outage", |c| c.delivered == 1).await;
+
+    h.partner.set_behaviour(Behaviour::always(Reply::DropBeforeCommit));
+    let before = h.partner.stats().requests;
+    for i in 0..20 {
+        h.send_order(&format!("msg_out_{i}"), &order(&format!("ord_out_{i}"))).await;
+    }
+    // The breaker opens and says so in the journal.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let health = h.journal.connector_health().await.unwrap();
+        if health.iter().any(|c| c.connector == "billing" && c.breaker != "closed") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the breaker never opened: {health:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The outage lasts three seconds of real time, whatever the machine's speed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = h.partner.stats().requests - before;
+    let c = h.counts("orders").await;
+    assert_eq!(c.dead, 0, "no record is dead-lettered for an outage");
+    // Without the breaker, 20 records with a 50-200 ms backoff and 4 attempts
+    // each would make 80 calls and then dead-letter all of them. With it: the
+    // calls that trip it (at most 3 failures + 2 in flight), then one probe
+    // per open period (300 ms, 600 ms, then 1 s): a handful.
+    assert!(during <= 12, "{during} calls reached a partner that was down");
+
+    h.partner.set_behaviour(Behaviour::default().require("authorization", "Bearer tok_123"));
+    h.wait_for("orders", "delivery after the outage", |c| c.delivered == 21).await;
+    let health = h.journal.connector_health().await.unwrap();
+    assert_eq!(health[0].breaker, "closed", "{health:?}");
+    assert!(h.partner.double_effects().is_empty());
     h.stop().await;
 }

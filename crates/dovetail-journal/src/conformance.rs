@@ -31,7 +31,7 @@ macro_rules! journal_conformance {
             quarantine_is_dead_at_intake, hold_does_not_spend_the_budget, pause_and_resume,
             oldest_pending_and_counts, replay_in_chunks, concurrent_ingests_all_land, lease_limit_and_order,
             stale_owner_cannot_complete, same_owner_cannot_complete_an_older_attempt,
-            replay_takes_only_what_was_dead_at_its_start);
+            replay_takes_only_what_was_dead_at_its_start, connector_health_is_replaced_per_connector);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -170,6 +170,25 @@ pub async fn replay_takes_only_what_was_dead_at_its_start(j: &dyn Journal) {
     assert_eq!(j.replay(&Selector::All, started, 10).await.unwrap(), 0, "died after the replay started");
     assert_eq!(j.discard(&Selector::All, started, 10).await.unwrap(), 0);
     assert_eq!(j.replay(&Selector::All, dead_at.plus(LEASE), 10).await.unwrap(), 1);
+}
+
+pub async fn connector_health_is_replaced_per_connector(j: &dyn Journal) {
+    let open = crate::ConnectorHealth {
+        connector: "billing".into(),
+        breaker: "open".into(),
+        since: T0,
+        open_until: Some(T0.plus(LEASE)),
+        reason: Some("5 consecutive failures".into()),
+        current_rate: Some(2.5),
+        configured_rate: Some(10.0),
+        blocked_until: None,
+        updated_at: T0,
+    };
+    j.set_connector_health(open.clone()).await.unwrap();
+    assert_eq!(j.connector_health().await.unwrap(), vec![open.clone()]);
+    let closed = crate::ConnectorHealth { breaker: "closed".into(), open_until: None, reason: None, ..open };
+    j.set_connector_health(closed.clone()).await.unwrap();
+    assert_eq!(j.connector_health().await.unwrap(), vec![closed]);
 }
 
 pub async fn retry_waits_until_due(j: &dyn Journal) {

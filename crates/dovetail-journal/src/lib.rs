@@ -153,6 +153,27 @@ pub struct Pause {
     pub reason: String,
 }
 
+/// A connector's health as the engine last recorded it: breaker state and
+/// pace. Written on breaker transitions and throttling, so `dovetail status`
+/// can show it from another process.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConnectorHealth {
+    pub connector: String,
+    /// `closed`, `open` or `half_open`.
+    pub breaker: String,
+    /// When the breaker entered this state.
+    pub since: Timestamp,
+    pub open_until: Option<Timestamp>,
+    /// Why the breaker last changed state.
+    pub reason: Option<String>,
+    /// Current client-side pace (requests per second), when a rate is configured.
+    pub current_rate: Option<f64>,
+    pub configured_rate: Option<f64>,
+    /// Nothing is sent to the connector before this (Retry-After, RateLimit-Reset).
+    pub blocked_until: Option<Timestamp>,
+    pub updated_at: Timestamp,
+}
+
 /// A dead-letter queue entry, without its payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DeadLetter {
@@ -238,6 +259,12 @@ pub trait Journal: Send + Sync + 'static {
     async fn pause_flow(&self, flow: &str, reason: &str, now: Timestamp) -> Result<()>;
     async fn resume_flow(&self, flow: &str) -> Result<bool>;
     async fn pause_of(&self, flow: &str) -> Result<Option<Pause>>;
+
+    /// Replaces the recorded health of `health.connector`.
+    async fn set_connector_health(&self, health: ConnectorHealth) -> Result<()>;
+
+    /// Every connector's recorded health, by name.
+    async fn connector_health(&self) -> Result<Vec<ConnectorHealth>>;
 
     /// Succeeds when the store can take writes.
     async fn ping(&self) -> Result<()>;

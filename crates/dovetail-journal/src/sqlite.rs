@@ -22,8 +22,8 @@ use dovetail_core::policy::ErrorClass;
 use dovetail_core::record::{Attempt, RecordId, StateName};
 
 use crate::{
-    AttemptReport, DeadLetter, FlowCounts, Ingested, Journal, JournalError, LeasedRecord, NewRecord, Outcome, Pause,
-    RecordDetail, Result, Selector,
+    AttemptReport, ConnectorHealth, DeadLetter, FlowCounts, Ingested, Journal, JournalError, LeasedRecord, NewRecord,
+    Outcome, Pause, RecordDetail, Result, Selector,
 };
 
 const SCHEMA_VERSION: i64 = 1;
@@ -64,6 +64,17 @@ CREATE TABLE IF NOT EXISTS attempts (
     error       TEXT,
     PRIMARY KEY (record_id, number)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS connector_health (
+    connector       TEXT PRIMARY KEY,
+    breaker         TEXT NOT NULL,
+    since           INTEGER NOT NULL,
+    open_until      INTEGER,
+    reason          TEXT,
+    current_rate    REAL,
+    configured_rate REAL,
+    blocked_until   INTEGER,
+    updated_at      INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS flow_pauses (
     flow   TEXT PRIMARY KEY,
     since  INTEGER NOT NULL,
@@ -735,6 +746,53 @@ impl Journal for SqliteJournal {
             c.prepare_cached("SELECT since, reason FROM flow_pauses WHERE flow = ?1")?
                 .query_row([flow], |r| Ok(Pause { since: Timestamp::from_millis(r.get(0)?), reason: r.get(1)? }))
                 .optional()
+        })
+        .await
+    }
+
+    async fn set_connector_health(&self, h: ConnectorHealth) -> Result<()> {
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT OR REPLACE INTO connector_health
+                 (connector, breaker, since, open_until, reason, current_rate, configured_rate, blocked_until, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                h.connector,
+                h.breaker,
+                h.since.as_millis(),
+                h.open_until.map(Timestamp::as_millis),
+                h.reason,
+                h.current_rate,
+                h.configured_rate,
+                h.blocked_until.map(Timestamp::as_millis),
+                h.updated_at.as_millis()
+            ])
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn connector_health(&self) -> Result<Vec<ConnectorHealth>> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT connector, breaker, since, open_until, reason, current_rate, configured_rate, blocked_until, updated_at
+                 FROM connector_health ORDER BY connector",
+            )?
+            .query_map([], |r| {
+                Ok(ConnectorHealth {
+                    connector: r.get(0)?,
+                    breaker: r.get(1)?,
+                    since: Timestamp::from_millis(r.get(2)?),
+                    open_until: ts(r.get(3)?),
+                    reason: r.get(4)?,
+                    current_rate: r.get(5)?,
+                    configured_rate: r.get(6)?,
+                    blocked_until: ts(r.get(7)?),
+                    updated_at: Timestamp::from_millis(r.get(8)?),
+                })
+            })?
+            .collect()
         })
         .await
     }

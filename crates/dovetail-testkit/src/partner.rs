@@ -12,9 +12,13 @@
 //!   (draft-ietf-httpapi-idempotency-key-header): replays the stored response
 //!   for a key that was already committed, answers 409 while the first request
 //!   with that key is still being processed, 400 when the header is missing;
+//! * optionally enforces a server-side rate limit ([`RateLimit`], a token
+//!   bucket) with 429 and `Retry-After`, and counts requests that ignored a
+//!   `Retry-After` it sent ([`Stats::retry_after_violations`]);
 //! * records every committed [`Effect`] and every [`SeenRequest`], so a test
 //!   can ask for [`Partner::double_effects`] (the bug Dovetail must never
-//!   have) or inspect headers and arrival times (backoff, `Retry-After`).
+//!   have), inspect headers and arrival times (backoff, `Retry-After`) or ask
+//!   for the peak request rate ([`Partner::requests_per_window`]).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -67,12 +71,17 @@
 //!
 //! 1. [`Behaviour::require_headers`]: a missing or different header gets 401
 //!    (for `authorization`) or 400, no effect.
-//! 2. If [`Behaviour::enforce_idempotency`]: no `Idempotency-Key` gets 400
+//! 2. If [`Behaviour::rate_limit`] is set: the request takes a token from the
+//!    bucket, or, if there is none, gets 429 `{"error":"rate limited"}` with
+//!    a `Retry-After` (see [`RateLimit`]), no effect. This applies to every
+//!    request that passed step 1, including retries of a committed key and
+//!    requests without `Idempotency-Key`.
+//! 3. If [`Behaviour::enforce_idempotency`]: no `Idempotency-Key` gets 400
 //!    `{"error":"Idempotency-Key header required"}`; a key whose effect was
 //!    committed gets the original 200 response replayed with
 //!    `Idempotent-Replayed: true`; a key whose effect is committed but whose
 //!    response is still pending ([`Reply::SlowAfterCommit`]) gets 409.
-//! 3. Otherwise the [`Reply`] is chosen: the first [`Behaviour::by_body`]
+//! 4. Otherwise the [`Reply`] is chosen: the first [`Behaviour::by_body`]
 //!    entry whose needle occurs in the body, else the next unused
 //!    [`Behaviour::script`] entry, else [`Behaviour::default`]. Only requests
 //!    that reach this step consume a script entry, and a `by_body` match does
@@ -82,13 +91,21 @@
 //! `SlowAfterCommit`, `DropAfterCommit`); requests that were refused or
 //! dropped before the commit can be retried with the same key and are then
 //! processed afresh, as a real partner would.
+//!
+//! Independently of these steps, every request that arrives after the partner
+//! sent a `Retry-After` (from the rate limiter, or a [`Reply::RetryAfter`]
+//! whose value is delay-seconds or an HTTP-date) and before the instant it
+//! named counts as a [`Stats::retry_after_violations`]. The partner remembers
+//! the latest such instant it told any client, across all connections, so a
+//! request by another client counts as well, as it would against a real
+//! partner's per-account limit.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::{self, Write as _};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -108,11 +125,15 @@ const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 const IO_BUFFER_BYTES: usize = 16 * 1024;
 /// How often [`Partner::wait_until`] looks at the stats.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Longest `Retry-After` and `RateLimit-Reset` the rate limiter sends, in
+/// seconds (one day); a limit that never refills announces this.
+const MAX_WAIT_SECS: u64 = 24 * 60 * 60;
 
 const MISSING_KEY_BODY: &str = r#"{"error":"Idempotency-Key header required"}"#;
 const CONFLICT_BODY: &str = r#"{"error":"a request with this Idempotency-Key is still being processed"}"#;
 const RETRY_AFTER_BODY: &str = r#"{"error":"try again later"}"#;
 const UNAUTHORIZED_BODY: &str = r#"{"error":"missing or invalid authorization"}"#;
+const RATE_LIMITED_BODY: &str = r#"{"error":"rate limited"}"#;
 
 /// What the partner does with one request that reached the reply step (see
 /// the [module docs](self) for the order of checks).
@@ -172,6 +193,55 @@ pub struct Behaviour {
     /// whitespace). Otherwise the request gets 401 if the name is
     /// `authorization`, else 400, and has no effect.
     pub require_headers: Vec<(String, String)>,
+    /// A server-side rate limit, checked after the required headers and
+    /// before anything else; `None` (the default) means unlimited.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A server-side rate limit, as partner APIs enforce it: a token bucket that
+/// holds up to `burst` tokens, starts full and refills at
+/// `requests_per_second` (measured with [`Instant`]). Every request that
+/// reaches the limiter (see the [module docs](self)) takes one token; when
+/// there is none it is answered 429 `{"error":"rate limited"}` without
+/// effect, counted in [`Stats::rate_limited`] and [`Stats::rejected`], and
+/// does not consume a script entry.
+///
+/// The 429 carries `Retry-After` in the [`RetryAfterStyle`] chosen: the
+/// seconds until one token is available, rounded up and at least 1 (an
+/// HTTP-date is rounded up to the next whole second). A rate that is zero,
+/// negative or NaN never refills, and the wait announced is capped at one
+/// day. A `burst` of 0 counts as 1.
+///
+/// With `advertise`, every response to a request that reached
+/// [`Partner`]'s decision (2xx, 429 and any other status, but not the 400s for
+/// requests that could not be read) also carries `RateLimit-Remaining` (whole
+/// tokens left after this request) and `RateLimit-Reset` (seconds until the
+/// bucket is full again, rounded up).
+///
+/// [`Partner::set_behaviour`] keeps the bucket's state if the new behaviour
+/// has an equal `rate_limit`, and starts a full bucket otherwise.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RateLimit {
+    /// Refill rate in tokens (requests) per second; may be fractional, e.g.
+    /// `0.5` for one request every two seconds.
+    pub requests_per_second: f64,
+    /// Bucket capacity: how many requests may arrive back to back.
+    pub burst: u32,
+    /// How a 429 announces when to come back.
+    pub retry_after: RetryAfterStyle,
+    /// Send `RateLimit-Remaining` and `RateLimit-Reset` on every response.
+    pub advertise: bool,
+}
+
+/// The form of the `Retry-After` header on the rate limiter's 429s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryAfterStyle {
+    /// Delay-seconds, e.g. `Retry-After: 2`.
+    Seconds,
+    /// An IMF-fixdate, e.g. `Retry-After: Sun, 06 Nov 1994 08:49:37 GMT`.
+    HttpDate,
+    /// No `Retry-After` header at all (the client has to guess).
+    None,
 }
 
 impl Default for Behaviour {
@@ -184,6 +254,7 @@ impl Default for Behaviour {
             by_body: Vec::new(),
             enforce_idempotency: true,
             require_headers: Vec::new(),
+            rate_limit: None,
         }
     }
 }
@@ -209,6 +280,15 @@ impl Behaviour {
     /// Require header `name` (case-insensitive) with exactly `value`.
     pub fn require(mut self, name: &str, value: &str) -> Self {
         self.require_headers.push((name.to_ascii_lowercase(), value.to_owned()));
+        self
+    }
+
+    /// Rate-limit requests to `requests_per_second` with bursts of up to
+    /// `burst` (see [`RateLimit`]); 429s carry `Retry-After` in seconds and no
+    /// `RateLimit-*` headers are advertised.
+    pub fn rate_limited(mut self, requests_per_second: f64, burst: u32) -> Self {
+        self.rate_limit =
+            Some(RateLimit { requests_per_second, burst, retry_after: RetryAfterStyle::Seconds, advertise: false });
         self
     }
 }
@@ -253,6 +333,13 @@ pub struct Stats {
     pub dropped: u64,
     /// Requests refused because `Idempotency-Key` was missing.
     pub missing_key: u64,
+    /// Requests answered 429 by the [`RateLimit`] (also counted in
+    /// `rejected`; scripted [`Reply::RetryAfter`]s are not counted here).
+    pub rate_limited: u64,
+    /// Requests that arrived after the partner sent a `Retry-After` and
+    /// before the instant it named (see the [module docs](self)). They are
+    /// answered as usual.
+    pub retry_after_violations: u64,
 }
 
 /// A request as the partner saw it.
@@ -322,9 +409,14 @@ impl Partner {
     /// Replaces the behaviour; applies from the next request decided (a
     /// request already being answered, e.g. a slow one, is not affected).
     /// The new script starts from its first entry. Committed keys, effects,
-    /// requests and stats are kept.
+    /// requests and stats are kept, and so is the rate limiter's bucket if
+    /// the new [`Behaviour::rate_limit`] equals the old one (otherwise the
+    /// new limit starts with a full bucket).
     pub fn set_behaviour(&self, b: Behaviour) {
         let mut st = self.shared.lock();
+        if b.rate_limit != st.behaviour.rate_limit {
+            st.bucket = None;
+        }
         st.behaviour = b;
         st.script_pos = 0;
     }
@@ -345,6 +437,17 @@ impl Partner {
     /// [`MAX_RECORDED_REQUESTS`].
     pub fn requests(&self) -> Vec<SeenRequest> {
         self.shared.lock().requests.clone()
+    }
+
+    /// The largest number of recorded requests (see [`Partner::requests`])
+    /// whose arrival instants ([`SeenRequest::at`]) fall within any interval
+    /// `[t, t + window)`: the peak load a client put on the partner, whatever
+    /// the answers were (429s included). Lets a test assert "never more than
+    /// N requests in any second". Requests exactly `window` apart are not in
+    /// the same window; a zero `window` gives 0.
+    pub fn requests_per_window(&self, window: Duration) -> u64 {
+        let mut arrivals: Vec<Instant> = self.shared.lock().requests.iter().map(|r| r.at).collect();
+        max_in_window(&mut arrivals, window)
     }
 
     /// Business records (by [`Effect::record_id`]) that were applied more
@@ -421,6 +524,12 @@ struct State {
     effects: Vec<Effect>,
     requests: Vec<SeenRequest>,
     keys: HashMap<String, KeyState>,
+    /// The rate limiter's bucket; created full when first needed, dropped
+    /// when the limit changes.
+    bucket: Option<Bucket>,
+    /// The latest `Retry-After` sent: when it was decided, and the instant it
+    /// named.
+    not_before: Option<(Instant, Instant)>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -450,6 +559,7 @@ enum Action {
         delay: Duration,
         key: Option<String>,
         seq: u64,
+        rate_limit: Option<RateHeaders>,
     },
     /// Close the connection without answering.
     Drop,
@@ -460,6 +570,14 @@ struct Response {
     body: Body,
     retry_after: Option<String>,
     replayed: bool,
+    rate_limit: Option<RateHeaders>,
+}
+
+/// Values of `RateLimit-Remaining` and `RateLimit-Reset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RateHeaders {
+    remaining: u64,
+    reset: u64,
 }
 
 enum Body {
@@ -471,7 +589,7 @@ enum Body {
 
 impl Response {
     fn json(status: u16, body: Body) -> Self {
-        Response { status, body, retry_after: None, replayed: false }
+        Response { status, body, retry_after: None, replayed: false, rate_limit: None }
     }
 }
 
@@ -485,6 +603,8 @@ impl Shared {
                 effects: Vec::new(),
                 requests: Vec::new(),
                 keys: HashMap::new(),
+                bucket: None,
+                not_before: None,
             }),
         }
     }
@@ -533,6 +653,24 @@ impl Shared {
 
 impl State {
     fn decide(&mut self, req: &Request) -> Action {
+        let now = Instant::now();
+        if let Some((told, not_before)) = self.not_before
+            && (told..not_before).contains(&req.at)
+        {
+            self.stats.retry_after_violations += 1;
+        }
+        let mut action = self.decide_reply(req, now);
+        if let Some(headers) = self.advertised(now) {
+            match &mut action {
+                Action::Respond(response) => response.rate_limit = Some(headers),
+                Action::Slow { rate_limit, .. } => *rate_limit = Some(headers),
+                Action::Drop => {}
+            }
+        }
+        action
+    }
+
+    fn decide_reply(&mut self, req: &Request, now: Instant) -> Action {
         let b = &self.behaviour;
 
         for (name, value) in &b.require_headers {
@@ -548,6 +686,11 @@ impl State {
             }
         }
 
+        if let Some(response) = self.rate_limit(now) {
+            return Action::Respond(response);
+        }
+
+        let b = &self.behaviour;
         let enforce = b.enforce_idempotency;
         if enforce {
             let Some(key) = &req.idempotency_key else {
@@ -594,6 +737,9 @@ impl State {
             }
             Reply::RetryAfter { status, value } => {
                 self.count_status(status);
+                if let Some(not_before) = retry_after_deadline(&value, now, SystemTime::now()) {
+                    self.told_not_before(now, not_before);
+                }
                 Action::Respond(Response {
                     retry_after: Some(value),
                     ..Response::json(status, Body::Static(RETRY_AFTER_BODY))
@@ -604,7 +750,7 @@ impl State {
                 if let Some(key) = &key {
                     self.keys.insert(key.clone(), KeyState::InFlight);
                 }
-                Action::Slow { delay, key, seq }
+                Action::Slow { delay, key, seq, rate_limit: None }
             }
             Reply::DropAfterCommit => {
                 let seq = self.commit(req);
@@ -618,6 +764,46 @@ impl State {
                 self.stats.dropped += 1;
                 Action::Drop
             }
+        }
+    }
+
+    /// Takes a token for a request decided at `now`, or returns the 429 to
+    /// answer with if the bucket is empty. `None` without a rate limit.
+    fn rate_limit(&mut self, now: Instant) -> Option<Response> {
+        let limit = self.behaviour.rate_limit.as_ref()?;
+        let bucket = self.bucket.get_or_insert_with(|| Bucket::full(limit, now));
+        let secs = bucket.take(limit, now).err()?;
+        let style = limit.retry_after;
+        self.stats.rate_limited += 1;
+        self.stats.rejected += 1;
+        let retry_after = match style {
+            RetryAfterStyle::Seconds => {
+                self.told_not_before(now, now + Duration::from_secs(secs));
+                Some(secs.to_string())
+            }
+            RetryAfterStyle::HttpDate => {
+                let (date, wait) = http_date_after(SystemTime::now(), secs);
+                self.told_not_before(now, now + wait);
+                Some(date)
+            }
+            RetryAfterStyle::None => None,
+        };
+        Some(Response { retry_after, ..Response::json(429, Body::Static(RATE_LIMITED_BODY)) })
+    }
+
+    /// The `RateLimit-*` header values as of `now`, if advertised.
+    fn advertised(&mut self, now: Instant) -> Option<RateHeaders> {
+        let limit = self.behaviour.rate_limit.as_ref().filter(|l| l.advertise)?;
+        let bucket = self.bucket.get_or_insert_with(|| Bucket::full(limit, now));
+        bucket.refill(limit, now);
+        Some(bucket.headers(limit))
+    }
+
+    /// A `Retry-After` decided at `now` told a client to wait until
+    /// `not_before`; remember it unless an even later instant was told.
+    fn told_not_before(&mut self, now: Instant, not_before: Instant) {
+        if self.not_before.is_none_or(|(_, latest)| not_before > latest) {
+            self.not_before = Some((now, not_before));
         }
     }
 
@@ -689,6 +875,123 @@ fn correlation_id(headers: &[(String, String)]) -> Option<String> {
     let traceparent = find_header(headers, "traceparent")?;
     let trace_id = traceparent.split('-').nth(1)?;
     (trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| trace_id.to_owned())
+}
+
+// ---------------------------------------------------------------------------
+// Rate limiting and timing.
+
+/// The rate limiter's token bucket: `tokens` as of `at`.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(limit: &RateLimit, now: Instant) -> Self {
+        Bucket { tokens: capacity(limit), at: now }
+    }
+
+    /// Adds the tokens earned since the last refill (never beyond capacity).
+    fn refill(&mut self, limit: &RateLimit, now: Instant) {
+        let rate = refill_rate(limit);
+        if rate.is_infinite() {
+            self.tokens = capacity(limit);
+        } else if now > self.at {
+            self.tokens = (self.tokens + (now - self.at).as_secs_f64() * rate).min(capacity(limit));
+        }
+        self.at = self.at.max(now);
+    }
+
+    /// Takes one token at `now`, or returns the `Retry-After` in seconds: how
+    /// long until one token is available, rounded up, at least 1.
+    fn take(&mut self, limit: &RateLimit, now: Instant) -> Result<(), u64> {
+        self.refill(limit, now);
+        if self.tokens >= 1.0 - TOKEN_SLACK {
+            self.tokens = (self.tokens - 1.0).max(0.0);
+            Ok(())
+        } else {
+            Err(secs_to_earn(1.0 - self.tokens, refill_rate(limit)).max(1))
+        }
+    }
+
+    /// `RateLimit-Remaining` and `RateLimit-Reset` for the current state.
+    fn headers(&self, limit: &RateLimit) -> RateHeaders {
+        RateHeaders {
+            // Saturating float-to-int cast; tokens are never negative.
+            remaining: (self.tokens + TOKEN_SLACK).floor() as u64,
+            reset: secs_to_earn(capacity(limit) - self.tokens, refill_rate(limit)),
+        }
+    }
+}
+
+/// Rounding error tolerated when counting tokens, so that a client waiting
+/// exactly as long as it takes to earn a token gets it even though the
+/// refills were summed in floating point.
+const TOKEN_SLACK: f64 = 1e-9;
+
+/// Bucket capacity in tokens; a burst of 0 counts as 1.
+fn capacity(limit: &RateLimit) -> f64 {
+    f64::from(limit.burst.max(1))
+}
+
+/// Refill rate in tokens per second; 0 for a non-positive or NaN rate.
+fn refill_rate(limit: &RateLimit) -> f64 {
+    if limit.requests_per_second > 0.0 { limit.requests_per_second } else { 0.0 }
+}
+
+/// Whole seconds (rounded up, at most [`MAX_WAIT_SECS`]) to earn `tokens` at
+/// `rate` tokens per second.
+fn secs_to_earn(tokens: f64, rate: f64) -> u64 {
+    if tokens <= 0.0 {
+        return 0;
+    }
+    if rate <= 0.0 {
+        return MAX_WAIT_SECS;
+    }
+    let secs = (tokens / rate).ceil();
+    // The float-to-int cast saturates, so huge waits just hit the cap.
+    (secs as u64).min(MAX_WAIT_SECS)
+}
+
+/// The IMF-fixdate `secs` seconds after `now`, rounded up to a whole second
+/// so a client that waits until that date never comes back early, and how
+/// long after `now` that date is.
+fn http_date_after(now: SystemTime, secs: u64) -> (String, Duration) {
+    let mut date = now + Duration::from_secs(secs);
+    let nanos = date.duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    if nanos > 0 {
+        date += Duration::from_nanos(u64::from(1_000_000_000 - nanos));
+    }
+    (httpdate::fmt_http_date(date), date.duration_since(now).unwrap_or_default())
+}
+
+/// The instant a `Retry-After: value` sent at `now` (wall clock `now_wall`)
+/// asks the client to wait for: delay-seconds or an HTTP-date in the future.
+/// `None` for malformed values, dates not in the future and absurd delays.
+fn retry_after_deadline(value: &str, now: Instant, now_wall: SystemTime) -> Option<Instant> {
+    let value = value.trim();
+    let wait = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        Duration::from_secs(value.parse().ok()?)
+    } else {
+        httpdate::parse_http_date(value).ok()?.duration_since(now_wall).ok()?
+    };
+    now.checked_add(wait)
+}
+
+/// The largest number of `arrivals` within any interval `[t, t + window)`.
+/// Sorts `arrivals`.
+fn max_in_window(arrivals: &mut [Instant], window: Duration) -> u64 {
+    arrivals.sort_unstable();
+    let mut start = 0;
+    let mut best = 0;
+    for end in 0..arrivals.len() {
+        while start <= end && arrivals[end] - arrivals[start] >= window {
+            start += 1;
+        }
+        best = best.max(end + 1 - start);
+    }
+    best as u64
 }
 
 // ---------------------------------------------------------------------------
@@ -797,7 +1100,7 @@ async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
         };
         let response = match shared.decide(request) {
             Action::Respond(response) => response,
-            Action::Slow { delay, key, seq } => {
+            Action::Slow { delay, key, seq, rate_limit } => {
                 // Earlier pipelined responses go out before the pause.
                 if writer.flush().await.is_err() {
                     // The client is gone, but the partner still finishes its work.
@@ -807,7 +1110,7 @@ async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
                 }
                 tokio::time::sleep(delay).await;
                 shared.finish_slow(key, seq);
-                Response::json(200, Body::Effect(seq))
+                Response { rate_limit, ..Response::json(200, Body::Effect(seq)) }
             }
             Action::Drop => {
                 // Earlier pipelined responses still go out; this one never does.
@@ -981,6 +1284,9 @@ async fn write_response<W: AsyncWrite + Unpin>(
     )?;
     if let Some(value) = &response.retry_after {
         write!(out, "Retry-After: {value}\r\n")?;
+    }
+    if let Some(RateHeaders { remaining, reset }) = response.rate_limit {
+        write!(out, "RateLimit-Remaining: {remaining}\r\nRateLimit-Reset: {reset}\r\n")?;
     }
     if response.replayed {
         out.extend_from_slice(b"Idempotent-Replayed: true\r\n");

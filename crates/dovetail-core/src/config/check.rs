@@ -145,6 +145,7 @@ impl Config {
                 Some(AuthConfig::Basic { password, .. }) => {
                     out.push((p(&["connectors", name, "auth", "password"]), password))
                 }
+                Some(AuthConfig::ApiKey { key, .. }) => out.push((p(&["connectors", name, "auth", "key"]), key)),
                 None => {}
             }
         }
@@ -239,6 +240,78 @@ fn check_http_connector(out: &mut Vec<Finding>, name: &str, h: &HttpConnector) {
             ));
         }
     }
+    if let Some(AuthConfig::ApiKey { header, query, .. }) = &h.auth {
+        let where_ = ["connectors", name, "auth"];
+        match (header, query) {
+            (Some(_), Some(_)) | (None, None) => out.push(Finding::error(
+                &where_,
+                "an api_key goes in a header or in a query parameter: name exactly one",
+                "add header = \"X-Api-Key\" or query = \"api_key\"",
+            )),
+            (Some(hn), None)
+                if hn.is_empty()
+                    || !hn.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) =>
+            {
+                out.push(Finding::error(
+                    &["connectors", name, "auth", "header"],
+                    format!("`{hn}` is not a header name"),
+                    "e.g. \"X-Api-Key\"",
+                ))
+            }
+            (None, Some(q))
+                if q.is_empty() || !q.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b)) =>
+            {
+                out.push(Finding::error(
+                    &["connectors", name, "auth", "query"],
+                    format!("`{q}` is not a plain query parameter name"),
+                    "e.g. \"api_key\"",
+                ))
+            }
+            _ => {}
+        }
+    }
+    if let Some(rl) = &h.rate_limit {
+        if !(rl.requests_per_second.is_finite() && rl.requests_per_second > 0.0) {
+            out.push(Finding::error(
+                &["connectors", name, "rate_limit", "requests_per_second"],
+                "the rate must be above 0",
+                "e.g. 45 (set it below the partner's documented limit)",
+            ));
+        }
+        if rl.burst == Some(0) {
+            out.push(Finding::error(
+                &["connectors", name, "rate_limit", "burst"],
+                "a burst of 0 sends nothing",
+                "use at least 1",
+            ));
+        }
+    }
+    let b = &h.breaker;
+    let bat = |key: &'static str| ["connectors", name, "breaker", key];
+    if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
+        out.push(Finding::error(&bat("failure_ratio"), format!("{} is outside (0, 1]", b.failure_ratio), "e.g. 0.5"));
+    }
+    if b.min_calls == 0 || b.consecutive_failures == 0 {
+        out.push(Finding::error(
+            &bat(if b.min_calls == 0 { "min_calls" } else { "consecutive_failures" }),
+            "0 would open the breaker on nothing",
+            "use at least 1",
+        ));
+    }
+    if b.open_for.is_zero() || b.window.is_zero() {
+        out.push(Finding::error(
+            &bat(if b.open_for.is_zero() { "open_for" } else { "window" }),
+            "a zero duration cannot work here",
+            "e.g. \"30s\"",
+        ));
+    }
+    if b.max_open_for < b.open_for {
+        out.push(Finding::error(
+            &bat("max_open_for"),
+            "max_open_for is shorter than open_for",
+            "make it at least open_for",
+        ));
+    }
     let r = &h.retry;
     let rat = |key: &'static str| ["connectors", name, "retry", key];
     if r.max_attempts == 0 {
@@ -319,10 +392,12 @@ impl std::fmt::Debug for ResolvedFlow {
     }
 }
 
-/// The `Authorization` header value a connector sends, if any.
+/// The credential a connector sends: a header (`Authorization`, an API-key
+/// header) and/or a query parameter, each `(name, value)`.
 #[derive(Debug, Clone, Default)]
 pub struct ResolvedAuth {
-    pub authorization: Option<Secret>,
+    pub header: Option<(String, Secret)>,
+    pub query: Option<(String, Secret)>,
 }
 
 impl Loaded {
@@ -345,18 +420,28 @@ impl Loaded {
         let mut connectors = BTreeMap::new();
         for (name, c) in &self.config.connectors {
             let ConnectorConfig::Http(h) = c;
-            let authorization = match &h.auth {
-                None => None,
-                Some(AuthConfig::Bearer { token }) => fetch(&["connectors", name, "auth", "token"], token)
-                    .map(|t| Secret::new(format!("Bearer {}", t.expose()))),
-                Some(AuthConfig::Basic { username, password }) => {
-                    fetch(&["connectors", name, "auth", "password"], password).map(|p| {
+            let at = |key: &'static str| ["connectors", name.as_str(), "auth", key];
+            let auth = match &h.auth {
+                None => ResolvedAuth::default(),
+                Some(AuthConfig::Bearer { token }) => ResolvedAuth {
+                    header: fetch(&at("token"), token)
+                        .map(|t| ("authorization".to_string(), Secret::new(format!("Bearer {}", t.expose())))),
+                    query: None,
+                },
+                Some(AuthConfig::Basic { username, password }) => ResolvedAuth {
+                    header: fetch(&at("password"), password).map(|p| {
                         let raw = format!("{username}:{}", p.expose());
-                        Secret::new(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw)))
-                    })
+                        let value = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw));
+                        ("authorization".to_string(), Secret::new(value))
+                    }),
+                    query: None,
+                },
+                Some(AuthConfig::ApiKey { key, header, query }) => {
+                    let value = fetch(&at("key"), key);
+                    ResolvedAuth { header: header.clone().zip(value.clone()), query: query.clone().zip(value) }
                 }
             };
-            connectors.insert(name.clone(), ResolvedAuth { authorization });
+            connectors.insert(name.clone(), auth);
         }
         let mut flows = BTreeMap::new();
         let mut key_errors = Vec::new();
@@ -421,10 +506,40 @@ sink = { type = "http", connector = "a" }
         let (loaded, _) = load(CONFIG, Path::new("d.toml")).unwrap();
         let r =
             loaded.resolve(&env(&[("A_TOKEN", "t0k"), ("B_PASSWORD", "pa:ss"), ("OLD", "o"), ("NEW", "n")])).unwrap();
-        assert_eq!(r.connectors["a"].authorization.as_ref().unwrap().expose(), "Bearer t0k");
+        let header =
+            |c: &str| r.connectors[c].header.as_ref().map(|(n, v)| (n.clone(), v.expose().to_string())).unwrap();
+        assert_eq!(header("a"), ("authorization".into(), "Bearer t0k".into()));
         // base64("dovetail:pa:ss")
-        assert_eq!(r.connectors["b"].authorization.as_ref().unwrap().expose(), "Basic ZG92ZXRhaWw6cGE6c3M=");
+        assert_eq!(header("b"), ("authorization".into(), "Basic ZG92ZXRhaWw6cGE6c3M=".into()));
         assert!(r.flows["f"].verifier.is_some());
+    }
+
+    #[test]
+    fn api_keys_go_in_a_header_or_a_query_parameter() {
+        let text = CONFIG.replace(
+            r#"auth = { type = "bearer", token = "env:A_TOKEN" }"#,
+            r#"auth = { type = "api_key", query = "api_key", key = "env:A_TOKEN" }"#,
+        );
+        let (loaded, _) = load(&text, Path::new("d.toml")).unwrap();
+        let r = loaded.resolve(&env(&[("A_TOKEN", "k3y"), ("B_PASSWORD", "p"), ("OLD", "o"), ("NEW", "n")])).unwrap();
+        let (name, value) = r.connectors["a"].query.clone().unwrap();
+        assert_eq!((name.as_str(), value.expose()), ("api_key", "k3y"));
+        assert!(r.connectors["a"].header.is_none());
+        let both = text.replace(r#"query = "api_key","#, r#"query = "api_key", header = "X-Key","#);
+        assert!(errors_of(&both).iter().any(|e| e.starts_with("connectors.a.auth: ")), "{:?}", errors_of(&both));
+    }
+
+    #[test]
+    fn rate_limits_and_breakers_are_checked() {
+        let text = CONFIG.replace("base_url = \"https://a.example\"", "base_url = \"https://a.example\"\nrate_limit = { requests_per_second = 0 }\nbreaker = { failure_ratio = 1.5, open_for = \"1m\", max_open_for = \"10s\" }");
+        let errors = errors_of(&text);
+        for key in [
+            "connectors.a.rate_limit.requests_per_second",
+            "connectors.a.breaker.failure_ratio",
+            "connectors.a.breaker.max_open_for",
+        ] {
+            assert!(errors.iter().any(|e| e.starts_with(key)), "{key}: {errors:?}");
+        }
     }
 
     #[test]

@@ -101,6 +101,107 @@ pub struct HttpConnector {
     /// Most requests outstanding at once to this partner.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// Client-side pace, set below the partner's documented limit.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+    /// The circuit breaker; on by default.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+}
+
+/// `rate_limit = { requests_per_second = 45, burst = 10 }`; `burst` defaults to one second's worth.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub requests_per_second: f64,
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+impl RateLimitConfig {
+    pub fn limit(&self) -> crate::policy::RateLimit {
+        let burst =
+            self.burst.unwrap_or_else(|| self.requests_per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32);
+        crate::policy::RateLimit { requests_per_second: self.requests_per_second, burst }
+    }
+}
+
+/// `breaker = { failure_ratio, min_calls, consecutive_failures, window, open_for, max_open_for }`;
+/// any may be left out. `enabled = false` turns it off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "breaker_defaults::failure_ratio")]
+    pub failure_ratio: f64,
+    #[serde(default = "breaker_defaults::min_calls")]
+    pub min_calls: u32,
+    #[serde(default = "breaker_defaults::consecutive_failures")]
+    pub consecutive_failures: u32,
+    #[serde(default = "breaker_defaults::window", with = "values::duration")]
+    pub window: Duration,
+    #[serde(default = "breaker_defaults::open_for", with = "values::duration")]
+    pub open_for: Duration,
+    #[serde(default = "breaker_defaults::max_open_for", with = "values::duration")]
+    pub max_open_for: Duration,
+}
+
+fn yes() -> bool {
+    true
+}
+
+mod breaker_defaults {
+    use super::*;
+    use crate::policy::BreakerPolicy;
+
+    pub fn failure_ratio() -> f64 {
+        BreakerPolicy::default().failure_ratio
+    }
+    pub fn min_calls() -> u32 {
+        BreakerPolicy::default().min_calls
+    }
+    pub fn consecutive_failures() -> u32 {
+        BreakerPolicy::default().consecutive_failures
+    }
+    pub fn window() -> Duration {
+        BreakerPolicy::default().window
+    }
+    pub fn open_for() -> Duration {
+        BreakerPolicy::default().open_for
+    }
+    pub fn max_open_for() -> Duration {
+        BreakerPolicy::default().max_open_for
+    }
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        let p = crate::policy::BreakerPolicy::default();
+        BreakerConfig {
+            enabled: true,
+            failure_ratio: p.failure_ratio,
+            min_calls: p.min_calls,
+            consecutive_failures: p.consecutive_failures,
+            window: p.window,
+            open_for: p.open_for,
+            max_open_for: p.max_open_for,
+        }
+    }
+}
+
+impl BreakerConfig {
+    /// The policy, or `None` when the breaker is turned off.
+    pub fn policy(&self) -> Option<crate::policy::BreakerPolicy> {
+        self.enabled.then_some(crate::policy::BreakerPolicy {
+            failure_ratio: self.failure_ratio,
+            min_calls: self.min_calls,
+            consecutive_failures: self.consecutive_failures,
+            window: self.window,
+            open_for: self.open_for,
+            max_open_for: self.max_open_for,
+        })
+    }
 }
 
 fn default_timeout() -> Duration {
@@ -119,13 +220,27 @@ pub struct ApiVersion {
     pub value: String,
 }
 
-/// `auth = { type = "bearer", token = "env:TOKEN" }` or
-/// `auth = { type = "basic", username = "me", password = "env:PASSWORD" }`.
+/// `auth = { type = "bearer", token = "env:TOKEN" }`,
+/// `auth = { type = "basic", username = "me", password = "env:PASSWORD" }`,
+/// `auth = { type = "api_key", header = "X-Api-Key", key = "env:KEY" }` or
+/// `auth = { type = "api_key", query = "api_key", key = "env:KEY" }`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AuthConfig {
-    Bearer { token: SecretRef },
-    Basic { username: String, password: SecretRef },
+    Bearer {
+        token: SecretRef,
+    },
+    Basic {
+        username: String,
+        password: SecretRef,
+    },
+    ApiKey {
+        key: SecretRef,
+        #[serde(default)]
+        header: Option<String>,
+        #[serde(default)]
+        query: Option<String>,
+    },
 }
 
 /// `retry = { max_attempts, initial_backoff, max_backoff, jitter }`; any may be left out.

@@ -9,7 +9,7 @@ mod classify;
 mod rate;
 mod retry_after;
 
-pub use backoff::{Jitter, RandomJitter, RetryPolicy};
+pub use backoff::{Jitter, MAX_RETRY_AFTER, RandomJitter, RetryPolicy};
 pub use breaker::{Admission, Breaker, BreakerPolicy, BreakerState, Transition};
 pub use classify::{Answer, ErrorClass, Verdict, classify};
 pub use rate::{LimitHint, LimiterState, RateLimit, RateLimiter};

@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -280,6 +280,8 @@ async fn script_in_order_then_default() {
 
     let stats = p.stats();
     assert_eq!((stats.requests, stats.effects, stats.rejected), (5, 1, 4));
+    // The three requests after "Retry-After: 7" all came too early.
+    assert_eq!((stats.retry_after_violations, stats.rate_limited), (3, 0));
 }
 
 #[tokio::test]
@@ -509,4 +511,342 @@ async fn concurrent_connections_commit_each_key_once() {
     assert_eq!(seqs, (1..=total).collect::<Vec<_>>());
     assert!(p.double_effects().is_empty());
     assert_eq!(p.effects_by_record().len(), CONNS * PER_CONN);
+}
+
+// ---------------------------------------------------------------------------
+// Rate limiting. Live tests use a refill rate of one token per hour, so the
+// bucket never refills noticeably during a test, however slow the machine.
+
+/// One token per hour.
+const HOURLY: f64 = 1.0 / 3600.0;
+
+fn limit(requests_per_second: f64, burst: u32) -> RateLimit {
+    RateLimit { requests_per_second, burst, retry_after: RetryAfterStyle::Seconds, advertise: false }
+}
+
+fn with_limit(l: RateLimit) -> Behaviour {
+    Behaviour { rate_limit: Some(l), ..Behaviour::default() }
+}
+
+/// POSTs `n` records with distinct keys, one after the other, on one
+/// connection.
+async fn post_many(p: &Partner, n: usize) -> Vec<TestResponse> {
+    let mut c = TestClient::connect(p.addr()).await;
+    let mut out = Vec::new();
+    for i in 0..n {
+        let key = format!("k{i}");
+        out.push(c.call(&[("Idempotency-Key", &key)], &format!(r#"{{"id":"r{i}"}}"#)).await.unwrap());
+    }
+    out
+}
+
+fn retry_after_secs(r: &TestResponse) -> u64 {
+    r.header("retry-after").expect("Retry-After").parse().expect("delay-seconds")
+}
+
+fn header_u64(r: &TestResponse, name: &str) -> u64 {
+    r.header(name).unwrap_or_else(|| panic!("{name} missing")).parse().unwrap_or_else(|_| panic!("{name} not a number"))
+}
+
+#[test]
+fn rate_limited_builder() {
+    let b = Behaviour::default().rate_limited(0.5, 3);
+    assert_eq!(b.rate_limit, Some(limit(0.5, 3)));
+    assert_eq!(Behaviour::default().rate_limit, None);
+}
+
+#[tokio::test]
+async fn rate_limit_answers_429_once_the_burst_is_spent() {
+    let p = start(Behaviour::default().rate_limited(HOURLY, 3)).await;
+    let rs = post_many(&p, 5).await;
+    let statuses: Vec<u16> = rs.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    for r in &rs[3..] {
+        assert_eq!(r.body, r#"{"error":"rate limited"}"#);
+        assert!((1..=3600).contains(&retry_after_secs(r)), "{r:?}");
+    }
+    for r in &rs {
+        assert_eq!(r.header("ratelimit-remaining"), None, "not advertised");
+    }
+    assert_eq!(rs[2].json()["effect"], 3);
+    assert_eq!(p.effects().len(), 3);
+    // The fifth request came right after the fourth was told to wait.
+    assert_eq!(
+        p.stats(),
+        Stats { requests: 5, effects: 3, rejected: 2, rate_limited: 2, retry_after_violations: 1, ..Stats::default() }
+    );
+    assert_eq!(p.requests().len(), 5);
+}
+
+#[tokio::test]
+async fn rate_limit_comes_after_required_headers_and_before_idempotency() {
+    let b = Behaviour::default().require("Authorization", "Bearer t").rate_limited(HOURLY, 1);
+    let p = start(b).await;
+    let mut c = TestClient::connect(p.addr()).await;
+    // Refused for the header: no token taken.
+    assert_eq!(c.call(&[("Idempotency-Key", "k1")], "{}").await.unwrap().status, 401);
+    let auth = [("Idempotency-Key", "k1"), ("Authorization", "Bearer t")];
+    assert_eq!(c.call(&auth, r#"{"id":"r1"}"#).await.unwrap().status, 200);
+    // A retry of the committed key is limited, not replayed ...
+    let r = c.call(&auth, r#"{"id":"r1"}"#).await.unwrap();
+    assert_eq!((r.status, r.header("idempotent-replayed")), (429, None));
+    // ... and so is a request without a key.
+    let r = c.call(&[("Authorization", "Bearer t")], "{}").await.unwrap();
+    assert_eq!(r.status, 429);
+    let stats = p.stats();
+    assert_eq!((stats.replays, stats.missing_key, stats.rate_limited, stats.rejected), (0, 0, 2, 3));
+    assert_eq!(stats.retry_after_violations, 1);
+}
+
+#[tokio::test]
+async fn rate_limit_does_not_consume_the_script() {
+    let b = Behaviour { rate_limit: Some(limit(HOURLY, 1)), ..Behaviour::script(vec![status(503, "{}")], Reply::Ok) };
+    let p = start(b).await;
+    // Test-only access to the bucket: empty it, or drop it to get a full one.
+    let set_bucket = |bucket: Option<Bucket>| p.shared.lock().bucket = bucket;
+    set_bucket(Some(Bucket { tokens: 0.0, at: Instant::now() }));
+    assert_eq!(post(&p, Some("a"), "{}").await.unwrap().status, 429);
+    set_bucket(None);
+    assert_eq!(post(&p, Some("a"), "{}").await.unwrap().status, 503, "script entry still there");
+    assert_eq!(post(&p, Some("a"), "{}").await.unwrap().status, 429);
+    set_bucket(None);
+    assert_eq!(post(&p, Some("a"), "{}").await.unwrap().status, 200);
+    let stats = p.stats();
+    assert_eq!((stats.rate_limited, stats.rejected, stats.effects), (2, 3, 1));
+}
+
+#[tokio::test]
+async fn set_behaviour_keeps_the_bucket_only_for_an_equal_limit() {
+    let p = start(with_limit(limit(HOURLY, 1))).await;
+    let statuses = async |n| post_many(&p, n).await.iter().map(|r| r.status).collect::<Vec<_>>();
+    assert_eq!(statuses(2).await, [200, 429]);
+    // An equal limit keeps the empty bucket.
+    p.set_behaviour(Behaviour { enforce_idempotency: false, ..with_limit(limit(HOURLY, 1)) });
+    assert_eq!(statuses(1).await, [429]);
+    // A different limit starts full.
+    p.set_behaviour(with_limit(limit(HOURLY, 2)));
+    assert_eq!(statuses(3).await, [200, 200, 429]);
+    // No limit at all; a limit set again starts full.
+    p.set_behaviour(Behaviour::default());
+    assert_eq!(statuses(2).await, [200, 200]);
+    p.set_behaviour(with_limit(limit(HOURLY, 2)));
+    assert_eq!(statuses(3).await, [200, 200, 429]);
+    assert_eq!(p.stats().rate_limited, 4);
+}
+
+#[tokio::test]
+async fn violations_count_only_requests_inside_a_told_wait() {
+    let p = start(Behaviour::default().rate_limited(HOURLY, 2)).await;
+    // Back-to-back requests within the burst: nobody was told to wait.
+    post_many(&p, 2).await;
+    assert_eq!(p.stats().retry_after_violations, 0);
+    let r = post(&p, Some("x"), "{}").await.unwrap();
+    assert_eq!(r.status, 429);
+    assert_eq!(p.stats().retry_after_violations, 0, "the 429 itself is no violation");
+    // Any later request, on any connection, is too early; each one counts,
+    // and each is answered by the limiter as usual.
+    for _ in 0..2 {
+        assert_eq!(post(&p, Some("y"), "{}").await.unwrap().status, 429);
+    }
+    let stats = p.stats();
+    assert_eq!((stats.retry_after_violations, stats.rate_limited, stats.requests), (2, 3, 5));
+}
+
+#[tokio::test]
+async fn no_retry_after_means_no_violation() {
+    let p = start(with_limit(RateLimit { retry_after: RetryAfterStyle::None, ..limit(HOURLY, 1) })).await;
+    let rs = post_many(&p, 3).await;
+    assert_eq!((rs[1].status, rs[2].status), (429, 429));
+    assert_eq!(rs[1].header("retry-after"), None);
+    assert_eq!(p.stats().retry_after_violations, 0);
+}
+
+#[tokio::test]
+async fn scripted_retry_after_is_remembered_when_parseable() {
+    let future = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3600));
+    let script = ["0", "soon", "Wed, 21 Oct 2015 07:28:00 GMT"]
+        .into_iter()
+        .map(|v| Reply::RetryAfter { status: 503, value: v.into() })
+        .collect();
+    let p = start(Behaviour::script(script, Reply::RetryAfter { status: 503, value: future })).await;
+    // "0", malformed and past values ask for no wait.
+    post_many(&p, 4).await;
+    assert_eq!(p.stats().retry_after_violations, 0);
+    // The fourth named a date an hour ahead.
+    post(&p, Some("k"), "{}").await.unwrap();
+    assert_eq!(p.stats().retry_after_violations, 1);
+}
+
+#[tokio::test]
+async fn http_date_retry_after_is_an_imf_fixdate_not_in_the_past() {
+    let p = start(with_limit(RateLimit { retry_after: RetryAfterStyle::HttpDate, ..limit(HOURLY, 1) })).await;
+    let before = SystemTime::now();
+    let rs = post_many(&p, 2).await;
+    let after = SystemTime::now();
+    assert_eq!((rs[0].status, rs[1].status), (200, 429));
+    let value = rs[1].header("retry-after").expect("Retry-After");
+    assert!(value.len() == 29 && value.ends_with(" GMT"), "{value:?}");
+    let date = httpdate::parse_http_date(value).expect("an HTTP-date");
+    assert_eq!(httpdate::fmt_http_date(date), value, "IMF-fixdate");
+    // About an hour from the 429, rounded up to a whole second.
+    assert!(date >= before + Duration::from_secs(3599), "{value} vs {before:?}");
+    assert!(date <= after + Duration::from_secs(3601), "{value} vs {after:?}");
+    post(&p, Some("again"), "{}").await.unwrap();
+    assert_eq!(p.stats().retry_after_violations, 1);
+}
+
+#[tokio::test]
+async fn advertised_headers_on_every_response() {
+    let script = vec![Reply::SlowAfterCommit(Duration::from_millis(1)), status(503, "{}")];
+    let b = Behaviour {
+        rate_limit: Some(RateLimit { advertise: true, ..limit(HOURLY, 4) }),
+        ..Behaviour::script(script, Reply::Ok)
+    };
+    let p = start(b).await;
+    let rs = post_many(&p, 5).await;
+    let statuses: Vec<u16> = rs.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 503, 200, 200, 429]);
+    let remaining: Vec<u64> = rs.iter().map(|r| header_u64(r, "ratelimit-remaining")).collect();
+    assert_eq!(remaining, [3, 2, 1, 0, 0]);
+    // Seconds until full: about one hour per missing token, rounded up.
+    for (r, missing) in rs.iter().zip([1, 2, 3, 4, 4]) {
+        let reset = header_u64(r, "ratelimit-reset");
+        assert!(reset > (missing - 1) * 3600 && reset <= missing * 3600, "reset {reset} for {missing} missing");
+    }
+    assert!(retry_after_secs(&rs[4]) >= 1);
+    // A retry of a committed key is limited too, and advertised.
+    let mut c = TestClient::connect(p.addr()).await;
+    let r = c.call(&[("Idempotency-Key", "k0")], "{}").await.unwrap();
+    assert_eq!((r.status, header_u64(&r, "ratelimit-remaining")), (429, 0));
+}
+
+#[tokio::test]
+async fn advertised_headers_without_limiting() {
+    // An infinite rate refills at once: never limits, the bucket reads full.
+    let p = start(with_limit(RateLimit { advertise: true, ..limit(f64::INFINITY, 2) })).await;
+    let rs = post_many(&p, 3).await;
+    for r in &rs {
+        assert_eq!(r.status, 200);
+        assert_eq!((header_u64(r, "ratelimit-remaining"), header_u64(r, "ratelimit-reset")), (2, 0));
+    }
+    let r = post(&p, None, "{}").await.unwrap();
+    assert_eq!((r.status, header_u64(&r, "ratelimit-remaining")), (400, 2));
+    assert_eq!(p.stats().rate_limited, 0);
+}
+
+#[test]
+fn bucket_refills_at_the_rate() {
+    let l = limit(0.5, 3);
+    let t0 = Instant::now();
+    let at = |secs: f64| t0 + Duration::from_secs_f64(secs);
+    let mut b = Bucket::full(&l, t0);
+    assert_eq!(b.headers(&l), RateHeaders { remaining: 3, reset: 0 });
+    assert_eq!(b.take(&l, t0), Ok(()));
+    assert_eq!(b.headers(&l), RateHeaders { remaining: 2, reset: 2 });
+    assert_eq!((b.take(&l, t0), b.take(&l, t0)), (Ok(()), Ok(())));
+    assert_eq!(b.headers(&l), RateHeaders { remaining: 0, reset: 6 });
+    // Empty: one token takes 2 s; later, less; never below 1 s.
+    assert_eq!(b.take(&l, t0), Err(2));
+    assert_eq!(b.take(&l, at(0.5)), Err(2));
+    assert_eq!(b.take(&l, at(1.5)), Err(1));
+    assert_eq!(b.take(&l, at(1.99)), Err(1));
+    assert_eq!(b.take(&l, at(2.0)), Ok(()));
+    assert_eq!(b.take(&l, at(2.0)), Err(2));
+    // Refill stops at capacity; a stale instant changes nothing.
+    b.refill(&l, at(100.0));
+    b.refill(&l, at(50.0));
+    assert_eq!(b.headers(&l), RateHeaders { remaining: 3, reset: 0 });
+}
+
+#[test]
+fn bucket_edge_cases() {
+    let t0 = Instant::now();
+    // Burst 0 counts as 1.
+    let l = limit(1.0, 0);
+    let mut b = Bucket::full(&l, t0);
+    assert_eq!((b.take(&l, t0), b.take(&l, t0)), (Ok(()), Err(1)));
+    // Never refills: the wait announced is capped at a day.
+    for rate in [0.0, -1.0, f64::NAN] {
+        let l = limit(rate, 1);
+        let mut b = Bucket::full(&l, t0);
+        assert_eq!(b.take(&l, t0), Ok(()));
+        assert_eq!(b.take(&l, t0 + Duration::from_secs(1000)), Err(MAX_WAIT_SECS));
+        assert_eq!(b.headers(&l).reset, MAX_WAIT_SECS);
+    }
+    // Very slow refill is capped too.
+    let l = limit(1e-300, 1);
+    let mut b = Bucket::full(&l, t0);
+    assert_eq!((b.take(&l, t0), b.take(&l, t0)), (Ok(()), Err(MAX_WAIT_SECS)));
+    // Fractional waits round up.
+    let l = limit(3.0, 1);
+    let mut b = Bucket::full(&l, t0);
+    assert_eq!((b.take(&l, t0), b.take(&l, t0)), (Ok(()), Err(1)));
+    assert_eq!(b.headers(&l), RateHeaders { remaining: 0, reset: 1 });
+}
+
+#[test]
+fn http_date_is_rounded_up_to_whole_seconds() {
+    // 784111777 s after the epoch is Sun, 06 Nov 1994 08:49:37 GMT.
+    let now = UNIX_EPOCH + Duration::from_millis(784_111_777_500);
+    let (date, wait) = http_date_after(now, 1);
+    assert_eq!((date.as_str(), wait), ("Sun, 06 Nov 1994 08:49:39 GMT", Duration::from_millis(1500)));
+    let now = UNIX_EPOCH + Duration::from_secs(784_111_777);
+    let (date, wait) = http_date_after(now, 2);
+    assert_eq!((date.as_str(), wait), ("Sun, 06 Nov 1994 08:49:39 GMT", Duration::from_secs(2)));
+}
+
+#[test]
+fn retry_after_deadlines() {
+    let now = Instant::now();
+    let wall = UNIX_EPOCH + Duration::from_secs(784_111_777);
+    assert_eq!(retry_after_deadline("7", now, wall), Some(now + Duration::from_secs(7)));
+    assert_eq!(retry_after_deadline(" 0 ", now, wall), Some(now));
+    assert_eq!(retry_after_deadline("Sun, 06 Nov 1994 08:49:47 GMT", now, wall), Some(now + Duration::from_secs(10)));
+    assert_eq!(retry_after_deadline("Sun, 06 Nov 1994 08:49:30 GMT", now, wall), None, "past");
+    for bad in ["", "-1", "1.5", "soon", "99999999999999999999999"] {
+        assert_eq!(retry_after_deadline(bad, now, wall), None, "{bad:?}");
+    }
+}
+
+#[test]
+fn max_in_window_on_a_constructed_sequence() {
+    let t0 = Instant::now();
+    // Deliberately out of order: requests are recorded in decision order.
+    let ms = [1150, 0, 2500, 100, 1199, 200, 1000, 1100];
+    let arrivals: Vec<Instant> = ms.iter().map(|&m| t0 + Duration::from_millis(m)).collect();
+    let count = |window: Duration| max_in_window(&mut arrivals.clone(), window);
+    // [200, 1200) holds 200, 1000, 1100, 1150, 1199; 0 and 1000 are exactly
+    // one second apart and never share a window.
+    assert_eq!(count(Duration::from_secs(1)), 5);
+    assert_eq!(count(Duration::from_millis(999)), 4);
+    assert_eq!(count(Duration::from_millis(1000 - 199)), 4);
+    assert_eq!(count(Duration::from_millis(100)), 3); // 1100, 1150, 1199
+    assert_eq!(count(Duration::from_millis(50)), 2);
+    assert_eq!(count(Duration::from_millis(1)), 1);
+    assert_eq!(count(Duration::ZERO), 0);
+    assert_eq!(count(Duration::from_secs(2)), 7);
+    assert_eq!(count(Duration::from_millis(2501)), 8);
+    assert_eq!(max_in_window(&mut [], Duration::from_secs(1)), 0);
+    // Simultaneous arrivals share every non-empty window.
+    assert_eq!(max_in_window(&mut [t0, t0, t0], Duration::from_nanos(1)), 3);
+}
+
+#[tokio::test]
+async fn requests_per_window_uses_recorded_arrivals() {
+    let p = start(Behaviour::default().rate_limited(HOURLY, 1)).await;
+    assert_eq!(p.requests_per_window(Duration::from_secs(1)), 0);
+    post_many(&p, 3).await; // 429s count too
+    assert_eq!(p.requests_per_window(LIMIT), 3);
+    assert_eq!(p.requests_per_window(Duration::ZERO), 0);
+    // A constructed history: three requests, the last two seconds later.
+    let t0 = Instant::now();
+    {
+        let mut st = p.shared.lock();
+        for (r, ms) in st.requests.iter_mut().zip([0, 10, 2000]) {
+            r.at = t0 + Duration::from_millis(ms);
+        }
+    }
+    assert_eq!(p.requests_per_window(Duration::from_secs(1)), 2);
+    assert_eq!(p.requests_per_window(Duration::from_millis(10)), 1);
+    assert_eq!(p.requests_per_window(Duration::from_millis(2001)), 3);
 }
