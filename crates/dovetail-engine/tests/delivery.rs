@@ -469,3 +469,38 @@ breaker = { consecutive_failures = 3, open_for = "300ms", max_open_for = "1s" }"
     assert!(h.partner.double_effects().is_empty());
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pace_below_the_partners_limit_never_meets_a_429() {
+    let extra = "rate_limit = { requests_per_second = 4, burst = 4 }";
+    let h = Harness::with_connector(Behaviour::default().rate_limited(5.0, 5), FAST_RETRY, extra).await;
+    for i in 0..24 {
+        h.send_order(&format!("msg_p{i}"), &order(&format!("ord_p{i}"))).await;
+    }
+    h.wait_for("orders", "paced delivery", |c| c.delivered == 24).await;
+    let stats = h.partner.stats();
+    assert_eq!(stats.rate_limited, 0, "{stats:?}");
+    // The bucket allows its burst plus four per second in any one second.
+    assert!(h.partner.requests_per_window(Duration::from_secs(1)) <= 8);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pace_above_the_partners_limit_slows_down_and_never_jumps_retry_after() {
+    // Misconfigured on purpose: we think 20/s, the partner allows 2/s. One
+    // request at a time, so every request we send was decided after the
+    // partner's last answer.
+    let extra = "rate_limit = { requests_per_second = 20, burst = 20 }\nmax_in_flight = 1";
+    let h = Harness::with_connector(Behaviour::default().rate_limited(2.0, 2), FAST_RETRY, extra).await;
+    for i in 0..8 {
+        h.send_order(&format!("msg_q{i}"), &order(&format!("ord_q{i}"))).await;
+    }
+    h.wait_for("orders", "delivery despite throttling", |c| c.delivered == 8).await;
+    let stats = h.partner.stats();
+    assert!(stats.rate_limited > 0, "the partner did throttle: {stats:?}");
+    assert_eq!(stats.retry_after_violations, 0, "never sent before Retry-After: {stats:?}");
+    assert_eq!(h.counts("orders").await.dead, 0, "throttling dead-letters nothing");
+    let health = h.journal.connector_health().await.unwrap();
+    assert!(health[0].current_rate.unwrap() < 20.0, "the connector slowed down: {health:?}");
+    h.stop().await;
+}
