@@ -5,13 +5,15 @@
 //! every retry and after a restart) and its correlation id, both as
 //! `X-Correlation-ID` and as a W3C `traceparent`.
 
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::oauth::TokenSource;
+
 use dovetail_core::clock::Timestamp;
-use dovetail_core::config::{HttpConnector, ResolvedAuth};
+use dovetail_core::config::{HttpConnector, ResolvedAuth, Secret};
 use dovetail_core::policy::{Answer, LimitHint, parse_retry_after};
 
 /// How much of a partner's response body is kept for the DLQ and logs.
@@ -60,6 +62,8 @@ pub struct HttpSink {
     target: reqwest::Url,
     headers: HeaderMap,
     timeout: Duration,
+    /// OAuth 2.0 bearer tokens, shared by the connector's flows.
+    tokens: Option<Arc<TokenSource>>,
 }
 
 impl std::fmt::Debug for HttpSink {
@@ -100,6 +104,7 @@ impl HttpSink {
         connector: &str,
         config: &HttpConnector,
         auth: &ResolvedAuth,
+        tokens: Option<Arc<TokenSource>>,
         client: reqwest::Client,
         method: &str,
         path: &str,
@@ -136,7 +141,16 @@ impl HttpSink {
         if let Some((name, value)) = &auth.query {
             target.query_pairs_mut().append_pair(name, value.expose());
         }
-        Ok(HttpSink { connector: connector.to_string(), client, method, url, target, headers, timeout: config.timeout })
+        Ok(HttpSink {
+            connector: connector.to_string(),
+            client,
+            method,
+            url,
+            target,
+            headers,
+            timeout: config.timeout,
+            tokens,
+        })
     }
 
     pub fn connector(&self) -> &str {
@@ -148,9 +162,38 @@ impl HttpSink {
     }
 
     /// Performs one attempt. `now` resolves an HTTP-date `Retry-After`.
+    ///
+    /// With OAuth, a 401 means the token may have expired early or been
+    /// revoked: the token is renewed once and the request sent again, with
+    /// the same idempotency key. A second 401 is the answer.
     pub async fn send(&self, out: Outbound<'_>, now: impl Fn() -> Timestamp) -> AttemptResult {
+        let Some(tokens) = &self.tokens else { return self.send_once(out, None, &now).await };
         let started = Instant::now();
-        let request = self
+        let token = match tokens.bearer().await {
+            Ok(t) => t,
+            Err(failed) => return failed,
+        };
+        let first = self.send_once(out, Some(&token), &now).await;
+        if !matches!(first.answer, Answer::Status { status: 401, .. }) {
+            return first;
+        }
+        let token = match tokens.renew_after_rejection(&token).await {
+            Ok(t) => t,
+            Err(failed) => return failed,
+        };
+        let mut second = self.send_once(out, Some(&token), &now).await;
+        second.duration = started.elapsed();
+        second
+    }
+
+    async fn send_once(
+        &self,
+        out: Outbound<'_>,
+        bearer: Option<&Secret>,
+        now: &impl Fn() -> Timestamp,
+    ) -> AttemptResult {
+        let started = Instant::now();
+        let mut request = self
             .client
             .request(self.method.clone(), self.target.clone())
             .headers(self.headers.clone())
@@ -159,10 +202,22 @@ impl HttpSink {
             .header("x-correlation-id", out.correlation_id)
             .timeout(self.timeout)
             .body(out.payload.to_vec());
-        let request = match traceparent(out.correlation_id) {
-            Some(tp) => request.header("traceparent", tp),
-            None => request,
-        };
+        if let Some(tp) = traceparent(out.correlation_id) {
+            request = request.header("traceparent", tp);
+        }
+        if let Some(token) = bearer {
+            match HeaderValue::from_str(&format!("Bearer {}", token.expose())) {
+                Ok(mut v) => {
+                    v.set_sensitive(true);
+                    request = request.header(header::AUTHORIZATION, v);
+                }
+                Err(_) => {
+                    let detail = Some("the partner's token cannot be sent in a header".to_string());
+                    let answer = Answer::Status { status: 401, retry_after: None };
+                    return AttemptResult { answer, duration: started.elapsed(), detail, hint: LimitHint::default() };
+                }
+            }
+        }
         let response = match request.send().await {
             Ok(r) => r,
             Err(e) => return transport_failure(e, started),
@@ -208,7 +263,7 @@ fn transport_failure(e: reqwest::Error, started: Instant) -> AttemptResult {
 }
 
 /// The error and its causes on one line ("error sending request: connection closed before message completed").
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -222,7 +277,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-async fn read_excerpt(mut response: reqwest::Response) -> Result<String, reqwest::Error> {
+pub(crate) async fn read_excerpt(mut response: reqwest::Response) -> Result<String, reqwest::Error> {
     let mut buf = Vec::new();
     while let Some(chunk) = response.chunk().await? {
         let room = BODY_EXCERPT_LIMIT.saturating_sub(buf.len());

@@ -8,3 +8,4 @@
 //! Depends on `dovetail-core` only; knows nothing of the journal or engine.
 
 pub mod http;
+pub mod oauth;

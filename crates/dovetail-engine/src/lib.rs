@@ -24,6 +24,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
 use dovetail_connectors::http::{HttpSink, HttpSinkError, client_for};
+use dovetail_connectors::oauth::TokenSource;
 use dovetail_core::clock::{Clock, SystemClock};
 use dovetail_core::config::{
     Config, ConnectorConfig, Resolved, Secret, SecretRef, SecretSource, SinkConfig, SourceConfig,
@@ -156,10 +157,15 @@ pub async fn start(
         listener.local_addr().map_err(|e| EngineError::Serve { addr: config.engine.listen.clone(), source: e })?;
     let mut clients = BTreeMap::new();
     let mut connectors = BTreeMap::new();
+    let mut token_sources = BTreeMap::new();
     let now = options.clock.now();
     for (name, c) in &config.connectors {
         let ConnectorConfig::Http(h) = c;
-        clients.insert(name.clone(), client_for(name, h)?);
+        let client = client_for(name, h)?;
+        // One token cache per connector: its flows share the partner's token.
+        let oauth = resolved.connectors.get(name).and_then(|a| a.oauth.clone());
+        token_sources.insert(name.clone(), oauth.map(|o| Arc::new(TokenSource::new(o, client.clone(), h.timeout))));
+        clients.insert(name.clone(), client);
         let rate = h.rate_limit.map(|r| r.limit());
         let runtime = Arc::new(connector::ConnectorRuntime::new(name, h.max_in_flight, rate, h.breaker.policy(), now));
         // A new process starts closed and at full pace; say so, replacing
@@ -179,7 +185,8 @@ pub async fn start(
         let http = config.http_connector(connector).ok_or_else(|| missing("its connector"))?;
         let auth = resolved.connectors.get(connector).cloned().unwrap_or_default();
         let client = clients.get(connector).cloned().ok_or_else(|| missing("its connector"))?;
-        let sink = HttpSink::new(connector, http, &auth, client, method, path)?;
+        let tokens = token_sources.get(connector).cloned().flatten();
+        let sink = HttpSink::new(connector, http, &auth, tokens, client, method, path)?;
         let wake = Arc::new(Notify::new());
         let runtime = Arc::new(FlowRuntime {
             name: name.clone(),

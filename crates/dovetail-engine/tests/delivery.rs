@@ -13,7 +13,7 @@ use dovetail_core::record::StateName;
 use dovetail_core::signature::{Scheme, SigningSecret, sign};
 use dovetail_engine::{EngineOptions, RunningEngine};
 use dovetail_journal::{FlowCounts, Journal, SqliteJournal, SqliteOptions};
-use dovetail_testkit::partner::{Behaviour, Partner, Reply};
+use dovetail_testkit::partner::{Behaviour, OAuth, Partner, Reply};
 
 const SW_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const STRIPE_SECRET: &str = "whsec_stripe_test_secret";
@@ -32,6 +32,13 @@ struct Harness {
 }
 
 fn config_text(partner: &str, retry: &str, connector_extra: &str) -> String {
+    // Extra lines may bring their own auth; `{partner}` in them is the partner's URL.
+    let connector_extra = connector_extra.replace("{partner}", partner);
+    let auth = if connector_extra.contains("auth =") {
+        String::new()
+    } else {
+        r#"auth = { type = "bearer", token = "env:BILLING_TOKEN" }"#.to_string()
+    };
     format!(
         r#"
 [engine]
@@ -43,7 +50,7 @@ max_body = "4KiB"
 type = "http"
 base_url = "{partner}"
 api_version = {{ header = "Api-Version", value = "2026-01-01" }}
-auth = {{ type = "bearer", token = "env:BILLING_TOKEN" }}
+{auth}
 timeout = "500ms"
 retry = {retry}
 {connector_extra}
@@ -66,6 +73,7 @@ sink = {{ type = "http", connector = "billing", path = "/v1/pushes" }}
 fn secrets() -> BTreeMap<String, String> {
     [
         ("BILLING_TOKEN", "tok_123"),
+        ("OAUTH_SECRET", "cs_live_secret"),
         ("ORDERS_SECRET", SW_SECRET),
         ("STRIPE_SECRET", STRIPE_SECRET),
         ("GITHUB_SECRET", GITHUB_SECRET),
@@ -90,13 +98,17 @@ impl Harness {
         Harness::with_connector(behaviour, retry, "").await
     }
 
-    /// `connector_extra`: more lines for `[connectors.billing]`.
+    /// `connector_extra`: more lines for `[connectors.billing]`. Without an
+    /// `auth =` among them the connector sends a static bearer token, which
+    /// the partner requires.
     async fn with_connector(behaviour: Behaviour, retry: &str, connector_extra: &str) -> Harness {
         dovetail_connectors::http::install_crypto_provider();
-        let partner =
-            Partner::start(behaviour.require("authorization", "Bearer tok_123").require("api-version", "2026-01-01"))
-                .await
-                .unwrap();
+        let behaviour = if connector_extra.contains("auth =") {
+            behaviour
+        } else {
+            behaviour.require("authorization", "Bearer tok_123")
+        };
+        let partner = Partner::start(behaviour.require("api-version", "2026-01-01")).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let journal = Arc::new(SqliteJournal::open(&dir.path().join("journal.db"), SqliteOptions::default()).unwrap());
         let (config, resolved) = load(&config_text(&partner.url(), retry, connector_extra));
@@ -502,5 +514,73 @@ async fn a_pace_above_the_partners_limit_slows_down_and_never_jumps_retry_after(
     assert_eq!(h.counts("orders").await.dead, 0, "throttling dead-letters nothing");
     let health = h.journal.connector_health().await.unwrap();
     assert!(health[0].current_rate.unwrap() < 20.0, "the connector slowed down: {health:?}");
+    h.stop().await;
+}
+
+fn oauth_partner(ttl: Duration) -> Behaviour {
+    Behaviour::default().oauth(OAuth {
+        token_path: "/oauth/token".into(),
+        client_id: "dovetail".into(),
+        client_secret: "cs_live_secret".into(),
+        token_ttl: ttl,
+        refresh_token: None,
+    })
+}
+
+const OAUTH: &str = r#"auth = { type = "oauth2_client_credentials", token_url = "{partner}/oauth/token", client_id = "dovetail", client_secret = "env:OAUTH_SECRET" }"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth_tokens_are_cached_shared_and_renewed_before_they_expire() {
+    // Renewal is due 3.2 s after the token is fetched; the first five
+    // deliveries take a fraction of that even on a slow machine.
+    let h = Harness::with_connector(oauth_partner(Duration::from_secs(4)), FAST_RETRY, OAUTH).await;
+    for i in 0..5 {
+        h.send_order(&format!("msg_o{i}"), &order(&format!("ord_o{i}"))).await;
+    }
+    h.wait_for("orders", "delivery with a token", |c| c.delivered == 5).await;
+    assert_eq!(h.partner.stats().tokens_issued, 1, "one token served every request: {:?}", h.partner.stats());
+    // Outlive the first token; the next records need a new one.
+    tokio::time::sleep(Duration::from_millis(4200)).await;
+    for i in 5..10 {
+        h.send_order(&format!("msg_o{i}"), &order(&format!("ord_o{i}"))).await;
+    }
+    h.wait_for("orders", "delivery after the token expired", |c| c.delivered == 10).await;
+    let stats = h.partner.stats();
+    assert_eq!(stats.tokens_issued, 2, "{stats:?}");
+    assert_eq!(stats.invalid_token, 0, "an expired token is renewed before it is used: {stats:?}");
+    assert!(h.counts("orders").await.paused.is_none());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_is_renewed_once_and_the_request_sent_again() {
+    let h = Harness::with_connector(oauth_partner(Duration::from_secs(3600)), FAST_RETRY, OAUTH).await;
+    h.send_order("msg_r1", &order("ord_r1")).await;
+    h.wait_for("orders", "first delivery", |c| c.delivered == 1).await;
+    h.partner.revoke_all_tokens();
+    h.send_order("msg_r2", &order("ord_r2")).await;
+    h.wait_for("orders", "delivery with a renewed token", |c| c.delivered == 2).await;
+    let stats = h.partner.stats();
+    assert_eq!((stats.tokens_issued, stats.invalid_token), (2, 1), "{stats:?}");
+    assert!(h.partner.double_effects().is_empty());
+    assert!(h.counts("orders").await.paused.is_none(), "a renewed token is not an auth failure");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_the_token_endpoint_refuses_pause_the_flow_and_hold_records() {
+    let h = Harness::with_connector(oauth_partner(Duration::from_secs(3600)), FAST_RETRY, OAUTH).await;
+    h.partner.set_client_secret("rotated-by-the-partner");
+    let (_, json) = h.send_order("msg_cs", &order("ord_cs")).await;
+    let c = h.wait_for("orders", "the pause", |c| c.paused.is_some()).await;
+    let reason = c.paused.unwrap().reason;
+    assert!(reason.contains("token endpoint") && reason.contains("401"), "{reason}");
+    assert!(!reason.contains("cs_live_secret"), "no secret in the pause reason: {reason}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = h.counts("orders").await;
+    assert_eq!((c.pending, c.dead), (1, 0), "the record is held");
+    let detail = h.journal.record(json["record_id"].as_i64().unwrap()).await.unwrap().unwrap();
+    assert_eq!(detail.attempts[0].class, Some(ErrorClass::Auth));
+    assert_eq!(h.partner.stats().effects, 0);
     h.stop().await;
 }

@@ -15,6 +15,9 @@
 //! * optionally enforces a server-side rate limit ([`RateLimit`], a token
 //!   bucket) with 429 and `Retry-After`, and counts requests that ignored a
 //!   `Retry-After` it sent ([`Stats::retry_after_violations`]);
+//! * optionally acts as an OAuth 2.0 authorization server ([`OAuth`]): it
+//!   issues short-lived bearer tokens at a token endpoint and refuses API
+//!   requests whose token is missing, unknown or expired;
 //! * records every committed [`Effect`] and every [`SeenRequest`], so a test
 //!   can ask for [`Partner::double_effects`] (the bug Dovetail must never
 //!   have), inspect headers and arrival times (backoff, `Retry-After`) or ask
@@ -69,6 +72,12 @@
 //!
 //! Each request is decided atomically under one lock, in this order:
 //!
+//! 0. If [`Behaviour::oauth`] is set: a request to its
+//!    [`token_path`](OAuth::token_path) is answered by the token endpoint and
+//!    nothing below applies to it (see [`OAuth`]). Every other request needs
+//!    a valid `Authorization: Bearer` token, or gets 401
+//!    `{"error":"invalid_token"}` with `WWW-Authenticate: Bearer
+//!    error="invalid_token"`, no effect.
 //! 1. [`Behaviour::require_headers`]: a missing or different header gets 401
 //!    (for `authorization`) or 400, no effect.
 //! 2. If [`Behaviour::rate_limit`] is set: the request takes a token from the
@@ -98,7 +107,8 @@
 //! named counts as a [`Stats::retry_after_violations`]. The partner remembers
 //! the latest such instant it told any client, across all connections, so a
 //! request by another client counts as well, as it would against a real
-//! partner's per-account limit.
+//! partner's per-account limit. Requests to the OAuth token endpoint, which
+//! is not rate-limited, do not count.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -134,6 +144,17 @@ const CONFLICT_BODY: &str = r#"{"error":"a request with this Idempotency-Key is 
 const RETRY_AFTER_BODY: &str = r#"{"error":"try again later"}"#;
 const UNAUTHORIZED_BODY: &str = r#"{"error":"missing or invalid authorization"}"#;
 const RATE_LIMITED_BODY: &str = r#"{"error":"rate limited"}"#;
+const INVALID_TOKEN_BODY: &str = r#"{"error":"invalid_token"}"#;
+
+/// The challenge on a 401 for a missing, unknown or expired bearer token
+/// (RFC 6750, 3).
+const BEARER_CHALLENGE: &[(&str, &str)] = &[("WWW-Authenticate", r#"Bearer error="invalid_token""#)];
+/// Token endpoint responses must not be cached (RFC 6749, 5.1).
+const NO_STORE: &[(&str, &str)] = &[("Cache-Control", "no-store"), ("Pragma", "no-cache")];
+/// A token endpoint 401 for a client that authenticated with HTTP Basic
+/// (RFC 6749, 5.2).
+const BASIC_CHALLENGE: &[(&str, &str)] =
+    &[("WWW-Authenticate", r#"Basic realm="token""#), ("Cache-Control", "no-store"), ("Pragma", "no-cache")];
 
 /// What the partner does with one request that reached the reply step (see
 /// the [module docs](self) for the order of checks).
@@ -196,6 +217,12 @@ pub struct Behaviour {
     /// A server-side rate limit, checked after the required headers and
     /// before anything else; `None` (the default) means unlimited.
     pub rate_limit: Option<RateLimit>,
+    /// An OAuth 2.0 authorization server in front of the API: a token
+    /// endpoint, and bearer tokens required on every other request. `None`
+    /// (the default) means no OAuth. Do not combine it with a
+    /// [`require_headers`](Behaviour::require_headers) entry for
+    /// `authorization`: no request could satisfy both.
+    pub oauth: Option<OAuth>,
 }
 
 /// A server-side rate limit, as partner APIs enforce it: a token bucket that
@@ -233,6 +260,93 @@ pub struct RateLimit {
     pub advertise: bool,
 }
 
+/// An OAuth 2.0 authorization server (RFC 6749) in front of the partner's
+/// API, as partner APIs do it, with tokens that may expire every few
+/// seconds.
+///
+/// # Token endpoint
+///
+/// `POST {token_path}` (the query, if any, is ignored when matching the path)
+/// with `Content-Type: application/x-www-form-urlencoded` and
+///
+/// * `grant_type=client_credentials` (RFC 6749, 4.4), or
+/// * `grant_type=refresh_token&refresh_token=...` (RFC 6749, 6), accepted
+///   only when [`OAuth::refresh_token`] is set;
+/// * an optional `scope`, echoed back in the response.
+///
+/// The client authenticates either with HTTP Basic, `Authorization: Basic
+/// base64(client_id:client_secret)` where both parts are form-urlencoded
+/// before encoding (RFC 6749, 2.3.1; `client_secret_basic`), or with
+/// `client_id` and `client_secret` form fields (`client_secret_post`). Using
+/// both methods in one request (a Basic header *and* a `client_secret` field)
+/// is refused with `invalid_request`, as RFC 6749, 2.3 requires; a
+/// `client_id` field next to Basic is tolerated if it names the same client.
+///
+/// Success is `200 {"access_token":"tok_<n>_<random>","token_type":"Bearer",
+/// "expires_in":<secs>}`, plus `"refresh_token"` (a new one) for the refresh
+/// grant and `"scope"` when one was requested, with `Cache-Control:
+/// no-store`. Failures, all with body `{"error":"<code>"}` (RFC 6749, 5.2):
+///
+/// | status | `error`                  | when                                                               |
+/// |--------|--------------------------|--------------------------------------------------------------------|
+/// | 400    | `invalid_request`        | not `POST`, not form-urlencoded, malformed or repeated parameters, no `grant_type`, no `refresh_token` for the refresh grant, two client authentication methods |
+/// | 401    | `invalid_client`         | no, unknown or wrong client credentials (with `WWW-Authenticate: Basic` if Basic was used) |
+/// | 400    | `invalid_grant`          | a refresh token that is not the current one (e.g. already rotated) |
+/// | 400    | `unsupported_grant_type` | any other grant, or the refresh grant without [`OAuth::refresh_token`] |
+///
+/// Client authentication is checked before the grant. Token requests are
+/// counted in [`Stats::requests`] and recorded in [`Partner::requests`], and
+/// in [`Stats::tokens_issued`] or [`Stats::token_failures`] (failures also in
+/// [`Stats::rejected`]). They never consume a script entry, never commit an
+/// effect and are exempt from [`Behaviour::by_body`],
+/// [`Behaviour::require_headers`], the rate limit (they take no token, get no
+/// `RateLimit-*` headers and never count as a `Retry-After` violation) and
+/// idempotency enforcement.
+///
+/// # Protected API
+///
+/// Every other request must carry `Authorization: Bearer <token>` (scheme
+/// case-insensitive) with an access token this partner issued that has not
+/// expired by [`Instant`] and was not revoked
+/// ([`Partner::revoke_all_tokens`]). Otherwise it is answered 401
+/// `{"error":"invalid_token"}` with `WWW-Authenticate: Bearer
+/// error="invalid_token"`, without effect and without consuming a script
+/// entry, and counted in [`Stats::invalid_token`] and [`Stats::rejected`].
+/// This check comes first, before required headers, the rate limiter and
+/// idempotency. Tokens in the query or body (RFC 6750, 2.2 and 2.3) are not
+/// accepted.
+///
+/// # Expiry
+///
+/// An access token is valid for exactly [`OAuth::token_ttl`] after it was
+/// issued. `expires_in` advertises the TTL in whole seconds, rounded down
+/// and at least 1, so a client that trusts `expires_in` never uses an
+/// expired token unless the TTL is below one second. Rotating the client
+/// secret ([`Partner::set_client_secret`]) does not invalidate tokens
+/// already issued, and revoking tokens does not invalidate the refresh
+/// token.
+///
+/// [`Partner::set_behaviour`] keeps the authorization server's state (issued
+/// tokens, rotated refresh token and client secret) if the new behaviour has
+/// an equal `oauth`, and starts afresh from the new configuration otherwise
+/// (every token issued before is then invalid).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OAuth {
+    /// Path of the token endpoint, e.g. `/oauth/token`.
+    pub token_path: String,
+    /// The one client the server knows.
+    pub client_id: String,
+    /// Its secret; see [`Partner::set_client_secret`] to rotate it.
+    pub client_secret: String,
+    /// Lifetime of every access token, advertised as `expires_in` and
+    /// enforced.
+    pub token_ttl: Duration,
+    /// When set, the refresh token grant is accepted with this token. Each
+    /// use rotates it: the response carries a new refresh token and the old
+    /// one is refused with `invalid_grant` from then on.
+    pub refresh_token: Option<String>,
+}
+
 /// The form of the `Retry-After` header on the rate limiter's 429s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RetryAfterStyle {
@@ -255,6 +369,7 @@ impl Default for Behaviour {
             enforce_idempotency: true,
             require_headers: Vec::new(),
             rate_limit: None,
+            oauth: None,
         }
     }
 }
@@ -289,6 +404,14 @@ impl Behaviour {
     pub fn rate_limited(mut self, requests_per_second: f64, burst: u32) -> Self {
         self.rate_limit =
             Some(RateLimit { requests_per_second, burst, retry_after: RetryAfterStyle::Seconds, advertise: false });
+        self
+    }
+
+    /// Put an OAuth 2.0 authorization server in front of the API (see
+    /// [`OAuth`]): every request other than to the token endpoint then needs
+    /// a valid bearer token.
+    pub fn oauth(mut self, o: OAuth) -> Self {
+        self.oauth = Some(o);
         self
     }
 }
@@ -326,7 +449,8 @@ pub struct Stats {
     /// Requests answered 409 because their key was in progress.
     pub conflicts: u64,
     /// Requests answered with a non-2xx status (including 409, missing key,
-    /// missing required header and malformed requests).
+    /// missing required header, refused OAuth token requests and bearer
+    /// tokens, and malformed requests).
     pub rejected: u64,
     /// Connections dropped on purpose ([`Reply::DropAfterCommit`] and
     /// [`Reply::DropBeforeCommit`]).
@@ -340,6 +464,15 @@ pub struct Stats {
     /// before the instant it named (see the [module docs](self)). They are
     /// answered as usual.
     pub retry_after_violations: u64,
+    /// Access tokens issued by the [`OAuth`] token endpoint.
+    pub tokens_issued: u64,
+    /// Requests to the [`OAuth`] token endpoint that were refused (also
+    /// counted in `rejected`).
+    pub token_failures: u64,
+    /// API requests refused with 401 `invalid_token` because their bearer
+    /// token was missing, unknown, revoked or expired (also counted in
+    /// `rejected`).
+    pub invalid_token: u64,
 }
 
 /// A request as the partner saw it.
@@ -411,14 +544,40 @@ impl Partner {
     /// The new script starts from its first entry. Committed keys, effects,
     /// requests and stats are kept, and so is the rate limiter's bucket if
     /// the new [`Behaviour::rate_limit`] equals the old one (otherwise the
-    /// new limit starts with a full bucket).
+    /// new limit starts with a full bucket), and so is the OAuth state
+    /// (issued tokens, rotated secret and refresh token) if the new
+    /// [`Behaviour::oauth`] equals the old one (otherwise it starts afresh).
     pub fn set_behaviour(&self, b: Behaviour) {
         let mut st = self.shared.lock();
         if b.rate_limit != st.behaviour.rate_limit {
             st.bucket = None;
         }
+        if b.oauth != st.behaviour.oauth {
+            st.oauth = b.oauth.clone().map(OAuthServer::new);
+        }
         st.behaviour = b;
         st.script_pos = 0;
+    }
+
+    /// Revokes every access token issued so far, as if they had all expired
+    /// now: the next API request with any of them gets 401 `invalid_token`
+    /// and the client has to ask the token endpoint again. The refresh token
+    /// stays valid. No effect without [`Behaviour::oauth`].
+    pub fn revoke_all_tokens(&self) {
+        if let Some(server) = &mut self.shared.lock().oauth {
+            server.tokens.clear();
+        }
+    }
+
+    /// Rotates the client secret: from now on token requests must
+    /// authenticate with `secret`, and ones with the old secret get 401
+    /// `invalid_client`. Tokens already issued stay valid until they expire.
+    /// The rotated secret survives [`Partner::set_behaviour`] with an equal
+    /// [`Behaviour::oauth`]. No effect without [`Behaviour::oauth`].
+    pub fn set_client_secret(&self, secret: &str) {
+        if let Some(server) = &mut self.shared.lock().oauth {
+            server.client_secret = secret.to_owned();
+        }
     }
 
     /// A snapshot of the counters.
@@ -530,6 +689,8 @@ struct State {
     /// The latest `Retry-After` sent: when it was decided, and the instant it
     /// named.
     not_before: Option<(Instant, Instant)>,
+    /// The authorization server, present exactly when `behaviour.oauth` is.
+    oauth: Option<OAuthServer>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -571,6 +732,8 @@ struct Response {
     retry_after: Option<String>,
     replayed: bool,
     rate_limit: Option<RateHeaders>,
+    /// Further headers, written as given.
+    extra_headers: &'static [(&'static str, &'static str)],
 }
 
 /// Values of `RateLimit-Remaining` and `RateLimit-Reset`.
@@ -589,12 +752,13 @@ enum Body {
 
 impl Response {
     fn json(status: u16, body: Body) -> Self {
-        Response { status, body, retry_after: None, replayed: false, rate_limit: None }
+        Response { status, body, retry_after: None, replayed: false, rate_limit: None, extra_headers: &[] }
     }
 }
 
 impl Shared {
     fn new(behaviour: Behaviour) -> Self {
+        let oauth = behaviour.oauth.clone().map(OAuthServer::new);
         Shared {
             state: Mutex::new(State {
                 behaviour,
@@ -605,6 +769,7 @@ impl Shared {
                 keys: HashMap::new(),
                 bucket: None,
                 not_before: None,
+                oauth,
             }),
         }
     }
@@ -654,6 +819,9 @@ impl Shared {
 impl State {
     fn decide(&mut self, req: &Request) -> Action {
         let now = Instant::now();
+        if let Some(server) = self.oauth.as_mut().filter(|server| server.is_token_endpoint(&req.path)) {
+            return Action::Respond(token_response(server, &mut self.stats, req, now));
+        }
         if let Some((told, not_before)) = self.not_before
             && (told..not_before).contains(&req.at)
         {
@@ -671,8 +839,16 @@ impl State {
     }
 
     fn decide_reply(&mut self, req: &Request, now: Instant) -> Action {
-        let b = &self.behaviour;
+        if self.oauth.as_ref().is_some_and(|server| !server.accepts(&req.headers, now)) {
+            self.stats.invalid_token += 1;
+            self.stats.rejected += 1;
+            return Action::Respond(Response {
+                extra_headers: BEARER_CHALLENGE,
+                ..Response::json(401, Body::Static(INVALID_TOKEN_BODY))
+            });
+        }
 
+        let b = &self.behaviour;
         for (name, value) in &b.require_headers {
             let present = req.headers.iter().any(|(n, v)| n.eq_ignore_ascii_case(name) && v == value.trim());
             if !present {
@@ -875,6 +1051,278 @@ fn correlation_id(headers: &[(String, String)]) -> Option<String> {
     let traceparent = find_header(headers, "traceparent")?;
     let trace_id = traceparent.split('-').nth(1)?;
     (trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| trace_id.to_owned())
+}
+
+// ---------------------------------------------------------------------------
+// OAuth 2.0.
+
+/// The authorization server's state for one [`OAuth`] configuration.
+struct OAuthServer {
+    config: OAuth,
+    /// The current client secret (rotated by [`Partner::set_client_secret`]).
+    client_secret: String,
+    /// The refresh token that is accepted now, if the grant is enabled.
+    refresh_token: Option<String>,
+    /// Access tokens issued and not revoked, with the instant they expire
+    /// (`None`: a TTL too long to represent, never).
+    tokens: HashMap<String, Option<Instant>>,
+}
+
+/// Why a token request was refused: an RFC 6749 (5.2) error code.
+#[derive(Debug)]
+struct Refusal {
+    status: u16,
+    error: &'static str,
+    /// For the debug log only.
+    reason: &'static str,
+    /// The client tried HTTP Basic: answer with a Basic challenge.
+    basic: bool,
+}
+
+impl Refusal {
+    fn invalid_request(reason: &'static str) -> Self {
+        Refusal { status: 400, error: "invalid_request", reason, basic: false }
+    }
+
+    fn invalid_client(reason: &'static str, basic: bool) -> Self {
+        Refusal { status: 401, error: "invalid_client", reason, basic }
+    }
+
+    fn invalid_grant(reason: &'static str) -> Self {
+        Refusal { status: 400, error: "invalid_grant", reason, basic: false }
+    }
+
+    fn unsupported_grant_type(reason: &'static str) -> Self {
+        Refusal { status: 400, error: "unsupported_grant_type", reason, basic: false }
+    }
+}
+
+/// A successful token response (RFC 6749, 5.1), fields in the usual order.
+#[derive(serde::Serialize)]
+struct Grant<'a> {
+    access_token: &'a str,
+    token_type: &'static str,
+    expires_in: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<&'a str>,
+}
+
+impl OAuthServer {
+    fn new(config: OAuth) -> Self {
+        OAuthServer {
+            client_secret: config.client_secret.clone(),
+            refresh_token: config.refresh_token.clone(),
+            tokens: HashMap::new(),
+            config,
+        }
+    }
+
+    /// Whether a request to `target` (path and query) is for the token
+    /// endpoint.
+    fn is_token_endpoint(&self, target: &str) -> bool {
+        target.split_once('?').map_or(target, |(path, _)| path) == self.config.token_path
+    }
+
+    /// Whether `headers` carry a bearer token that is valid at `now`.
+    fn accepts(&self, headers: &[(String, String)], now: Instant) -> bool {
+        let Some((scheme, token)) = find_header(headers, "authorization").and_then(|v| v.split_once(' ')) else {
+            return false;
+        };
+        scheme.eq_ignore_ascii_case("bearer")
+            && self.tokens.get(token.trim_start()).is_some_and(|expiry| expiry.is_none_or(|at| now < at))
+    }
+
+    /// Handles a token request decided at `now`: the JSON body of the
+    /// success response, naming the tokens with number `n`, or why it was
+    /// refused.
+    fn grant(&mut self, req: &Request, now: Instant, n: u64) -> Result<String, Refusal> {
+        if req.method != "POST" {
+            return Err(Refusal::invalid_request("the token endpoint only accepts POST"));
+        }
+        let form_type = find_header(&req.headers, "content-type")
+            .is_some_and(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case(FORM_URLENCODED));
+        if !form_type {
+            return Err(Refusal::invalid_request("Content-Type is not application/x-www-form-urlencoded"));
+        }
+        let form = parse_form(&req.body).ok_or(Refusal::invalid_request("malformed or repeated form parameters"))?;
+        let field = |name: &str| form.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+
+        self.authenticate(find_header(&req.headers, "authorization"), field("client_id"), field("client_secret"))?;
+
+        let new_refresh_token = match field("grant_type") {
+            None => return Err(Refusal::invalid_request("no grant_type")),
+            Some("client_credentials") => None,
+            Some("refresh_token") => {
+                let Some(current) = &self.refresh_token else {
+                    return Err(Refusal::unsupported_grant_type("the refresh token grant is not enabled"));
+                };
+                let presented = field("refresh_token").ok_or(Refusal::invalid_request("no refresh_token"))?;
+                if presented != current {
+                    return Err(Refusal::invalid_grant("unknown, rotated or revoked refresh token"));
+                }
+                let rotated = format!("rt_{n}_{}", random_suffix(n));
+                self.refresh_token = Some(rotated.clone());
+                Some(rotated)
+            }
+            Some(_) => return Err(Refusal::unsupported_grant_type("unknown grant_type")),
+        };
+
+        // Forget expired tokens so a long run with short TTLs stays small;
+        // an expired token is refused just like an unknown one.
+        self.tokens.retain(|_, expiry| expiry.is_none_or(|at| now < at));
+        let access_token = format!("tok_{n}_{}", random_suffix(n));
+        self.tokens.insert(access_token.clone(), now.checked_add(self.config.token_ttl));
+        let body = Grant {
+            access_token: &access_token,
+            token_type: "Bearer",
+            expires_in: self.config.token_ttl.as_secs().max(1),
+            refresh_token: new_refresh_token.as_deref(),
+            scope: field("scope").filter(|s| !s.is_empty()),
+        };
+        Ok(serde_json::to_string(&body).expect("a token response serializes"))
+    }
+
+    /// Client authentication (RFC 6749, 2.3.1): HTTP Basic or form fields,
+    /// not both.
+    fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        form_id: Option<&str>,
+        form_secret: Option<&str>,
+    ) -> Result<(), Refusal> {
+        let basic = authorization
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+            .map(|(_, credentials)| credentials.trim());
+        let (id, secret) = match basic {
+            Some(credentials) => {
+                if form_secret.is_some() {
+                    return Err(Refusal::invalid_request("two client authentication methods"));
+                }
+                let (id, secret) =
+                    decode_basic(credentials).ok_or(Refusal::invalid_client("malformed Basic credentials", true))?;
+                if form_id.is_some_and(|form_id| form_id != id) {
+                    return Err(Refusal::invalid_client("client_id differs from the Basic credentials", true));
+                }
+                (id, secret)
+            }
+            None => match (form_id, form_secret) {
+                (Some(id), Some(secret)) => (id.to_owned(), secret.to_owned()),
+                _ => return Err(Refusal::invalid_client("no client authentication", false)),
+            },
+        };
+        if id == self.config.client_id && secret == self.client_secret {
+            Ok(())
+        } else {
+            Err(Refusal::invalid_client("wrong client_id or client_secret", basic.is_some()))
+        }
+    }
+}
+
+/// Answers a request to the token endpoint and counts it.
+fn token_response(server: &mut OAuthServer, stats: &mut Stats, req: &Request, now: Instant) -> Response {
+    match server.grant(req, now, stats.tokens_issued + 1) {
+        Ok(body) => {
+            stats.tokens_issued += 1;
+            Response { extra_headers: NO_STORE, ..Response::json(200, Body::Text(body)) }
+        }
+        Err(refusal) => {
+            tracing::debug!(error = refusal.error, reason = refusal.reason, "fake partner: token request refused");
+            stats.token_failures += 1;
+            stats.rejected += 1;
+            let body = serde_json::json!({ "error": refusal.error }).to_string();
+            Response {
+                extra_headers: if refusal.basic { BASIC_CHALLENGE } else { NO_STORE },
+                ..Response::json(refusal.status, Body::Text(body))
+            }
+        }
+    }
+}
+
+const FORM_URLENCODED: &str = "application/x-www-form-urlencoded";
+
+/// The name-value pairs of an `application/x-www-form-urlencoded` body, in
+/// order. `None` if it is not valid (bad percent-encoding, not UTF-8) or a
+/// parameter occurs twice (RFC 6749, 3.2).
+fn parse_form(body: &[u8]) -> Option<Vec<(String, String)>> {
+    let body = std::str::from_utf8(body).ok()?;
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for part in body.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = part.split_once('=').unwrap_or((part, ""));
+        let (name, value) = (form_decode(name)?, form_decode(value)?);
+        if pairs.iter().any(|(n, _)| *n == name) {
+            return None;
+        }
+        pairs.push((name, value));
+    }
+    Some(pairs)
+}
+
+/// Decodes one form-urlencoded component: `+` is a space, `%XX` a byte.
+fn form_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `client_id` and `client_secret` from the credentials of an HTTP Basic
+/// `Authorization` header: base64 of `id:secret`, each part form-urlencoded
+/// (RFC 6749, 2.3.1).
+fn decode_basic(credentials: &str) -> Option<(String, String)> {
+    let decoded = String::from_utf8(base64_decode(credentials)?).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    Some((form_decode(id)?, form_decode(secret)?))
+}
+
+/// Decodes standard base64 (RFC 4648, 4), padded or not.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let data = s.trim_end_matches('=');
+    let padding = s.len() - data.len();
+    if padding > 2 || (padding > 0 && !s.len().is_multiple_of(4)) || data.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(data.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for b in data.bytes() {
+        let v = match b {
+            b'A'..=b'Z' => b - b'A',
+            b'a'..=b'z' => b - b'a' + 26,
+            b'0'..=b'9' => b - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = ((acc << 6) | u32::from(v)) & 0xffff;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// 16 hex digits that differ between calls and between runs, so tokens
+/// cannot be guessed from their number alone.
+fn random_suffix(n: u64) -> String {
+    use std::hash::BuildHasher as _;
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{:016x}", std::hash::RandomState::new().hash_one((n, nanos)))
 }
 
 // ---------------------------------------------------------------------------
@@ -1290,6 +1738,9 @@ async fn write_response<W: AsyncWrite + Unpin>(
     }
     if response.replayed {
         out.extend_from_slice(b"Idempotent-Replayed: true\r\n");
+    }
+    for (name, value) in response.extra_headers {
+        write!(out, "{name}: {value}\r\n")?;
     }
     if close {
         out.extend_from_slice(b"Connection: close\r\n");

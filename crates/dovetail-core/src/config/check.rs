@@ -146,6 +146,13 @@ impl Config {
                     out.push((p(&["connectors", name, "auth", "password"]), password))
                 }
                 Some(AuthConfig::ApiKey { key, .. }) => out.push((p(&["connectors", name, "auth", "key"]), key)),
+                Some(AuthConfig::Oauth2ClientCredentials { client_secret, .. }) => {
+                    out.push((p(&["connectors", name, "auth", "client_secret"]), client_secret))
+                }
+                Some(AuthConfig::Oauth2RefreshToken { client_secret, refresh_token, .. }) => {
+                    out.extend(client_secret.iter().map(|s| (p(&["connectors", name, "auth", "client_secret"]), s)));
+                    out.push((p(&["connectors", name, "auth", "refresh_token"]), refresh_token));
+                }
                 None => {}
             }
         }
@@ -269,6 +276,17 @@ fn check_http_connector(out: &mut Vec<Finding>, name: &str, h: &HttpConnector) {
             }
             _ => {}
         }
+    }
+    if let Some(
+        AuthConfig::Oauth2ClientCredentials { token_url, .. } | AuthConfig::Oauth2RefreshToken { token_url, .. },
+    ) = &h.auth
+        && !["http://", "https://"].iter().any(|p| token_url.strip_prefix(p).is_some_and(|r| !r.is_empty()))
+    {
+        out.push(Finding::error(
+            &["connectors", name, "auth", "token_url"],
+            format!("`{token_url}` is not an http(s) URL"),
+            "write the partner's token endpoint, e.g. \"https://api.example.com/oauth/token\"",
+        ));
     }
     if let Some(rl) = &h.rate_limit {
         if !(rl.requests_per_second.is_finite() && rl.requests_per_second > 0.0) {
@@ -398,6 +416,19 @@ impl std::fmt::Debug for ResolvedFlow {
 pub struct ResolvedAuth {
     pub header: Option<(String, Secret)>,
     pub query: Option<(String, Secret)>,
+    /// Bearer tokens obtained from an OAuth 2.0 token endpoint.
+    pub oauth: Option<ResolvedOAuth>,
+}
+
+/// An OAuth 2.0 client: where to get tokens and with what.
+#[derive(Debug, Clone)]
+pub struct ResolvedOAuth {
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: Option<Secret>,
+    /// Set for the refresh-token grant; client credentials otherwise.
+    pub refresh_token: Option<Secret>,
+    pub scope: Option<String>,
 }
 
 impl Loaded {
@@ -427,6 +458,7 @@ impl Loaded {
                     header: fetch(&at("token"), token)
                         .map(|t| ("authorization".to_string(), Secret::new(format!("Bearer {}", t.expose())))),
                     query: None,
+                    oauth: None,
                 },
                 Some(AuthConfig::Basic { username, password }) => ResolvedAuth {
                     header: fetch(&at("password"), password).map(|p| {
@@ -435,10 +467,42 @@ impl Loaded {
                         ("authorization".to_string(), Secret::new(value))
                     }),
                     query: None,
+                    oauth: None,
                 },
                 Some(AuthConfig::ApiKey { key, header, query }) => {
                     let value = fetch(&at("key"), key);
-                    ResolvedAuth { header: header.clone().zip(value.clone()), query: query.clone().zip(value) }
+                    ResolvedAuth {
+                        header: header.clone().zip(value.clone()),
+                        query: query.clone().zip(value),
+                        oauth: None,
+                    }
+                }
+                Some(AuthConfig::Oauth2ClientCredentials { token_url, client_id, client_secret, scope }) => {
+                    ResolvedAuth {
+                        oauth: fetch(&at("client_secret"), client_secret).map(|secret| ResolvedOAuth {
+                            token_url: token_url.clone(),
+                            client_id: client_id.clone(),
+                            client_secret: Some(secret),
+                            refresh_token: None,
+                            scope: scope.clone(),
+                        }),
+                        ..ResolvedAuth::default()
+                    }
+                }
+                Some(AuthConfig::Oauth2RefreshToken { token_url, client_id, client_secret, refresh_token, scope }) => {
+                    let secret = client_secret.as_ref().map(|s| fetch(&at("client_secret"), s));
+                    let refresh = fetch(&at("refresh_token"), refresh_token);
+                    let oauth = match (secret, refresh) {
+                        (Some(None), _) | (_, None) => None,
+                        (secret, Some(refresh)) => Some(ResolvedOAuth {
+                            token_url: token_url.clone(),
+                            client_id: client_id.clone(),
+                            client_secret: secret.flatten(),
+                            refresh_token: Some(refresh),
+                            scope: scope.clone(),
+                        }),
+                    };
+                    ResolvedAuth { oauth, ..ResolvedAuth::default() }
                 }
             };
             connectors.insert(name.clone(), auth);
@@ -527,6 +591,36 @@ sink = { type = "http", connector = "a" }
         assert!(r.connectors["a"].header.is_none());
         let both = text.replace(r#"query = "api_key","#, r#"query = "api_key", header = "X-Key","#);
         assert!(errors_of(&both).iter().any(|e| e.starts_with("connectors.a.auth: ")), "{:?}", errors_of(&both));
+    }
+
+    #[test]
+    fn oauth2_grants_resolve_their_secrets() {
+        let cc = CONFIG.replace(
+            r#"auth = { type = "bearer", token = "env:A_TOKEN" }"#,
+            r#"auth = { type = "oauth2_client_credentials", token_url = "https://a.example/oauth/token", client_id = "dovetail", client_secret = "env:A_TOKEN", scope = "orders:write" }"#,
+        );
+        let (loaded, _) = load(&cc, Path::new("d.toml")).unwrap();
+        let r = loaded.resolve(&env(&[("A_TOKEN", "s3"), ("B_PASSWORD", "p"), ("OLD", "o"), ("NEW", "n")])).unwrap();
+        let o = r.connectors["a"].oauth.clone().unwrap();
+        assert_eq!(
+            (o.client_id.as_str(), o.client_secret.unwrap().expose(), o.scope.as_deref()),
+            ("dovetail", "s3", Some("orders:write"))
+        );
+        assert!(o.refresh_token.is_none());
+
+        let rt = CONFIG.replace(
+            r#"auth = { type = "bearer", token = "env:A_TOKEN" }"#,
+            r#"auth = { type = "oauth2_refresh_token", token_url = "ftp://x", client_id = "dovetail", refresh_token = "env:RT" }"#,
+        );
+        assert!(errors_of(&rt).iter().any(|e| e.starts_with("connectors.a.auth.token_url")), "{:?}", errors_of(&rt));
+        let rt = rt.replace("ftp://x", "https://a.example/token");
+        let (loaded, _) = load(&rt, Path::new("d.toml")).unwrap();
+        let missing = loaded.resolve(&env(&[("B_PASSWORD", "p"), ("OLD", "o"), ("NEW", "n")])).unwrap_err();
+        assert_eq!(missing.0[0].key, "connectors.a.auth.refresh_token");
+        let r = loaded.resolve(&env(&[("RT", "r1"), ("B_PASSWORD", "p"), ("OLD", "o"), ("NEW", "n")])).unwrap();
+        let o = r.connectors["a"].oauth.clone().unwrap();
+        assert_eq!(o.refresh_token.unwrap().expose(), "r1");
+        assert!(o.client_secret.is_none(), "a public client");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use check::{Resolved, ResolvedAuth, ResolvedFlow, SecretSource};
+pub use check::{Resolved, ResolvedAuth, ResolvedFlow, ResolvedOAuth, SecretSource};
 pub use load::{ConfigError, ConfigErrors, Loaded, Severity, load, render_errors};
 pub use values::{ByteSize, Secret, SecretRef};
 
@@ -240,6 +240,25 @@ pub enum AuthConfig {
         header: Option<String>,
         #[serde(default)]
         query: Option<String>,
+    },
+    /// OAuth 2.0 client credentials grant (RFC 6749 §4.4).
+    Oauth2ClientCredentials {
+        token_url: String,
+        client_id: String,
+        client_secret: SecretRef,
+        #[serde(default)]
+        scope: Option<String>,
+    },
+    /// OAuth 2.0 refresh token grant (RFC 6749 §6); a rotated refresh token
+    /// is kept in memory for the life of the process.
+    Oauth2RefreshToken {
+        token_url: String,
+        client_id: String,
+        #[serde(default)]
+        client_secret: Option<SecretRef>,
+        refresh_token: SecretRef,
+        #[serde(default)]
+        scope: Option<String>,
     },
 }
 

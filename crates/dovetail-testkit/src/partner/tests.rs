@@ -850,3 +850,598 @@ async fn requests_per_window_uses_recorded_arrivals() {
     assert_eq!(p.requests_per_window(Duration::from_millis(10)), 1);
     assert_eq!(p.requests_per_window(Duration::from_millis(2001)), 3);
 }
+
+// ---------------------------------------------------------------------------
+// OAuth 2.0. Tokens that must stay valid during a test live for an hour;
+// expiry is forced with `revoke_all_tokens`. Only `tokens_really_expire`
+// waits for a real expiry, and it can only fail if the clock runs fast.
+
+const TOKEN_PATH: &str = "/oauth/token";
+const CLIENT_ID: &str = "dovetail";
+const SECRET: &str = "s3cret";
+const REFRESH: &str = "rt-initial";
+const HOUR: Duration = Duration::from_secs(3600);
+const CLIENT_CREDENTIALS: &str = "grant_type=client_credentials";
+
+fn oauth_config(ttl: Duration) -> OAuth {
+    OAuth {
+        token_path: TOKEN_PATH.to_owned(),
+        client_id: CLIENT_ID.to_owned(),
+        client_secret: SECRET.to_owned(),
+        token_ttl: ttl,
+        refresh_token: Some(REFRESH.to_owned()),
+    }
+}
+
+fn with_oauth(b: Behaviour) -> Behaviour {
+    b.oauth(oauth_config(HOUR))
+}
+
+/// Standard base64 with padding, for building `Authorization: Basic`.
+fn base64_encode(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let byte = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
+        let n = (byte(0) << 16) | (byte(1) << 8) | byte(2);
+        for i in 0..4 {
+            out.push(if i <= chunk.len() { char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]) } else { '=' });
+        }
+    }
+    out
+}
+
+fn basic(id: &str, secret: &str) -> String {
+    format!("Basic {}", base64_encode(format!("{id}:{secret}").as_bytes()))
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// A request with exactly these headers (plus `Host` and `Content-Length`).
+fn raw_request(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Vec<u8> {
+    let mut out = format!("{method} {path} HTTP/1.1\r\nHost: partner.test\r\n");
+    for (name, value) in headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    out.into_bytes()
+}
+
+impl TestClient {
+    /// A form-urlencoded POST to the token endpoint.
+    async fn token(&mut self, headers: &[(&str, &str)], form: &str) -> TestResponse {
+        let mut all = vec![("Content-Type", FORM_URLENCODED)];
+        all.extend_from_slice(headers);
+        self.send_raw(&raw_request("POST", TOKEN_PATH, &all, form)).await;
+        self.recv().await.expect("token response")
+    }
+}
+
+/// A token request on a fresh connection.
+async fn token(p: &Partner, headers: &[(&str, &str)], form: &str) -> TestResponse {
+    TestClient::connect(p.addr()).await.token(headers, form).await
+}
+
+/// A fresh access token (client credentials, HTTP Basic).
+async fn access_token(p: &Partner) -> String {
+    let r = token(p, &[("Authorization", &basic(CLIENT_ID, SECRET))], CLIENT_CREDENTIALS).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json()["access_token"].as_str().expect("access_token").to_owned()
+}
+
+/// POST /records with a key and, if given, a bearer token, on a fresh
+/// connection.
+async fn api_call(p: &Partner, token: Option<&str>, key: &str, body: &str) -> TestResponse {
+    let mut c = TestClient::connect(p.addr()).await;
+    let auth = token.map(bearer);
+    let mut headers = vec![("Idempotency-Key", key)];
+    if let Some(auth) = &auth {
+        headers.push(("Authorization", auth));
+    }
+    c.call(&headers, body).await.expect("API response")
+}
+
+fn assert_invalid_token(r: &TestResponse) {
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(r.body, r#"{"error":"invalid_token"}"#);
+    assert_eq!(r.header("www-authenticate"), Some(r#"Bearer error="invalid_token""#));
+}
+
+fn assert_token_error(r: &TestResponse, status: u16, error: &str) {
+    assert_eq!((r.status, r.body.as_str()), (status, format!(r#"{{"error":"{error}"}}"#).as_str()), "{r:?}");
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+}
+
+#[test]
+fn oauth_builder() {
+    assert_eq!(Behaviour::default().oauth, None);
+    let b = Behaviour::always(Reply::Ok).oauth(oauth_config(HOUR));
+    assert_eq!(b.oauth, Some(oauth_config(HOUR)));
+    assert!(matches!(b.default, Reply::Ok));
+}
+
+#[tokio::test]
+async fn client_credentials_with_basic_auth() {
+    let p = start(with_oauth(Behaviour::default())).await;
+    let mut c = TestClient::connect(p.addr()).await;
+    let auth = basic(CLIENT_ID, SECRET);
+    let r = c.token(&[("Authorization", &auth)], CLIENT_CREDENTIALS).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!((r.header("cache-control"), r.header("pragma")), (Some("no-store"), Some("no-cache")));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.header("www-authenticate"), None);
+    let json = r.json();
+    let first = json["access_token"].as_str().unwrap().to_owned();
+    assert!(first.starts_with("tok_1_") && first.len() > "tok_1_".len(), "{first}");
+    assert_eq!((json["token_type"].as_str(), json["expires_in"].as_u64()), (Some("Bearer"), Some(3600)));
+    assert!(json.get("refresh_token").is_none() && json.get("scope").is_none(), "{json}");
+    // The fields come in the usual order.
+    assert!(r.body.starts_with(r#"{"access_token":"tok_1_"#), "{}", r.body);
+
+    // A scope is echoed; every token is new.
+    let r = c.token(&[("Authorization", &auth)], "grant_type=client_credentials&scope=records%3Awrite+read").await;
+    let json = r.json();
+    assert_eq!(json["scope"], "records:write read");
+    let second = json["access_token"].as_str().unwrap();
+    assert!(second.starts_with("tok_2_"), "{second}");
+    assert_ne!(second, first);
+
+    let stats = p.stats();
+    assert_eq!(stats, Stats { requests: 2, tokens_issued: 2, ..Stats::default() });
+    assert_eq!(p.requests()[0].path, TOKEN_PATH);
+}
+
+#[tokio::test]
+async fn client_credentials_with_post_fields() {
+    let p = start(with_oauth(Behaviour::default())).await;
+    let form = format!("grant_type=client_credentials&client_id={CLIENT_ID}&client_secret={SECRET}");
+    let r = token(&p, &[], &form).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let tok = r.json()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(api_call(&p, Some(&tok), "k1", r#"{"id":"r1"}"#).await.status, 200);
+    // A Basic header may come with a client_id field naming the same client.
+    let r = token(
+        &p,
+        &[("Authorization", &basic(CLIENT_ID, SECRET))],
+        &format!("{CLIENT_CREDENTIALS}&client_id={CLIENT_ID}"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(p.stats().tokens_issued, 2);
+}
+
+#[tokio::test]
+async fn credentials_are_form_decoded() {
+    // RFC 6749, 2.3.1: both Basic parts are form-urlencoded first.
+    let secret = "p@ss:w+rd %/";
+    let encoded = "p%40ss%3Aw%2Brd+%25%2F";
+    let p = start(Behaviour::default().oauth(OAuth { client_secret: secret.into(), ..oauth_config(HOUR) })).await;
+    let r = token(&p, &[("Authorization", &basic(CLIENT_ID, encoded))], CLIENT_CREDENTIALS).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let form = format!("{CLIENT_CREDENTIALS}&client_id={CLIENT_ID}&client_secret={encoded}");
+    assert_eq!(token(&p, &[], &form).await.status, 200);
+    // The raw secret in Basic is not the same thing.
+    let r = token(&p, &[("Authorization", &basic(CLIENT_ID, secret))], CLIENT_CREDENTIALS).await;
+    assert_token_error(&r, 401, "invalid_client");
+}
+
+#[tokio::test]
+async fn wrong_client_credentials_are_invalid_client() {
+    let p = start(with_oauth(Behaviour::default())).await;
+    let basic_challenge = Some(r#"Basic realm="token""#);
+
+    let r = token(&p, &[("Authorization", &basic(CLIENT_ID, "wrong"))], CLIENT_CREDENTIALS).await;
+    assert_token_error(&r, 401, "invalid_client");
+    assert_eq!(r.header("www-authenticate"), basic_challenge);
+    let r = token(&p, &[("Authorization", &basic("someone-else", SECRET))], CLIENT_CREDENTIALS).await;
+    assert_token_error(&r, 401, "invalid_client");
+    let r = token(&p, &[("Authorization", "Basic !!!not-base64")], CLIENT_CREDENTIALS).await;
+    assert_token_error(&r, 401, "invalid_client");
+    assert_eq!(r.header("www-authenticate"), basic_challenge);
+    // Form fields: wrong secret, or no secret at all.
+    let r = token(&p, &[], &format!("{CLIENT_CREDENTIALS}&client_id={CLIENT_ID}&client_secret=wrong")).await;
+    assert_token_error(&r, 401, "invalid_client");
+    assert_eq!(r.header("www-authenticate"), None);
+    let r = token(&p, &[], &format!("{CLIENT_CREDENTIALS}&client_id={CLIENT_ID}")).await;
+    assert_token_error(&r, 401, "invalid_client");
+    // No client authentication; a bearer token is none either.
+    assert_token_error(&token(&p, &[], CLIENT_CREDENTIALS).await, 401, "invalid_client");
+    let r = token(&p, &[("Authorization", "Bearer tok_1")], CLIENT_CREDENTIALS).await;
+    assert_token_error(&r, 401, "invalid_client");
+    // A client_id field that contradicts Basic.
+    let r =
+        token(&p, &[("Authorization", &basic(CLIENT_ID, SECRET))], &format!("{CLIENT_CREDENTIALS}&client_id=other"))
+            .await;
+    assert_token_error(&r, 401, "invalid_client");
+
+    assert_eq!(p.stats(), Stats { requests: 8, rejected: 8, token_failures: 8, ..Stats::default() });
+}
+
+#[tokio::test]
+async fn set_client_secret_rotates_the_secret() {
+    let p = start(with_oauth(Behaviour::default())).await;
+    let before = access_token(&p).await;
+    p.set_client_secret("rotated");
+    let r = token(&p, &[("Authorization", &basic(CLIENT_ID, SECRET))], CLIENT_CREDENTIALS).await;
+    assert_token_error(&r, 401, "invalid_client");
+    let form = format!("{CLIENT_CREDENTIALS}&client_id={CLIENT_ID}&client_secret={SECRET}");
+    assert_token_error(&token(&p, &[], &form).await, 401, "invalid_client");
+    let r = token(&p, &[("Authorization", &basic(CLIENT_ID, "rotated"))], CLIENT_CREDENTIALS).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // A token issued before the rotation is still good.
+    assert_eq!(api_call(&p, Some(&before), "k1", "{}").await.status, 200);
+    let stats = p.stats();
+    assert_eq!((stats.tokens_issued, stats.token_failures, stats.effects), (2, 2, 1));
+}
+
+#[tokio::test]
+async fn api_requires_a_valid_bearer_token() {
+    // A script entry and a rate limit of one request: a refused request
+    // must use neither, and must not commit an effect.
+    let b = with_oauth(Behaviour::script(vec![status(503, "{}")], Reply::Ok).rate_limited(HOURLY, 2));
+    let p = start(b).await;
+    let mut c = TestClient::connect(p.addr()).await;
+
+    assert_invalid_token(&c.call(&[("Idempotency-Key", "k1")], r#"{"id":"r1"}"#).await.unwrap());
+    // Refused before idempotency: no key at all is a 401, not a 400.
+    assert_invalid_token(&c.call(&[], r#"{"id":"r1"}"#).await.unwrap());
+    for auth in ["Bearer garbage", "Bearer tok_1", "Bearer", "Basic ZG92ZXRhaWw6czNjcmV0", "tok_1"] {
+        let r = c.call(&[("Idempotency-Key", "k1"), ("Authorization", auth)], r#"{"id":"r1"}"#).await.unwrap();
+        assert_invalid_token(&r);
+    }
+    assert!(p.effects().is_empty());
+    assert_eq!(p.stats(), Stats { requests: 7, rejected: 7, invalid_token: 7, ..Stats::default() });
+
+    // With a fresh token (scheme case-insensitive): the script entry and
+    // the rate limit are still all there.
+    let tok = access_token(&p).await;
+    let auth = format!("bearer {tok}");
+    let with_token = [("Idempotency-Key", "k1"), ("Authorization", auth.as_str())];
+    assert_eq!(c.call(&with_token, r#"{"id":"r1"}"#).await.unwrap().status, 503);
+    let r = c.call(&with_token, r#"{"id":"r1"}"#).await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, r#"{"ok":true,"effect":1}"#));
+    assert_eq!(c.call(&with_token, r#"{"id":"r1"}"#).await.unwrap().status, 429);
+    let effects = p.effects();
+    assert_eq!((effects.len(), effects[0].record_id.as_deref()), (1, Some("r1")));
+    let stats = p.stats();
+    assert_eq!(
+        stats,
+        Stats {
+            requests: 11,
+            effects: 1,
+            rejected: 9,
+            rate_limited: 1,
+            tokens_issued: 1,
+            invalid_token: 7,
+            ..Stats::default()
+        }
+    );
+}
+
+#[tokio::test]
+async fn revoke_all_tokens_forces_a_new_token() {
+    let p = start(with_oauth(Behaviour::default())).await;
+    let first = access_token(&p).await;
+    let second = access_token(&p).await;
+    assert_eq!(api_call(&p, Some(&first), "k1", r#"{"id":"r1"}"#).await.status, 200);
+    p.revoke_all_tokens();
+    for tok in [&first, &second] {
+        assert_invalid_token(&api_call(&p, Some(tok), "k2", r#"{"id":"r2"}"#).await);
+    }
+    // A new token works, and so does the refresh token.
+    let third = access_token(&p).await;
+    assert_eq!(api_call(&p, Some(&third), "k2", r#"{"id":"r2"}"#).await.status, 200);
+    let r = token(
+        &p,
+        &[("Authorization", &basic(CLIENT_ID, SECRET))],
+        &format!("grant_type=refresh_token&refresh_token={REFRESH}"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let stats = p.stats();
+    assert_eq!((stats.effects, stats.invalid_token, stats.tokens_issued), (2, 2, 4));
+}
+
+#[tokio::test]
+async fn tokens_really_expire() {
+    // One second of life; the token is only used well after it ended, so a
+    // slow machine cannot make this fail.
+    let p = start(Behaviour::default().oauth(oauth_config(Duration::from_secs(1)))).await;
+    let r = token(&p, &[("Authorization", &basic(CLIENT_ID, SECRET))], CLIENT_CREDENTIALS).await;
+    assert_eq!(r.json()["expires_in"], 1);
+    let tok = r.json()["access_token"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_invalid_token(&api_call(&p, Some(&tok), "k1", "{}").await);
+    assert_eq!(p.stats().effects, 0);
+}
+
+#[test]
+fn expiry_is_checked_by_instant() {
+    let mut server = OAuthServer::new(oauth_config(Duration::from_millis(2500)));
+    let t0 = Instant::now();
+    let req = Request {
+        method: "POST".into(),
+        path: TOKEN_PATH.into(),
+        headers: vec![
+            ("content-type".into(), FORM_URLENCODED.into()),
+            ("authorization".into(), basic(CLIENT_ID, SECRET)),
+        ],
+        body: Bytes::from_static(CLIENT_CREDENTIALS.as_bytes()),
+        at: t0,
+        idempotency_key: None,
+        record_id: None,
+        correlation_id: None,
+    };
+    let body: serde_json::Value = serde_json::from_str(&server.grant(&req, t0, 1).unwrap()).unwrap();
+    // 2.5 s is advertised as 2: a client trusting it is never late.
+    assert_eq!(body["expires_in"], 2);
+    let auth = vec![("authorization".to_owned(), bearer(body["access_token"].as_str().unwrap()))];
+    let at = |ms| t0 + Duration::from_millis(ms);
+    assert!(server.accepts(&auth, t0));
+    assert!(server.accepts(&auth, at(2499)));
+    assert!(!server.accepts(&auth, at(2500)));
+    // Expired tokens are forgotten when the next one is issued.
+    server.grant(&req, at(3000), 2).unwrap();
+    assert_eq!(server.tokens.len(), 1);
+    // A TTL below a second is still advertised as 1; one too long to
+    // represent never expires.
+    for (ttl, expires_in) in [(Duration::from_millis(10), 1), (Duration::MAX, u64::MAX)] {
+        let mut server = OAuthServer::new(oauth_config(ttl));
+        let body: serde_json::Value = serde_json::from_str(&server.grant(&req, t0, 1).unwrap()).unwrap();
+        assert_eq!(body["expires_in"].as_u64(), Some(expires_in));
+    }
+    let mut server = OAuthServer::new(oauth_config(Duration::MAX));
+    let body: serde_json::Value = serde_json::from_str(&server.grant(&req, t0, 1).unwrap()).unwrap();
+    let auth = vec![("authorization".to_owned(), bearer(body["access_token"].as_str().unwrap()))];
+    assert!(server.accepts(&auth, t0 + Duration::from_secs(100 * 365 * 24 * 3600)));
+}
+
+#[tokio::test]
+async fn refresh_token_grant_rotates_the_refresh_token() {
+    let p = start(with_oauth(Behaviour::default())).await;
+    let auth = basic(CLIENT_ID, SECRET);
+    let refresh = async |rt: &str| {
+        token(&p, &[("Authorization", &auth)], &format!("grant_type=refresh_token&refresh_token={rt}")).await
+    };
+
+    let r = refresh(REFRESH).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let json = r.json();
+    let (tok, second) = (json["access_token"].as_str().unwrap(), json["refresh_token"].as_str().unwrap().to_owned());
+    assert!(tok.starts_with("tok_1_"), "{tok}");
+    assert_eq!((json["token_type"].as_str(), json["expires_in"].as_u64()), (Some("Bearer"), Some(3600)));
+    assert_ne!(second, REFRESH);
+    assert_eq!(api_call(&p, Some(tok), "k1", "{}").await.status, 200);
+
+    // The old refresh token is dead; the new one works once and rotates again.
+    assert_token_error(&refresh(REFRESH).await, 400, "invalid_grant");
+    let r = refresh(&second).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let third = r.json()["refresh_token"].as_str().unwrap().to_owned();
+    assert!(third != second && third != REFRESH);
+    assert_token_error(&refresh(&second).await, 400, "invalid_grant");
+    assert_token_error(&refresh("made-up").await, 400, "invalid_grant");
+
+    // Client authentication still applies, by either method, and comes first.
+    let form = format!("grant_type=refresh_token&refresh_token={third}");
+    assert_token_error(&token(&p, &[], &form).await, 401, "invalid_client");
+    let r = token(&p, &[], &format!("{form}&client_id={CLIENT_ID}&client_secret={SECRET}&scope=read")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["scope"], "read");
+    assert!(r.json()["refresh_token"].is_string());
+    // No refresh_token parameter at all.
+    assert_token_error(
+        &token(&p, &[("Authorization", &auth)], "grant_type=refresh_token").await,
+        400,
+        "invalid_request",
+    );
+
+    let stats = p.stats();
+    assert_eq!((stats.tokens_issued, stats.token_failures, stats.rejected), (3, 5, 5));
+}
+
+#[tokio::test]
+async fn unsupported_and_missing_grant_types() {
+    let p = start(with_oauth(Behaviour::default())).await;
+    let auth = basic(CLIENT_ID, SECRET);
+    let headers = [("Authorization", auth.as_str())];
+    for grant in ["password&username=a&password=b", "authorization_code&code=x", "CLIENT_CREDENTIALS", ""] {
+        let r = token(&p, &headers, &format!("grant_type={grant}")).await;
+        assert_token_error(&r, 400, "unsupported_grant_type");
+    }
+    assert_token_error(&token(&p, &headers, "scope=read").await, 400, "invalid_request");
+    // Without a configured refresh token the refresh grant is not offered.
+    p.set_behaviour(Behaviour::default().oauth(OAuth { refresh_token: None, ..oauth_config(HOUR) }));
+    let r = token(&p, &headers, &format!("grant_type=refresh_token&refresh_token={REFRESH}")).await;
+    assert_token_error(&r, 400, "unsupported_grant_type");
+    assert_eq!(p.stats().token_failures, 6);
+}
+
+#[tokio::test]
+async fn malformed_token_requests_are_invalid_request() {
+    let p = start(with_oauth(Behaviour::default())).await;
+    let auth = basic(CLIENT_ID, SECRET);
+    let mut c = TestClient::connect(p.addr()).await;
+    let mut send = async |method: &str, path: &str, content_type: Option<&str>, extra: &[(&str, &str)], body: &str| {
+        let mut headers = extra.to_vec();
+        headers.extend(content_type.map(|t| ("Content-Type", t)));
+        c.send_raw(&raw_request(method, path, &headers, body)).await;
+        c.recv().await.expect("response")
+    };
+    let basic_only = [("Authorization", auth.as_str())];
+    let form = Some(FORM_URLENCODED);
+
+    // Not POST; not a form; no Content-Type.
+    assert_token_error(&send("GET", TOKEN_PATH, form, &basic_only, "").await, 400, "invalid_request");
+    let json = r#"{"grant_type":"client_credentials"}"#;
+    assert_token_error(
+        &send("POST", TOKEN_PATH, Some("application/json"), &basic_only, json).await,
+        400,
+        "invalid_request",
+    );
+    assert_token_error(&send("POST", TOKEN_PATH, None, &basic_only, CLIENT_CREDENTIALS).await, 400, "invalid_request");
+    // Repeated parameters and bad percent-encoding.
+    let twice = "grant_type=client_credentials&grant_type=client_credentials";
+    assert_token_error(&send("POST", TOKEN_PATH, form, &basic_only, twice).await, 400, "invalid_request");
+    let bad = "grant_type=client_credentials&scope=%zz";
+    assert_token_error(&send("POST", TOKEN_PATH, form, &basic_only, bad).await, 400, "invalid_request");
+    // Two client authentication methods in one request.
+    let both = format!("{CLIENT_CREDENTIALS}&client_id={CLIENT_ID}&client_secret={SECRET}");
+    assert_token_error(&send("POST", TOKEN_PATH, form, &basic_only, &both).await, 400, "invalid_request");
+
+    // A charset parameter, a query string, empty pairs and odd case are fine.
+    let r = send(
+        "POST",
+        "/oauth/token?x=1",
+        Some("Application/X-WWW-Form-Urlencoded; charset=UTF-8"),
+        &[("authorization", &auth.replacen("Basic", "BASIC", 1))],
+        "&grant_type=client_credentials&&",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // Another path is the API, not the token endpoint.
+    let r = send("POST", "/oauth/token/", form, &basic_only, CLIENT_CREDENTIALS).await;
+    assert_invalid_token(&r);
+    let stats = p.stats();
+    assert_eq!((stats.token_failures, stats.tokens_issued, stats.invalid_token), (6, 1, 1));
+}
+
+#[tokio::test]
+async fn token_endpoint_is_exempt_from_everything_else() {
+    // Everything that could refuse or count a request: a script entry, a
+    // body override, a required header, idempotency and an advertised rate
+    // limit of one request.
+    let b = Behaviour::script(vec![status(503, "{}")], Reply::Ok)
+        .fail_body("grant_type", status(422, "{}"))
+        .require("X-Tenant", "acme");
+    let b = with_oauth(Behaviour { rate_limit: Some(RateLimit { advertise: true, ..limit(HOURLY, 1) }), ..b });
+    let p = start(b).await;
+    let mut c = TestClient::connect(p.addr()).await;
+    let auth = basic(CLIENT_ID, SECRET);
+
+    // Three token requests (one refused) beyond the burst, without key or
+    // tenant, and a body that matches the override.
+    for _ in 0..2 {
+        let r = c.token(&[("Authorization", &auth)], CLIENT_CREDENTIALS).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("ratelimit-remaining"), None);
+    }
+    assert_eq!(c.token(&[], CLIENT_CREDENTIALS).await.status, 401);
+    let tok = access_token(&p).await;
+    let auth = bearer(&tok);
+    let api = [("Idempotency-Key", "k1"), ("Authorization", auth.as_str()), ("X-Tenant", "acme")];
+    // The script entry and the rate limiter's token are still there.
+    let r = c.call(&api, "{}").await.unwrap();
+    assert_eq!((r.status, header_u64(&r, "ratelimit-remaining")), (503, 0));
+    let r = c.call(&api, "{}").await.unwrap();
+    assert_eq!(r.status, 429);
+    // Asking for a token while told to wait is no violation; the API is.
+    assert_eq!(c.token(&[("Authorization", &basic(CLIENT_ID, SECRET))], CLIENT_CREDENTIALS).await.status, 200);
+    assert_eq!(p.stats().retry_after_violations, 0);
+    assert_eq!(c.call(&api, "{}").await.unwrap().status, 429);
+
+    assert!(p.effects().is_empty());
+    assert_eq!(
+        p.stats(),
+        Stats {
+            requests: 8,
+            rejected: 4,
+            rate_limited: 2,
+            retry_after_violations: 1,
+            tokens_issued: 4,
+            token_failures: 1,
+            ..Stats::default()
+        }
+    );
+    assert_eq!(p.requests().iter().filter(|r| r.path == TOKEN_PATH).count(), 5);
+}
+
+#[tokio::test]
+async fn set_behaviour_keeps_oauth_state_only_for_an_equal_config() {
+    let p = start(with_oauth(Behaviour::default())).await;
+    let tok = access_token(&p).await;
+    p.set_client_secret("rotated");
+    let r = token(
+        &p,
+        &[("Authorization", &basic(CLIENT_ID, "rotated"))],
+        &format!("grant_type=refresh_token&refresh_token={REFRESH}"),
+    )
+    .await;
+    let rotated = r.json()["refresh_token"].as_str().unwrap().to_owned();
+
+    // An equal configuration keeps tokens, secret and refresh token.
+    p.set_behaviour(with_oauth(Behaviour::always(status(202, "{}"))));
+    assert_eq!(api_call(&p, Some(&tok), "k1", "{}").await.status, 202);
+    let r = token(
+        &p,
+        &[("Authorization", &basic(CLIENT_ID, "rotated"))],
+        &format!("grant_type=refresh_token&refresh_token={rotated}"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // Another configuration starts afresh from it.
+    p.set_behaviour(Behaviour::default().oauth(oauth_config(2 * HOUR)));
+    assert_invalid_token(&api_call(&p, Some(&tok), "k1", "{}").await);
+    let r = token(
+        &p,
+        &[("Authorization", &basic(CLIENT_ID, SECRET))],
+        &format!("grant_type=refresh_token&refresh_token={REFRESH}"),
+    )
+    .await;
+    assert_eq!((r.status, r.json()["expires_in"].as_u64()), (200, Some(7200)));
+
+    // Without OAuth, no token is needed, the helpers do nothing and the
+    // token path is an ordinary API path.
+    p.set_behaviour(Behaviour::default());
+    p.revoke_all_tokens();
+    p.set_client_secret("ignored");
+    assert_eq!(api_call(&p, None, "k2", "{}").await.status, 200);
+    assert_eq!(
+        TestClient::connect(p.addr()).await.token(&[("Idempotency-Key", "k3")], CLIENT_CREDENTIALS).await.status,
+        200
+    );
+    assert_eq!(p.stats().effects, 2);
+    assert!(p.shared.lock().oauth.is_none());
+}
+
+#[test]
+fn base64_and_form_decoding() {
+    for (plain, encoded) in [
+        (&b"dovetail:s3cret"[..], "ZG92ZXRhaWw6czNjcmV0"),
+        (b"foobar", "Zm9vYmFy"),
+        (b"fooba", "Zm9vYmE="),
+        (b"foob", "Zm9vYg=="),
+        (b"\xff\xfe\x00", "//4A"),
+        (b"", ""),
+    ] {
+        assert_eq!(base64_encode(plain), encoded);
+        assert_eq!(base64_decode(encoded).as_deref(), Some(plain), "{encoded}");
+    }
+    assert_eq!(base64_decode("Zm9vYg").as_deref(), Some(&b"foob"[..]), "unpadded");
+    for bad in ["Zm9vY", "Zm9vYg===", "Zm9vYg=", "Zm9v Yg==", "Zm9-", "="] {
+        assert_eq!(base64_decode(bad), None, "{bad:?}");
+    }
+    assert_eq!(decode_basic("ZG92ZXRhaWw6czNjcmV0"), Some(("dovetail".into(), "s3cret".into())));
+    assert_eq!(decode_basic(&base64_encode(b"no-colon")), None);
+
+    assert_eq!(form_decode("a+b%20c%2B%3d").as_deref(), Some("a b c+="));
+    for bad in ["%", "%2", "%zz", "%+1", "%ff"] {
+        assert_eq!(form_decode(bad), None, "{bad:?}");
+    }
+    let pairs = |body: &str| parse_form(body.as_bytes());
+    assert_eq!(
+        pairs("grant_type=client_credentials&&scope=&flag"),
+        Some(vec![
+            ("grant_type".into(), "client_credentials".into()),
+            ("scope".into(), String::new()),
+            ("flag".into(), String::new()),
+        ])
+    );
+    assert_eq!(pairs("a=1&a=2"), None);
+    assert_eq!(pairs("a=1&%61=2"), None, "repeated after decoding");
+    assert_eq!(parse_form(b"a=\xff"), None);
+}
