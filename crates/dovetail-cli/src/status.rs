@@ -18,6 +18,16 @@ struct StatusReport {
     generated_at: Timestamp,
     flows: Vec<FlowStatus>,
     connectors: Vec<ConnectorHealth>,
+    quotas: Vec<QuotaStatus>,
+}
+
+#[derive(Serialize)]
+struct QuotaStatus {
+    connector: String,
+    per_hour: Option<u64>,
+    used_this_hour: u64,
+    per_day: Option<u64>,
+    used_today: u64,
 }
 
 #[derive(Serialize)]
@@ -66,7 +76,21 @@ pub async fn status(path: &Path, json: bool) -> Result<ExitCode> {
         .collect();
     let mut connectors: Vec<ConnectorHealth> = journal.connector_health().await?;
     connectors.retain(|c| loaded.config.connectors.contains_key(&c.connector));
-    let report = StatusReport { generated_at: now, flows, connectors };
+    let mut quotas = Vec::new();
+    for (name, c) in &loaded.config.connectors {
+        let dovetail_core::config::ConnectorConfig::Http(h) = c;
+        if let Some(q) = &h.quota {
+            let used = journal.quota_used(name, now).await?;
+            quotas.push(QuotaStatus {
+                connector: name.clone(),
+                per_hour: q.per_hour,
+                used_this_hour: used.this_hour,
+                per_day: q.per_day,
+                used_today: used.today,
+            });
+        }
+    }
+    let report = StatusReport { generated_at: now, flows, connectors, quotas };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -114,6 +138,14 @@ fn print_table(report: &StatusReport, now: Timestamp) {
                 println!("  {}: {}", c.connector, crate::dlq::printable(reason));
             }
         }
+    }
+    for q in &report.quotas {
+        let part = |used: u64, limit: Option<u64>, window: &str| limit.map(|l| format!("{used}/{l} this {window}"));
+        let parts: Vec<String> = [part(q.used_this_hour, q.per_hour, "hour"), part(q.used_today, q.per_day, "day")]
+            .into_iter()
+            .flatten()
+            .collect();
+        println!("  {} quota: {}", q.connector, parts.join(", "));
     }
     for f in &report.flows {
         if let Some(p) = &f.paused {

@@ -13,7 +13,8 @@ use tokio::sync::Semaphore;
 use dovetail_connectors::http::AttemptResult;
 use dovetail_core::clock::Timestamp;
 use dovetail_core::policy::{
-    Admission, Answer, Breaker, BreakerPolicy, BreakerState, RateLimit, RateLimiter, Transition,
+    Admission, Answer, Breaker, BreakerPolicy, BreakerState, QuotaPolicy, QuotaUsage, RateLimit, RateLimiter,
+    Transition,
 };
 use dovetail_journal::{ConnectorHealth, Journal};
 
@@ -24,11 +25,19 @@ pub(crate) struct ConnectorRuntime {
 }
 
 struct Gate {
+    quota: Option<Quota>,
     limiter: RateLimiter,
     breaker: Option<Breaker>,
     probe_started: Option<Timestamp>,
     /// The breaker state last written to the journal, and since when.
     recorded: (BreakerState, Timestamp, Option<String>),
+}
+
+struct Quota {
+    policy: QuotaPolicy,
+    usage: QuotaUsage,
+    /// Admitted but not yet reported: requests that may be on the wire.
+    reserved: usize,
 }
 
 /// What the gate allows now.
@@ -51,12 +60,14 @@ impl ConnectorRuntime {
         max_in_flight: usize,
         rate: Option<RateLimit>,
         breaker: Option<BreakerPolicy>,
+        quota: Option<(QuotaPolicy, QuotaUsage)>,
         now: Timestamp,
     ) -> Self {
         ConnectorRuntime {
             name: name.to_string(),
             permits: Arc::new(Semaphore::new(max_in_flight)),
             gate: Mutex::new(Gate {
+                quota: quota.map(|(policy, usage)| Quota { policy, usage, reserved: 0 }),
                 limiter: RateLimiter::new(rate, now),
                 breaker: breaker.map(Breaker::new),
                 probe_started: None,
@@ -86,11 +97,30 @@ impl ConnectorRuntime {
                 Admission::WaitUntil(until) => return (Admit::Wait(until.since(now)), None),
             }
         }
-        let wanted = if probe { 1 } else { wanted };
+        let mut wanted = if probe { 1 } else { wanted };
+        if let Some(q) = g.quota.as_mut() {
+            // Requests already admitted count as used: they may be on the wire.
+            let allowed = q.usage.admit(&q.policy, wanted + q.reserved, now).map(|n| n.saturating_sub(q.reserved));
+            match allowed {
+                Ok(n) if n > 0 => wanted = n,
+                waiting => {
+                    if probe && let Some(b) = g.breaker.as_mut() {
+                        b.probe_unused();
+                    }
+                    // Spent until the next window, or all that is left is in flight.
+                    let wait = waiting.err().unwrap_or(Duration::from_millis(100));
+                    let change = transition.map(|t| g.change(self, Some(t), now));
+                    return (Admit::Wait(wait), change);
+                }
+            }
+        }
         let admit = match g.limiter.take(wanted, now) {
             Ok(n) => {
                 if probe {
                     g.probe_started = Some(now);
+                }
+                if let Some(q) = g.quota.as_mut() {
+                    q.reserved += n;
                 }
                 Admit::Send { n, probe }
             }
@@ -109,6 +139,9 @@ impl ConnectorRuntime {
     pub fn unused(&self, tokens: usize, probe: bool) {
         let mut g = self.lock();
         g.limiter.refund(tokens);
+        if let Some(q) = g.quota.as_mut() {
+            q.reserved = q.reserved.saturating_sub(tokens);
+        }
         if probe && let Some(b) = g.breaker.as_mut() {
             b.probe_unused();
         }
@@ -132,6 +165,13 @@ impl ConnectorRuntime {
             Answer::Timeout | Answer::Connection => false,
         };
         g.limiter.hint(result.hint, now);
+        if let Some(q) = g.quota.as_mut() {
+            q.reserved = q.reserved.saturating_sub(1);
+            for alert in q.usage.record(&q.policy, 1, now) {
+                tracing::warn!(connector = %self.name, window = alert.window.as_str(), used = alert.used, limit = alert.limit,
+                    "quota alert: {} of {} requests used this {}", alert.used, alert.limit, alert.window.as_str());
+            }
+        }
         let transition = g.breaker.as_mut().and_then(|b| b.record(healthy, now));
         if transition.is_some() {
             g.probe_started = None;
@@ -143,6 +183,18 @@ impl ConnectorRuntime {
         let throttled = matches!(result.answer, Answer::Status { status: 429, .. });
         let change = (transition.is_some() || throttled).then(|| g.change(self, transition, now));
         (open_until, change)
+    }
+
+    /// The connector's name when it has a quota, for counting attempts against it.
+    pub fn quota_name(&self) -> Option<String> {
+        self.lock().quota.as_ref().map(|_| self.name.clone())
+    }
+
+    /// Gives back an admission for a record that was never sent.
+    pub fn not_sent(&self) {
+        if let Some(q) = self.lock().quota.as_mut() {
+            q.reserved = q.reserved.saturating_sub(1);
+        }
     }
 
     /// The health to write at start-up: closed, full pace.

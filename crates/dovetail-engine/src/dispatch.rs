@@ -162,6 +162,7 @@ async fn attempt(flow: &FlowRuntime, journal: &dyn Journal, options: &EngineOpti
     if record.failures >= flow.retry.max_attempts {
         // Interrupted attempts (engine crashes mid-send) spent the budget:
         // a record whose sending keeps killing the engine must stop here.
+        flow.connector.not_sent();
         give_up_interrupted(flow, journal, options, &record, started_at).await;
         return;
     }
@@ -183,6 +184,7 @@ async fn attempt(flow: &FlowRuntime, journal: &dyn Journal, options: &EngineOpti
         _ => None,
     };
     let report = AttemptReport {
+        quota: flow.connector.quota_name(),
         id: record.id,
         owner: options.node_id.clone(),
         attempt: Attempt {
@@ -218,6 +220,7 @@ async fn give_up_interrupted(
     let reason = format!("gave up after {} transient failures; the last attempts were interrupted", record.failures);
     tracing::warn!(flow = %flow.name, record_id = record.id, %reason, "dead-lettered without sending");
     let report = AttemptReport {
+        quota: None,
         id: record.id,
         owner: options.node_id.clone(),
         attempt: Attempt {

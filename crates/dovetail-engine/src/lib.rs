@@ -29,7 +29,7 @@ use dovetail_core::clock::{Clock, SystemClock};
 use dovetail_core::config::{
     Config, ConnectorConfig, Resolved, Secret, SecretRef, SecretSource, SinkConfig, SourceConfig,
 };
-use dovetail_core::policy::{Jitter, RandomJitter, RetryPolicy};
+use dovetail_core::policy::{Jitter, QuotaUsage, RandomJitter, RetryPolicy};
 use dovetail_journal::Journal;
 
 pub use dispatch::decide;
@@ -167,7 +167,19 @@ pub async fn start(
         token_sources.insert(name.clone(), oauth.map(|o| Arc::new(TokenSource::new(o, client.clone(), h.timeout))));
         clients.insert(name.clone(), client);
         let rate = h.rate_limit.map(|r| r.limit());
-        let runtime = Arc::new(connector::ConnectorRuntime::new(name, h.max_in_flight, rate, h.breaker.policy(), now));
+        let quota = match &h.quota {
+            Some(q) => {
+                // Requests sent in this hour and day by earlier runs still count.
+                let used = journal.quota_used(name, now).await.unwrap_or_else(|e| {
+                    tracing::warn!(connector = %name, error = %e, "cannot read the quota used so far; counting from zero");
+                    Default::default()
+                });
+                Some((q.policy(), QuotaUsage::at(now, used.this_hour, used.today)))
+            }
+            None => None,
+        };
+        let runtime =
+            Arc::new(connector::ConnectorRuntime::new(name, h.max_in_flight, rate, h.breaker.policy(), quota, now));
         // A new process starts closed and at full pace; say so, replacing
         // whatever the last run left in the journal.
         if let Err(e) = journal.set_connector_health(runtime.health(now)).await {

@@ -584,3 +584,24 @@ async fn credentials_the_token_endpoint_refuses_pause_the_flow_and_hold_records(
     assert_eq!(h.partner.stats().effects, 0);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_quota_holds_records_until_the_next_window() {
+    let extra = "quota = { per_hour = 5, alert_at = 0.6 }";
+    // Slow answers keep the first five on the wire while the dispatcher
+    // looks for more work: those must count before they are answered.
+    let slow = Behaviour::always(Reply::SlowAfterCommit(Duration::from_millis(200)));
+    let h = Harness::with_connector(slow, FAST_RETRY, extra).await;
+    for i in 0..8 {
+        h.send_order(&format!("msg_k{i}"), &order(&format!("ord_k{i}"))).await;
+    }
+    h.wait_for("orders", "the quota's worth of deliveries", |c| c.delivered >= 5).await;
+    // Give the engine every chance to overspend.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = h.counts("orders").await;
+    assert_eq!((c.delivered, c.pending, c.dead), (5, 3, 0), "held, not dropped");
+    assert_eq!(h.partner.stats().requests, 5, "not one request past the quota");
+    let used = h.journal.quota_used("billing", SystemClock.now()).await.unwrap();
+    assert_eq!((used.this_hour, used.today), (5, 5));
+    h.stop().await;
+}

@@ -31,7 +31,8 @@ macro_rules! journal_conformance {
             quarantine_is_dead_at_intake, hold_does_not_spend_the_budget, pause_and_resume,
             oldest_pending_and_counts, replay_in_chunks, concurrent_ingests_all_land, lease_limit_and_order,
             stale_owner_cannot_complete, same_owner_cannot_complete_an_older_attempt,
-            replay_takes_only_what_was_dead_at_its_start, connector_health_is_replaced_per_connector);
+            replay_takes_only_what_was_dead_at_its_start, connector_health_is_replaced_per_connector,
+            sent_requests_count_against_the_quota_even_with_a_lost_lease);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -85,6 +86,7 @@ pub async fn ingest_lease_deliver(j: &dyn Journal) {
     assert_eq!(counts_of(j, "orders").await.in_flight, 1);
     let ok = j
         .complete(AttemptReport {
+            quota: None,
             id,
             owner: "node-a".into(),
             attempt: attempt(1, 200, None),
@@ -133,10 +135,22 @@ pub async fn stale_owner_cannot_complete(j: &dyn Journal) {
     let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
     j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
     j.lease("orders", "b", T0.plus(LEASE), LEASE, 10).await.unwrap();
-    let stale = AttemptReport { id, owner: "a".into(), attempt: attempt(1, 200, None), outcome: Outcome::Delivered };
+    let stale = AttemptReport {
+        quota: None,
+        id,
+        owner: "a".into(),
+        attempt: attempt(1, 200, None),
+        outcome: Outcome::Delivered,
+    };
     assert!(!j.complete(stale).await.unwrap(), "a lost lease cannot write");
     assert_eq!(j.record(id).await.unwrap().unwrap().state, StateName::InFlight);
-    let fresh = AttemptReport { id, owner: "b".into(), attempt: attempt(2, 200, None), outcome: Outcome::Delivered };
+    let fresh = AttemptReport {
+        quota: None,
+        id,
+        owner: "b".into(),
+        attempt: attempt(2, 200, None),
+        outcome: Outcome::Delivered,
+    };
     assert!(j.complete(fresh).await.unwrap());
 }
 
@@ -147,6 +161,7 @@ pub async fn same_owner_cannot_complete_an_older_attempt(j: &dyn Journal) {
     let again = j.lease("orders", "a", T0.plus(LEASE), LEASE, 10).await.unwrap();
     assert_eq!(again[0].attempt, 2);
     let old = AttemptReport {
+        quota: None,
         id,
         owner: "a".into(),
         attempt: attempt(1, 503, Some(ErrorClass::Server)),
@@ -154,7 +169,13 @@ pub async fn same_owner_cannot_complete_an_older_attempt(j: &dyn Journal) {
     };
     assert!(!j.complete(old).await.unwrap(), "the older attempt's result is ignored");
     assert_eq!(j.record(id).await.unwrap().unwrap().state, StateName::InFlight);
-    let new = AttemptReport { id, owner: "a".into(), attempt: attempt(2, 200, None), outcome: Outcome::Delivered };
+    let new = AttemptReport {
+        quota: None,
+        id,
+        owner: "a".into(),
+        attempt: attempt(2, 200, None),
+        outcome: Outcome::Delivered,
+    };
     assert!(j.complete(new).await.unwrap());
 }
 
@@ -165,7 +186,7 @@ pub async fn replay_takes_only_what_was_dead_at_its_start(j: &dyn Journal) {
     let mut a = attempt(1, 422, Some(ErrorClass::Rejected));
     a.started_at = dead_at;
     let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "no".into() };
-    j.complete(AttemptReport { id, owner: "a".into(), attempt: a, outcome: dead }).await.unwrap();
+    j.complete(AttemptReport { quota: None, id, owner: "a".into(), attempt: a, outcome: dead }).await.unwrap();
     let started = T0.plus(Duration::from_secs(30));
     assert_eq!(j.replay(&Selector::All, started, 10).await.unwrap(), 0, "died after the replay started");
     assert_eq!(j.discard(&Selector::All, started, 10).await.unwrap(), 0);
@@ -191,11 +212,35 @@ pub async fn connector_health_is_replaced_per_connector(j: &dyn Journal) {
     assert_eq!(j.connector_health().await.unwrap(), vec![closed]);
 }
 
+pub async fn sent_requests_count_against_the_quota_even_with_a_lost_lease(j: &dyn Journal) {
+    let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
+    j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
+    j.lease("orders", "b", T0.plus(LEASE), LEASE, 10).await.unwrap();
+    let quota = Some("billing".to_string());
+    let stale = AttemptReport {
+        quota: quota.clone(),
+        id,
+        owner: "a".into(),
+        attempt: attempt(1, 503, Some(ErrorClass::Server)),
+        outcome: Outcome::Retry { at: T0 },
+    };
+    assert!(!j.complete(stale).await.unwrap());
+    let fresh =
+        AttemptReport { quota, id, owner: "b".into(), attempt: attempt(2, 200, None), outcome: Outcome::Delivered };
+    assert!(j.complete(fresh).await.unwrap());
+    let used = j.quota_used("billing", T0).await.unwrap();
+    assert_eq!((used.this_hour, used.today), (2, 2));
+    let next_day = T0.plus(Duration::from_secs(86_400));
+    assert_eq!(j.quota_used("billing", next_day).await.unwrap(), crate::QuotaUsed::default());
+    assert_eq!(j.quota_used("other", T0).await.unwrap(), crate::QuotaUsed::default());
+}
+
 pub async fn retry_waits_until_due(j: &dyn Journal) {
     let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
     j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
     let at = T0.plus(Duration::from_secs(10));
     let rep = AttemptReport {
+        quota: None,
         id,
         owner: "a".into(),
         attempt: attempt(1, 503, Some(ErrorClass::Server)),
@@ -213,6 +258,7 @@ pub async fn dead_letter_and_replay_keep_the_key(j: &dyn Journal) {
     j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
     let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "422: amount missing".into() };
     j.complete(AttemptReport {
+        quota: None,
         id,
         owner: "a".into(),
         attempt: attempt(1, 422, Some(ErrorClass::Rejected)),
@@ -243,6 +289,7 @@ pub async fn discard_keeps_the_record(j: &dyn Journal) {
     j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
     let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "no".into() };
     j.complete(AttemptReport {
+        quota: None,
         id,
         owner: "a".into(),
         attempt: attempt(1, 400, Some(ErrorClass::Rejected)),
@@ -271,6 +318,7 @@ pub async fn hold_does_not_spend_the_budget(j: &dyn Journal) {
     let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
     j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
     let rep = AttemptReport {
+        quota: None,
         id,
         owner: "a".into(),
         attempt: attempt(1, 401, Some(ErrorClass::Auth)),

@@ -130,6 +130,16 @@ pub struct AttemptReport {
     pub owner: String,
     pub attempt: Attempt,
     pub outcome: Outcome,
+    /// The connector whose quota this attempt's request used, if it has one.
+    /// Counted even when the lease was lost: the request was sent.
+    pub quota: Option<String>,
+}
+
+/// Requests counted against a connector's quota in the windows holding an instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct QuotaUsed {
+    pub this_hour: u64,
+    pub today: u64,
 }
 
 /// Counts per flow for `dovetail status`.
@@ -265,6 +275,9 @@ pub trait Journal: Send + Sync + 'static {
 
     /// Every connector's recorded health, by name.
     async fn connector_health(&self) -> Result<Vec<ConnectorHealth>>;
+
+    /// Requests counted for `connector` in the UTC hour and day holding `at`.
+    async fn quota_used(&self, connector: &str, at: Timestamp) -> Result<QuotaUsed>;
 
     /// Succeeds when the store can take writes.
     async fn ping(&self) -> Result<()>;

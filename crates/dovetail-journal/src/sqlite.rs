@@ -18,12 +18,12 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use tokio::sync::{mpsc, oneshot};
 
 use dovetail_core::clock::Timestamp;
-use dovetail_core::policy::ErrorClass;
+use dovetail_core::policy::{ErrorClass, Window};
 use dovetail_core::record::{Attempt, RecordId, StateName};
 
 use crate::{
     AttemptReport, ConnectorHealth, DeadLetter, FlowCounts, Ingested, Journal, JournalError, LeasedRecord, NewRecord,
-    Outcome, Pause, RecordDetail, Result, Selector,
+    Outcome, Pause, QuotaUsed, RecordDetail, Result, Selector,
 };
 
 const SCHEMA_VERSION: i64 = 1;
@@ -75,6 +75,13 @@ CREATE TABLE IF NOT EXISTS connector_health (
     blocked_until   INTEGER,
     updated_at      INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS quota_usage (
+    connector TEXT NOT NULL,
+    window    TEXT NOT NULL,
+    start     INTEGER NOT NULL,
+    used      INTEGER NOT NULL,
+    PRIMARY KEY (connector, window, start)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS flow_pauses (
     flow   TEXT PRIMARY KEY,
     since  INTEGER NOT NULL,
@@ -476,6 +483,9 @@ fn complete_tx(conn: &Connection, rep: &AttemptReport) -> rusqlite::Result<bool>
     // expired and who then re-leased the same record (a paused process, a
     // clock jump) cannot complete the newer attempt with the older result.
     let held = "id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3";
+    if let Some(connector) = &rep.quota {
+        count_quota(conn, connector, a.started_at)?;
+    }
     let n = a.number;
     let changed = match &rep.outcome {
         Outcome::Delivered => conn
@@ -522,6 +532,17 @@ fn complete_tx(conn: &Connection, rep: &AttemptReport) -> rusqlite::Result<bool>
         a.error
     ])?;
     Ok(true)
+}
+
+fn count_quota(conn: &Connection, connector: &str, at: Timestamp) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO quota_usage (connector, window, start, used) VALUES (?1, ?2, ?3, 1)
+         ON CONFLICT (connector, window, start) DO UPDATE SET used = used + 1",
+    )?;
+    for window in [Window::Hour, Window::Day] {
+        stmt.execute(params![connector, window.as_str(), window.start(at).as_millis()])?;
+    }
+    Ok(())
 }
 
 fn class_of(s: Option<String>) -> Option<ErrorClass> {
@@ -793,6 +814,21 @@ impl Journal for SqliteJournal {
                 })
             })?
             .collect()
+        })
+        .await
+    }
+
+    async fn quota_used(&self, connector: &str, at: Timestamp) -> Result<QuotaUsed> {
+        let connector = connector.to_string();
+        self.read(move |c| {
+            let mut stmt =
+                c.prepare_cached("SELECT used FROM quota_usage WHERE connector = ?1 AND window = ?2 AND start = ?3")?;
+            let mut used = |w: Window| -> rusqlite::Result<u64> {
+                let n: Option<i64> =
+                    stmt.query_row(params![connector, w.as_str(), w.start(at).as_millis()], |r| r.get(0)).optional()?;
+                Ok(n.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
+            };
+            Ok(QuotaUsed { this_hour: used(Window::Hour)?, today: used(Window::Day)? })
         })
         .await
     }

@@ -288,6 +288,25 @@ fn check_http_connector(out: &mut Vec<Finding>, name: &str, h: &HttpConnector) {
             "write the partner's token endpoint, e.g. \"https://api.example.com/oauth/token\"",
         ));
     }
+    if let Some(q) = &h.quota {
+        if q.per_day.is_none() && q.per_hour.is_none() {
+            out.push(Finding::error(
+                &["connectors", name, "quota"],
+                "a quota needs per_day or per_hour",
+                "e.g. quota = { per_day = 10000 }",
+            ));
+        }
+        if q.per_day == Some(0) || q.per_hour == Some(0) {
+            out.push(Finding::error(&["connectors", name, "quota"], "a quota of 0 sends nothing", "use at least 1"));
+        }
+        if !(q.alert_at > 0.0 && q.alert_at <= 1.0) {
+            out.push(Finding::error(
+                &["connectors", name, "quota", "alert_at"],
+                format!("{} is outside (0, 1]", q.alert_at),
+                "e.g. 0.75",
+            ));
+        }
+    }
     if let Some(rl) = &h.rate_limit {
         if !(rl.requests_per_second.is_finite() && rl.requests_per_second > 0.0) {
             out.push(Finding::error(

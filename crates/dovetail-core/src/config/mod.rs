@@ -107,6 +107,31 @@ pub struct HttpConnector {
     /// The circuit breaker; on by default.
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// Requests allowed per UTC day and/or hour.
+    #[serde(default)]
+    pub quota: Option<QuotaConfig>,
+}
+
+/// `quota = { per_day = 10000, per_hour = 1000, alert_at = 0.75 }`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    #[serde(default)]
+    pub per_day: Option<u64>,
+    #[serde(default)]
+    pub per_hour: Option<u64>,
+    #[serde(default = "default_alert_at")]
+    pub alert_at: f64,
+}
+
+fn default_alert_at() -> f64 {
+    0.75
+}
+
+impl QuotaConfig {
+    pub fn policy(&self) -> crate::policy::QuotaPolicy {
+        crate::policy::QuotaPolicy { per_day: self.per_day, per_hour: self.per_hour, alert_at: self.alert_at }
+    }
 }
 
 /// `rate_limit = { requests_per_second = 45, burst = 10 }`; `burst` defaults to one second's worth.

@@ -6,11 +6,13 @@
 mod backoff;
 mod breaker;
 mod classify;
+mod quota;
 mod rate;
 mod retry_after;
 
 pub use backoff::{Jitter, MAX_RETRY_AFTER, RandomJitter, RetryPolicy};
 pub use breaker::{Admission, Breaker, BreakerPolicy, BreakerState, Transition};
 pub use classify::{Answer, ErrorClass, Verdict, classify};
+pub use quota::{QuotaAlert, QuotaPolicy, QuotaUsage, Window};
 pub use rate::{LimitHint, LimiterState, RateLimit, RateLimiter};
 pub use retry_after::parse_retry_after;
