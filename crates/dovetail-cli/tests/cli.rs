@@ -138,6 +138,7 @@ fn status_before_the_engine_ever_ran_is_a_clear_error() {
 fn dead_record(i: usize) -> NewRecord {
     NewRecord {
         flow: "orders".into(),
+        external_key: None,
         delivery_id: Some(format!("msg_{i}")),
         idempotency_key: format!("key_{i}"),
         correlation_id: format!("corr_{i}"),

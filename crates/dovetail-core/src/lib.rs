@@ -15,6 +15,7 @@ pub mod clock;
 pub mod config;
 pub mod duration;
 pub mod ids;
+pub mod keypath;
 pub mod policy;
 pub mod record;
 pub mod signature;

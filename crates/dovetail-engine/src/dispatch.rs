@@ -66,7 +66,12 @@ pub(crate) async fn run(
             }
         };
         permits.truncate(n);
-        let leased = match journal.lease(&flow.name, &options.node_id, now, flow.lease_for, n).await {
+        let leased = if flow.in_key_order {
+            journal.lease_in_key_order(&flow.name, &options.node_id, now, flow.lease_for, n).await
+        } else {
+            journal.lease(&flow.name, &options.node_id, now, flow.lease_for, n).await
+        };
+        let leased = match leased {
             Ok(l) => l,
             Err(e) => {
                 flow.connector.unused(n, probe);

@@ -26,6 +26,8 @@ pub(crate) struct Intake {
     pub flow: String,
     pub path: String,
     pub verifier: Option<Arc<Verifier>>,
+    /// The flow's `key`: the record's external key in the payload.
+    pub key: Option<dovetail_core::keypath::KeyPath>,
     pub journal: Arc<dyn Journal>,
     pub clock: Arc<dyn Clock>,
     pub wake: Arc<Notify>,
@@ -67,9 +69,14 @@ impl Intake {
         // An empty id would make every later empty-id delivery a "duplicate"
         // of the first, acknowledged and never stored.
         let delivery_id = delivery_id.filter(|id| !id.trim().is_empty());
+        let external_key = match (&self.key, &parsed) {
+            (Some(path), Ok(v)) => path.extract(v),
+            _ => None,
+        };
         let quarantine = parsed.err().map(|e| (ErrorClass::Validation, format!("the body is not JSON: {e}")));
         let record = NewRecord {
             flow: self.flow.clone(),
+            external_key,
             idempotency_key: ids::idempotency_key(&self.flow, delivery_id.as_deref()),
             delivery_id,
             correlation_id: correlation_id.clone(),

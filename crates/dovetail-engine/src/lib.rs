@@ -100,6 +100,8 @@ pub(crate) struct FlowRuntime {
     /// Set by an attempt refused for its credentials, so the dispatcher
     /// re-reads the pause at once instead of at its next poll.
     pub auth_failed: std::sync::atomic::AtomicBool,
+    /// `ordering = "per_key"`.
+    pub in_key_order: bool,
 }
 
 /// A started engine.
@@ -210,6 +212,7 @@ pub async fn start(
             connector: connectors.get(connector).cloned().ok_or_else(|| missing("its connector"))?,
             wake: wake.clone(),
             auth_failed: Default::default(),
+            in_key_order: flow.ordering == dovetail_core::config::Ordering::PerKey,
         });
         let SourceConfig::Webhook { path, .. } = &flow.source;
         let verifier = resolved.flows.get(name).and_then(|f| f.verifier.clone());
@@ -217,6 +220,7 @@ pub async fn start(
             flow: name.clone(),
             path: path.clone(),
             verifier,
+            key: flow.key.clone(),
             journal: journal.clone(),
             clock: options.clock.clone(),
             wake,

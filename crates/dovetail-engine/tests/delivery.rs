@@ -59,6 +59,12 @@ retry = {retry}
 source = {{ type = "webhook", path = "/hooks/orders", signature = {{ scheme = "standard-webhooks", secret = "env:ORDERS_SECRET" }} }}
 sink = {{ type = "http", connector = "billing", path = "/v1/orders" }}
 
+[flows.customers]
+source = {{ type = "webhook", path = "/hooks/customers", signature = {{ scheme = "standard-webhooks", secret = "env:ORDERS_SECRET" }} }}
+sink = {{ type = "http", connector = "billing", path = "/v1/customers" }}
+key = ".id"
+ordering = "per_key"
+
 [flows.payments]
 source = {{ type = "webhook", path = "/hooks/stripe", signature = {{ scheme = "stripe", secret = "env:STRIPE_SECRET" }} }}
 sink = {{ type = "http", connector = "billing", path = "/v1/payments" }}
@@ -603,5 +609,36 @@ async fn a_spent_quota_holds_records_until_the_next_window() {
     assert_eq!(h.partner.stats().requests, 5, "not one request past the quota");
     let used = h.journal.quota_used("billing", SystemClock.now()).await.unwrap();
     assert_eq!((used.this_hour, used.today), (5, 5));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_ordering_delivers_one_keys_updates_in_order_despite_a_failure() {
+    // The first request fails; without ordering, later updates of the same
+    // customer would overtake the one being retried.
+    let script = vec![Reply::Status { status: 503, body: "busy".into() }];
+    let h = Harness::start(Behaviour::script(script, Reply::Ok)).await;
+    let secret = SigningSecret::parse(Scheme::StandardWebhooks, SW_SECRET).unwrap();
+    for v in 1..=5 {
+        for customer in ["cus_a", "cus_b"] {
+            let body = format!(r#"{{"id":"{customer}","version":{v}}}"#);
+            let headers =
+                sign(Scheme::StandardWebhooks, &secret, &format!("{customer}-{v}"), SystemClock.now(), body.as_bytes());
+            assert_eq!(h.post("/hooks/customers", &headers, body.as_bytes()).await.0, 202);
+        }
+    }
+    h.wait_for("customers", "every update", |c| c.delivered == 10).await;
+    for customer in ["cus_a", "cus_b"] {
+        let versions: Vec<u64> = h
+            .partner
+            .effects()
+            .iter()
+            .filter(|e| e.record_id.as_deref() == Some(customer))
+            .map(|e| serde_json::from_slice::<serde_json::Value>(&e.body).unwrap()["version"].as_u64().unwrap())
+            .collect();
+        assert_eq!(versions, [1, 2, 3, 4, 5], "{customer}'s updates arrived out of order");
+    }
+    let detail = h.journal.record(1).await.unwrap().unwrap();
+    assert_eq!(detail.external_key.as_deref(), Some("cus_a"));
     h.stop().await;
 }

@@ -16,6 +16,7 @@ const PAYLOAD: &str = r#"{"id":"ord_000000","customer":{"id":"cus_42","email":"a
 fn record(i: usize) -> NewRecord {
     NewRecord {
         flow: "orders".into(),
+        external_key: None,
         delivery_id: Some(format!("msg_{i}")),
         idempotency_key: format!("dt1-{i:032x}"),
         correlation_id: format!("{i:032x}"),

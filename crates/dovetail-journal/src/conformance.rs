@@ -32,7 +32,7 @@ macro_rules! journal_conformance {
             oldest_pending_and_counts, replay_in_chunks, concurrent_ingests_all_land, lease_limit_and_order,
             stale_owner_cannot_complete, same_owner_cannot_complete_an_older_attempt,
             replay_takes_only_what_was_dead_at_its_start, connector_health_is_replaced_per_connector,
-            sent_requests_count_against_the_quota_even_with_a_lost_lease);
+            sent_requests_count_against_the_quota_even_with_a_lost_lease, one_key_at_a_time_in_key_order);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -48,6 +48,7 @@ macro_rules! journal_conformance {
 fn new_record(flow: &str, delivery_id: Option<&str>, body: &str) -> NewRecord {
     NewRecord {
         flow: flow.to_string(),
+        external_key: None,
         delivery_id: delivery_id.map(str::to_string),
         idempotency_key: format!("key-{flow}-{}", delivery_id.unwrap_or(body)),
         correlation_id: "corr-1".to_string(),
@@ -233,6 +234,50 @@ pub async fn sent_requests_count_against_the_quota_even_with_a_lost_lease(j: &dy
     let next_day = T0.plus(Duration::from_secs(86_400));
     assert_eq!(j.quota_used("billing", next_day).await.unwrap(), crate::QuotaUsed::default());
     assert_eq!(j.quota_used("other", T0).await.unwrap(), crate::QuotaUsed::default());
+}
+
+pub async fn one_key_at_a_time_in_key_order(j: &dyn Journal) {
+    let keyed = |d: &str, key: Option<&str>| NewRecord {
+        external_key: key.map(str::to_string),
+        ..new_record("orders", Some(d), "{}")
+    };
+    let a1 = j.ingest(keyed("a1", Some("cus_a"))).await.unwrap().id();
+    let a2 = j.ingest(keyed("a2", Some("cus_a"))).await.unwrap().id();
+    let b1 = j.ingest(keyed("b1", Some("cus_b"))).await.unwrap().id();
+    let free = j.ingest(keyed("n1", None)).await.unwrap().id();
+    let ids = |l: Vec<crate::LeasedRecord>| l.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(ids(j.lease_in_key_order("orders", "a", T0, LEASE, 10).await.unwrap()), [a1, b1, free]);
+    assert!(j.lease_in_key_order("orders", "a", T0, LEASE, 10).await.unwrap().is_empty(), "a2 waits for a1");
+    // a1 fails and will be retried: a2 still waits behind it.
+    let retry = Outcome::Retry { at: T0.plus(Duration::from_secs(5)) };
+    j.complete(AttemptReport {
+        quota: None,
+        id: a1,
+        owner: "a".into(),
+        attempt: attempt(1, 503, Some(ErrorClass::Server)),
+        outcome: retry,
+    })
+    .await
+    .unwrap();
+    assert!(j.lease_in_key_order("orders", "a", T0.plus(Duration::from_secs(1)), LEASE, 10).await.unwrap().is_empty());
+    let later = T0.plus(Duration::from_secs(5));
+    assert_eq!(ids(j.lease_in_key_order("orders", "a", later, LEASE, 10).await.unwrap()), [a1]);
+    let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "no".into() };
+    j.complete(AttemptReport {
+        quota: None,
+        id: a1,
+        owner: "a".into(),
+        attempt: attempt(2, 422, Some(ErrorClass::Rejected)),
+        outcome: dead,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        ids(j.lease_in_key_order("orders", "a", later, LEASE, 10).await.unwrap()),
+        [a2],
+        "a dead record no longer blocks its key"
+    );
+    assert_eq!(j.record(a2).await.unwrap().unwrap().external_key.as_deref(), Some("cus_a"));
 }
 
 pub async fn retry_waits_until_due(j: &dyn Journal) {

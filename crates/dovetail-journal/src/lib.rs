@@ -54,6 +54,8 @@ pub struct NewRecord {
     /// The source's own id for this delivery (e.g. `webhook-id`); the same id
     /// twice in one flow is journalled once.
     pub delivery_id: Option<String>,
+    /// The record's stable key in the source system (from the flow's `key`).
+    pub external_key: Option<String>,
     pub idempotency_key: String,
     pub correlation_id: String,
     pub content_type: Option<String>,
@@ -204,6 +206,7 @@ pub struct RecordDetail {
     pub flow: String,
     pub state: StateName,
     pub delivery_id: Option<String>,
+    pub external_key: Option<String>,
     pub idempotency_key: String,
     pub correlation_id: String,
     pub content_type: Option<String>,
@@ -232,6 +235,19 @@ pub trait Journal: Send + Sync + 'static {
     /// (their lost attempt is recorded as `interrupted` and counts as a
     /// failure). Oldest first.
     async fn lease(
+        &self,
+        flow: &str,
+        owner: &str,
+        now: Timestamp,
+        lease_for: Duration,
+        limit: usize,
+    ) -> Result<Vec<LeasedRecord>>;
+
+    /// Like [`Journal::lease`], but a record is due only when no earlier
+    /// record with the same external key is still pending or in flight: one
+    /// key's records go out one at a time, in order of arrival. Records
+    /// without a key are not held back.
+    async fn lease_in_key_order(
         &self,
         flow: &str,
         owner: &str,

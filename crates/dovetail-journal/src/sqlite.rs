@@ -26,13 +26,15 @@ use crate::{
     Outcome, Pause, QuotaUsed, RecordDetail, Result, Selector,
 };
 
-const SCHEMA_VERSION: i64 = 1;
+/// 1: the first release. 2: `records.external_key`.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS records (
     id              INTEGER PRIMARY KEY,
     flow            TEXT    NOT NULL,
     delivery_id     TEXT,
+    external_key    TEXT,
     idempotency_key TEXT    NOT NULL,
     correlation_id  TEXT    NOT NULL,
     content_type    TEXT,
@@ -287,6 +289,18 @@ fn migrate(conn: &Connection, location: &str) -> Result<()> {
         });
     }
     conn.execute_batch(SCHEMA).map_err(|e| sql_err(location, e))?;
+    // Version 1 files lack the key column; CREATE TABLE IF NOT EXISTS left them as they were.
+    let has_key: i64 = conn
+        .query_row("SELECT COUNT(*) FROM pragma_table_info('records') WHERE name = 'external_key'", [], |r| r.get(0))
+        .map_err(|e| sql_err(location, e))?;
+    if has_key == 0 {
+        conn.execute_batch("ALTER TABLE records ADD COLUMN external_key TEXT").map_err(|e| sql_err(location, e))?;
+    }
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS records_open_by_key ON records (flow, external_key, id)
+         WHERE state IN ('pending', 'in_flight') AND external_key IS NOT NULL",
+    )
+    .map_err(|e| sql_err(location, e))?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(|e| sql_err(location, e))?;
     Ok(())
 }
@@ -391,8 +405,8 @@ fn ingest_tx(conn: &Connection, r: &NewRecord) -> rusqlite::Result<Ingested> {
     let inserted: Option<i64> = conn
         .prepare_cached(
             "INSERT INTO records (flow, delivery_id, idempotency_key, correlation_id, content_type, payload, received_at,
-                                  state, next_attempt_at, finished_at, dead_class, dead_reason)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                                  state, next_attempt_at, finished_at, dead_class, dead_reason, external_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
              ON CONFLICT (flow, delivery_id) WHERE delivery_id IS NOT NULL DO NOTHING
              RETURNING id",
         )?
@@ -409,7 +423,8 @@ fn ingest_tx(conn: &Connection, r: &NewRecord) -> rusqlite::Result<Ingested> {
                 next_at,
                 finished_at,
                 class,
-                reason
+                reason,
+                r.external_key
             ],
             |row| row.get(0),
         )
@@ -423,6 +438,11 @@ fn ingest_tx(conn: &Connection, r: &NewRecord) -> rusqlite::Result<Ingested> {
     Ok(Ingested::Duplicate(id))
 }
 
+/// Only the oldest open record of each key is due.
+const IN_KEY_ORDER: &str = "AND (r.external_key IS NULL OR NOT EXISTS (
+       SELECT 1 FROM records p WHERE p.flow = r.flow AND p.external_key = r.external_key
+                                 AND p.id < r.id AND p.state IN ('pending', 'in_flight')))";
+
 fn lease_tx(
     conn: &Connection,
     flow: &str,
@@ -430,6 +450,7 @@ fn lease_tx(
     now: Timestamp,
     lease_for: Duration,
     limit: usize,
+    in_key_order: bool,
 ) -> rusqlite::Result<Vec<LeasedRecord>> {
     let now_ms = now.as_millis();
     // A lease that ran out means the holder died or hung mid-attempt: the
@@ -449,13 +470,14 @@ fn lease_tx(
     )?
     .execute(params![flow, now_ms])?;
     let until = now.plus(lease_for);
-    let mut stmt = conn.prepare_cached(
+    let order = if in_key_order { IN_KEY_ORDER } else { "" };
+    let mut stmt = conn.prepare_cached(&format!(
         "UPDATE records SET state = 'in_flight', lease_owner = ?2, lease_until = ?3, leased_at = ?4,
                             attempts = attempts + 1, next_attempt_at = NULL
-         WHERE id IN (SELECT id FROM records WHERE flow = ?1 AND state = 'pending' AND next_attempt_at <= ?4
-                      ORDER BY next_attempt_at, id LIMIT ?5)
-         RETURNING id, flow, idempotency_key, correlation_id, content_type, payload, attempts, failures",
-    )?;
+         WHERE id IN (SELECT r.id FROM records r WHERE r.flow = ?1 AND r.state = 'pending' AND r.next_attempt_at <= ?4 {order}
+                      ORDER BY r.next_attempt_at, r.id LIMIT ?5)
+         RETURNING id, flow, idempotency_key, correlation_id, content_type, payload, attempts, failures"
+    ))?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let mut leased: Vec<LeasedRecord> = stmt
         .query_map(params![flow, owner, until.as_millis(), now_ms, limit], |r| {
@@ -564,7 +586,7 @@ fn record_tx(conn: &Connection, id: RecordId) -> rusqlite::Result<Option<RecordD
     let detail = conn
         .prepare_cached(
             "SELECT id, flow, state, delivery_id, idempotency_key, correlation_id, content_type, payload, received_at,
-                    next_attempt_at, lease_until, finished_at, dead_class, dead_reason
+                    next_attempt_at, lease_until, finished_at, dead_class, dead_reason, external_key
              FROM records WHERE id = ?1",
         )?
         .query_row([id], |r| {
@@ -574,6 +596,7 @@ fn record_tx(conn: &Connection, id: RecordId) -> rusqlite::Result<Option<RecordD
                 flow: r.get(1)?,
                 state: StateName::parse(&state).unwrap_or(StateName::Pending),
                 delivery_id: r.get(3)?,
+                external_key: r.get(14)?,
                 idempotency_key: r.get(4)?,
                 correlation_id: r.get(5)?,
                 content_type: r.get(6)?,
@@ -647,7 +670,19 @@ impl Journal for SqliteJournal {
         limit: usize,
     ) -> Result<Vec<LeasedRecord>> {
         let (flow, owner) = (flow.to_string(), owner.to_string());
-        self.write(move |c| lease_tx(c, &flow, &owner, now, lease_for, limit)).await
+        self.write(move |c| lease_tx(c, &flow, &owner, now, lease_for, limit, false)).await
+    }
+
+    async fn lease_in_key_order(
+        &self,
+        flow: &str,
+        owner: &str,
+        now: Timestamp,
+        lease_for: Duration,
+        limit: usize,
+    ) -> Result<Vec<LeasedRecord>> {
+        let (flow, owner) = (flow.to_string(), owner.to_string());
+        self.write(move |c| lease_tx(c, &flow, &owner, now, lease_for, limit, true)).await
     }
 
     async fn complete(&self, report: AttemptReport) -> Result<bool> {

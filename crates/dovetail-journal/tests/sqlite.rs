@@ -22,6 +22,7 @@ async fn acknowledged_records_survive_reopening() {
         let j = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
         let r = NewRecord {
             flow: "orders".into(),
+            external_key: None,
             delivery_id: Some("d1".into()),
             idempotency_key: "k".into(),
             correlation_id: "c".into(),
@@ -57,6 +58,7 @@ async fn a_full_journal_acknowledges_only_what_it_stored() {
         tasks.spawn(async move {
             let r = NewRecord {
                 flow: "orders".into(),
+                external_key: None,
                 delivery_id: Some(format!("d{i}")),
                 idempotency_key: format!("k{i}"),
                 correlation_id: "c".into(),
@@ -86,4 +88,41 @@ async fn a_full_journal_acknowledges_only_what_it_stored() {
     let pending: u64 = reopened.counts().await.unwrap().iter().map(|c| c.pending).sum();
     assert_eq!(pending, acked.len() as u64, "nothing unacknowledged was kept either");
     reopened.ping().await.unwrap();
+}
+
+/// A journal written by the first release (schema 1, no key column) opens,
+/// keeps its records and gains the column.
+#[tokio::test]
+async fn a_version_1_journal_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE records (
+                id INTEGER PRIMARY KEY, flow TEXT NOT NULL, delivery_id TEXT, idempotency_key TEXT NOT NULL,
+                correlation_id TEXT NOT NULL, content_type TEXT, payload BLOB NOT NULL, received_at INTEGER NOT NULL,
+                state TEXT NOT NULL, next_attempt_at INTEGER, lease_owner TEXT, lease_until INTEGER, leased_at INTEGER,
+                attempts INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0, finished_at INTEGER,
+                dead_class TEXT, dead_reason TEXT);
+             INSERT INTO records (flow, idempotency_key, correlation_id, payload, received_at, state, next_attempt_at)
+             VALUES ('orders', 'k-old', 'c', x'7b7d', 1000, 'pending', 1000);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let j = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
+    let old = j.record(1).await.unwrap().unwrap();
+    assert_eq!((old.idempotency_key.as_str(), old.external_key), ("k-old", None));
+    let leased = j
+        .lease_in_key_order(
+            "orders",
+            "a",
+            dovetail_core::clock::Timestamp::from_secs(10),
+            std::time::Duration::from_secs(30),
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 1);
 }

@@ -87,6 +87,13 @@ impl Config {
                     }
                 }
             }
+            if flow.ordering == super::Ordering::PerKey && flow.key.is_none() {
+                out.push(Finding::error(
+                    &["flows", name, "ordering"],
+                    "per-key ordering needs the record's key",
+                    "add key = \".id\" (a jq path to the external key)",
+                ));
+            }
             match &flow.sink {
                 SinkConfig::Http { connector, method, path } => {
                     if !self.connectors.contains_key(connector) {

@@ -347,6 +347,22 @@ impl RetryConfig {
 pub struct FlowConfig {
     pub source: SourceConfig,
     pub sink: SinkConfig,
+    /// The record's stable external key, a jq path into the payload.
+    #[serde(default)]
+    pub key: Option<crate::keypath::KeyPath>,
+    /// `"per_key"`: records with the same key are delivered one at a time, in
+    /// order of arrival; different keys in parallel.
+    #[serde(default)]
+    pub ordering: Ordering,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Ordering {
+    /// As fast as possible; no order between records.
+    #[default]
+    None,
+    PerKey,
 }
 
 #[derive(Debug, Clone, Deserialize)]
