@@ -13,7 +13,7 @@ use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use crate::oauth::TokenSource;
 
 use dovetail_core::clock::Timestamp;
-use dovetail_core::config::{HttpConnector, ResolvedAuth, Secret};
+use dovetail_core::config::{BatchResults, HttpConnector, ResolvedAuth, Secret};
 use dovetail_core::policy::{Answer, LimitHint, parse_retry_after};
 
 /// How much of a partner's response body is kept for the DLQ and logs.
@@ -167,13 +167,59 @@ impl HttpSink {
     /// revoked: the token is renewed once and the request sent again, with
     /// the same idempotency key. A second 401 is the answer.
     pub async fn send(&self, out: Outbound<'_>, now: impl Fn() -> Timestamp) -> AttemptResult {
-        let Some(tokens) = &self.tokens else { return self.send_once(out, None, &now).await };
+        self.send_reading(out, BODY_EXCERPT_LIMIT, now).await
+    }
+
+    /// Sends many records in one request to a bulk endpoint: the body is a
+    /// JSON array of their payloads (each already known to be JSON), and
+    /// `key` the batch's idempotency key (the journal binds it to the records).
+    pub async fn send_batch(
+        &self,
+        items: &[Outbound<'_>],
+        key: &str,
+        results: BatchResults,
+        results_field: &str,
+        now: impl Fn() -> Timestamp,
+    ) -> BatchResult {
+        let mut body = Vec::with_capacity(items.iter().map(|i| i.payload.len() + 1).sum::<usize>() + 2);
+        body.push(b'[');
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(item.payload);
+        }
+        body.push(b']');
+        let correlation_id = items.first().map_or("", |i| i.correlation_id);
+        let out =
+            Outbound { payload: &body, content_type: Some("application/json"), idempotency_key: key, correlation_id };
+        let mut request = self.send_reading(out, BATCH_BODY_LIMIT, now).await;
+        let items = match (&request.answer, results) {
+            (Answer::Status { status: 200..=299, .. }, BatchResults::PerItem) => {
+                read_item_results(request.detail.as_deref().unwrap_or(""), results_field, items.len())
+            }
+            _ => Ok(None),
+        };
+        if let Some(d) = request.detail.as_mut()
+            && d.len() > BODY_EXCERPT_LIMIT
+        {
+            let mut cut = BODY_EXCERPT_LIMIT;
+            while !d.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            d.truncate(cut);
+        }
+        BatchResult { request, items }
+    }
+
+    async fn send_reading(&self, out: Outbound<'_>, body_limit: usize, now: impl Fn() -> Timestamp) -> AttemptResult {
+        let Some(tokens) = &self.tokens else { return self.send_once(out, None, body_limit, &now).await };
         let started = Instant::now();
         let token = match tokens.bearer().await {
             Ok(t) => t,
             Err(failed) => return failed,
         };
-        let first = self.send_once(out, Some(&token), &now).await;
+        let first = self.send_once(out, Some(&token), body_limit, &now).await;
         if !matches!(first.answer, Answer::Status { status: 401, .. }) {
             return first;
         }
@@ -181,7 +227,7 @@ impl HttpSink {
             Ok(t) => t,
             Err(failed) => return failed,
         };
-        let mut second = self.send_once(out, Some(&token), &now).await;
+        let mut second = self.send_once(out, Some(&token), body_limit, &now).await;
         second.duration = started.elapsed();
         second
     }
@@ -190,6 +236,7 @@ impl HttpSink {
         &self,
         out: Outbound<'_>,
         bearer: Option<&Secret>,
+        body_limit: usize,
         now: &impl Fn() -> Timestamp,
     ) -> AttemptResult {
         let started = Instant::now();
@@ -228,7 +275,7 @@ impl HttpSink {
         let now = now();
         let retry_after = text("retry-after").and_then(|v| parse_retry_after(v, now));
         let hint = limit_hint(&text, now);
-        let body = read_excerpt(response).await;
+        let body = read_excerpt(response, body_limit).await;
         let detail = match body {
             Ok(b) if b.is_empty() => None,
             Ok(b) => Some(b),
@@ -237,6 +284,45 @@ impl HttpSink {
         };
         AttemptResult { answer: Answer::Status { status, retry_after }, duration: started.elapsed(), detail, hint }
     }
+}
+
+/// How much of a bulk answer is read to find the per-record results.
+pub const BATCH_BODY_LIMIT: usize = 8 * 1024 * 1024;
+
+/// The answer to one bulk request.
+#[derive(Debug, Clone)]
+pub struct BatchResult {
+    /// The request as a whole: transport failures, 5xx, 429, 401 apply to every record.
+    pub request: AttemptResult,
+    /// Per record, in request order, when the partner said; `Err` when a 2xx
+    /// answer's results could not be read (nobody knows what was applied).
+    pub items: Result<Option<Vec<ItemAnswer>>, String>,
+}
+
+/// One record's result inside a bulk answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemAnswer {
+    pub status: u16,
+    pub detail: Option<String>,
+}
+
+/// `{"results": [{"status": 201}, {"status": 422, "error": "..."}]}` → per-item answers.
+fn read_item_results(body: &str, field: &str, expected: usize) -> Result<Option<Vec<ItemAnswer>>, String> {
+    let v: serde_json::Value = serde_json::from_str(body).map_err(|e| format!("the bulk answer is not JSON: {e}"))?;
+    let list = if field.is_empty() { Some(&v) } else { v.get(field) };
+    let list = list.and_then(|l| l.as_array()).ok_or_else(|| format!("the bulk answer has no `{field}` array"))?;
+    if list.len() != expected {
+        return Err(format!("the bulk answer has {} results for {expected} records", list.len()));
+    }
+    let items = list
+        .iter()
+        .map(|item| {
+            let status = item.get("status").and_then(|s| s.as_u64()).and_then(|s| u16::try_from(s).ok()).unwrap_or(200);
+            let detail = (!(200..300).contains(&status)).then(|| item.to_string());
+            ItemAnswer { status, detail }
+        })
+        .collect();
+    Ok(Some(items))
 }
 
 /// `RateLimit-Remaining`/`-Reset` (IETF draft, reset in seconds) or the
@@ -277,12 +363,12 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-pub(crate) async fn read_excerpt(mut response: reqwest::Response) -> Result<String, reqwest::Error> {
+pub(crate) async fn read_excerpt(mut response: reqwest::Response, limit: usize) -> Result<String, reqwest::Error> {
     let mut buf = Vec::new();
     while let Some(chunk) = response.chunk().await? {
-        let room = BODY_EXCERPT_LIMIT.saturating_sub(buf.len());
+        let room = limit.saturating_sub(buf.len());
         buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if buf.len() >= BODY_EXCERPT_LIMIT {
+        if buf.len() >= limit {
             break;
         }
     }

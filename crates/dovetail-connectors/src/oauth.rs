@@ -125,7 +125,7 @@ impl TokenSource {
             }
         };
         let status = response.status().as_u16();
-        let body = read_excerpt(response).await.unwrap_or_default();
+        let body = read_excerpt(response, crate::http::BODY_EXCERPT_LIMIT).await.unwrap_or_default();
         if !(200..300).contains(&status) {
             // 400 (invalid_grant, invalid_client) and 401 mean our
             // credentials are wrong: that is an auth failure, not transient.

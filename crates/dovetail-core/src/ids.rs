@@ -23,6 +23,20 @@ pub fn idempotency_key(flow: &str, delivery_id: Option<&str>) -> String {
     }
 }
 
+/// The `Idempotency-Key` of a bulk request: derived from its records' keys,
+/// so a retry of the same set of records carries the same key, and a retry
+/// of only the failed ones a different key.
+pub fn batch_idempotency_key<'a>(record_keys: impl IntoIterator<Item = &'a str>) -> String {
+    let mut keys: Vec<&str> = record_keys.into_iter().collect();
+    keys.sort_unstable();
+    let mut h = Sha256::new();
+    for k in keys {
+        h.update(k.as_bytes());
+        h.update([b'\n']);
+    }
+    format!("dtb1-{}", hex::encode(&h.finalize()[..16]))
+}
+
 /// A new correlation id in the W3C trace-id form (32 lower-case hex digits, not all zero).
 pub fn new_correlation_id() -> String {
     format!("{:032x}", fastrand::u128(1..))
@@ -62,6 +76,14 @@ mod tests {
         assert_ne!(a, idempotency_key("refunds", Some("msg_1")));
         assert_ne!(a, idempotency_key("orders", Some("msg_2")));
         assert_eq!(a.len(), 4 + 32);
+    }
+
+    #[test]
+    fn batch_keys_depend_on_the_set_of_records_only() {
+        let a = batch_idempotency_key(["k1", "k2", "k3"]);
+        assert_eq!(a, batch_idempotency_key(["k3", "k1", "k2"]));
+        assert_ne!(a, batch_idempotency_key(["k1", "k3"]));
+        assert!(a.starts_with("dtb1-"));
     }
 
     #[test]

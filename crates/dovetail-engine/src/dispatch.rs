@@ -12,6 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 
 use dovetail_connectors::http::{AttemptResult, Outbound};
 use dovetail_core::clock::Timestamp;
+use dovetail_core::config::BatchConfig;
 use dovetail_core::policy::{Answer, ErrorClass, Jitter, MAX_RETRY_AFTER, RetryPolicy, Verdict, classify};
 use dovetail_core::record::Attempt;
 use dovetail_journal::{AttemptReport, Journal, LeasedRecord, Outcome};
@@ -49,6 +50,10 @@ pub(crate) async fn run(
         if permits.is_empty() {
             continue;
         }
+        if flow.batch.is_some() {
+            // A bulk request is one request: one permit, one token.
+            permits.truncate(1);
+        }
         let now = options.clock.now();
         // The breaker and the rate limiter come before the lease, so a leased
         // record is never waiting for its turn while its lease runs down.
@@ -66,10 +71,13 @@ pub(crate) async fn run(
             }
         };
         permits.truncate(n);
-        let leased = if flow.in_key_order {
-            journal.lease_in_key_order(&flow.name, &options.node_id, now, flow.lease_for, n).await
+        let wanted = flow.batch.as_ref().map_or(n, |b| b.max_records);
+        let leased = if flow.batch.is_some() {
+            journal.lease_batch(&flow.name, &options.node_id, now, flow.lease_for, wanted).await
+        } else if flow.in_key_order {
+            journal.lease_in_key_order(&flow.name, &options.node_id, now, flow.lease_for, wanted).await
         } else {
-            journal.lease(&flow.name, &options.node_id, now, flow.lease_for, n).await
+            journal.lease(&flow.name, &options.node_id, now, flow.lease_for, wanted).await
         };
         let leased = match leased {
             Ok(l) => l,
@@ -80,13 +88,28 @@ pub(crate) async fn run(
                 continue;
             }
         };
-        if leased.len() < n {
-            flow.connector.unused(n - leased.len(), probe && leased.is_empty());
+        let requests = if flow.batch.is_some() { usize::from(!leased.is_empty()) } else { leased.len() };
+        if requests < n {
+            flow.connector.unused(n - requests, probe && leased.is_empty());
         }
         if leased.is_empty() {
             drop(permits);
             let next = journal.next_due(&flow.name).await.ok().flatten();
             idle(&flow, &options, next, &mut stop).await;
+            continue;
+        }
+        if let Some(batch) = flow.batch.clone() {
+            let partial = leased.len() < batch.max_records;
+            let max_wait = batch.max_wait;
+            let (f, journal, options) = (flow.clone(), journal.clone(), options.clone());
+            inflight.spawn(async move {
+                attempt_batch(&f, &*journal, &options, &batch, leased).await;
+                drop(permits);
+            });
+            if partial {
+                // Let the next batch fill: a lone record waits at most max_wait.
+                pause_for(max_wait, &mut stop).await;
+            }
             continue;
         }
         for (record, permit) in leased.into_iter().zip(permits) {
@@ -171,25 +194,109 @@ async fn attempt(flow: &FlowRuntime, journal: &dyn Journal, options: &EngineOpti
         give_up_interrupted(flow, journal, options, &record, started_at).await;
         return;
     }
-    let out = Outbound {
+    let result = flow.sink.send(outbound(&record), || options.clock.now()).await;
+    let now = options.clock.now();
+    let (breaker_open_until, change) = flow.connector.observe(&result, now);
+    connector::record(change, journal).await;
+    let sent = Sent { started_at, breaker_open_until, quota: flow.connector.quota_name(), keep_batch: false };
+    conclude(flow, journal, options, &record, &result, sent).await;
+}
+
+fn outbound(record: &LeasedRecord) -> Outbound<'_> {
+    Outbound {
         payload: &record.payload,
         content_type: record.content_type.as_deref(),
         idempotency_key: &record.idempotency_key,
         correlation_id: &record.correlation_id,
-    };
-    let result = flow.sink.send(out, || options.clock.now()).await;
+    }
+}
+
+/// Sends leased records in one bulk request, then concludes each from its
+/// own result when the partner gave per-record results, else from the
+/// request's. Records that succeeded are delivered; only the others come
+/// back, so a retried batch never carries a record that was applied.
+async fn attempt_batch(
+    flow: &FlowRuntime,
+    journal: &dyn Journal,
+    options: &EngineOptions,
+    batch: &BatchConfig,
+    records: Vec<LeasedRecord>,
+) {
+    let started_at = options.clock.now();
+    let (spent, records): (Vec<_>, Vec<_>) = records.into_iter().partition(|r| r.failures >= flow.retry.max_attempts);
+    for record in &spent {
+        give_up_interrupted(flow, journal, options, record, started_at).await;
+    }
+    if records.is_empty() {
+        flow.connector.not_sent();
+        return;
+    }
+    let outs: Vec<Outbound<'_>> = records.iter().map(outbound).collect();
+    let key = records[0].batch_key.clone().unwrap_or_else(|| {
+        dovetail_core::ids::batch_idempotency_key(records.iter().map(|r| r.idempotency_key.as_str()))
+    });
+    let result = flow.sink.send_batch(&outs, &key, batch.results, &batch.results_field, || options.clock.now()).await;
+    // Without a per-record answer nobody knows what the partner applied:
+    // a retry must send exactly these records under the same key again.
+    let keep_batch = !matches!(result.items, Ok(Some(_)));
     let now = options.clock.now();
-    let (breaker_open_until, change) = flow.connector.observe(&result, now);
+    let (breaker_open_until, change) = flow.connector.observe(&result.request, now);
     connector::record(change, journal).await;
+    // The request counts once against the quota.
+    let mut quota = flow.connector.quota_name();
+    for (i, record) in records.iter().enumerate() {
+        let own = match &result.items {
+            Ok(Some(items)) => AttemptResult {
+                answer: Answer::Status { status: items[i].status, retry_after: None },
+                duration: result.request.duration,
+                detail: items[i].detail.clone(),
+                hint: result.request.hint,
+            },
+            Ok(None) => result.request.clone(),
+            // A 2xx whose results cannot be read: nobody knows what was
+            // applied. Retried as a server failure.
+            Err(why) => AttemptResult {
+                answer: Answer::Status { status: 502, retry_after: None },
+                duration: result.request.duration,
+                detail: Some(why.clone()),
+                hint: result.request.hint,
+            },
+        };
+        let sent = Sent { started_at, breaker_open_until, quota: quota.take(), keep_batch };
+        conclude(flow, journal, options, record, &own, sent).await;
+    }
+}
+
+/// How an attempt went out, beyond its result.
+struct Sent {
+    started_at: Timestamp,
+    breaker_open_until: Option<Timestamp>,
+    /// The connector whose quota the request used (once per request).
+    quota: Option<String>,
+    keep_batch: bool,
+}
+
+/// Decides what an attempt's result means for one record and writes it.
+async fn conclude(
+    flow: &FlowRuntime,
+    journal: &dyn Journal,
+    options: &EngineOptions,
+    record: &LeasedRecord,
+    result: &AttemptResult,
+    sent: Sent,
+) {
+    let Sent { started_at, breaker_open_until, quota, keep_batch } = sent;
+    let now = options.clock.now();
     let (outcome, class) =
-        decide(&result, record.attempt, record.failures, &flow.retry, &*options.jitter, now, breaker_open_until);
-    log_attempt(flow, &record, &result, &outcome);
+        decide(result, record.attempt, record.failures, &flow.retry, &*options.jitter, now, breaker_open_until);
+    log_attempt(flow, record, result, &outcome);
     let status = match result.answer {
         Answer::Status { status, .. } => Some(status),
         _ => None,
     };
-    let report = AttemptReport {
-        quota: flow.connector.quota_name(),
+    let mut report = AttemptReport {
+        quota,
+        keep_batch,
         id: record.id,
         owner: options.node_id.clone(),
         attempt: Attempt {
@@ -198,13 +305,12 @@ async fn attempt(flow: &FlowRuntime, journal: &dyn Journal, options: &EngineOpti
             duration_ms: u64::try_from(result.duration.as_millis()).unwrap_or(u64::MAX),
             status,
             class,
-            error: class.map(|_| describe(&result)),
+            error: class.map(|_| describe(result)),
         },
-        outcome: outcome.clone(),
+        outcome,
     };
-    let mut report = report;
     if class == Some(ErrorClass::Auth) {
-        let reason = format!("connector `{}` refused our credentials: {}", flow.sink.connector(), describe(&result));
+        let reason = format!("connector `{}` refused our credentials: {}", flow.sink.connector(), describe(result));
         if let Err(e) = journal.pause_flow(&flow.name, &reason, now).await {
             tracing::error!(flow = %flow.name, error = %e, "cannot record the flow's pause");
             // Without the pause the record would be sent again at once.
@@ -212,7 +318,7 @@ async fn attempt(flow: &FlowRuntime, journal: &dyn Journal, options: &EngineOpti
         }
         flow.auth_failed.store(true, std::sync::atomic::Ordering::Release);
     }
-    record_outcome(flow, journal, &record, report).await;
+    record_outcome(flow, journal, record, report).await;
 }
 
 async fn give_up_interrupted(
@@ -226,6 +332,7 @@ async fn give_up_interrupted(
     tracing::warn!(flow = %flow.name, record_id = record.id, %reason, "dead-lettered without sending");
     let report = AttemptReport {
         quota: None,
+        keep_batch: false,
         id: record.id,
         owner: options.node_id.clone(),
         attempt: Attempt {

@@ -102,6 +102,8 @@ pub(crate) struct FlowRuntime {
     pub auth_failed: std::sync::atomic::AtomicBool,
     /// `ordering = "per_key"`.
     pub in_key_order: bool,
+    /// Bulk requests, when the sink sends many records at once.
+    pub batch: Option<dovetail_core::config::BatchConfig>,
 }
 
 /// A started engine.
@@ -195,7 +197,7 @@ pub async fn start(
     for (name, flow) in &config.flows {
         let missing =
             |what: &str| EngineError::Flow { flow: name.clone(), reason: format!("{what} is not configured") };
-        let SinkConfig::Http { connector, method, path } = &flow.sink;
+        let SinkConfig::Http { connector, method, path, batch } = &flow.sink;
         let http = config.http_connector(connector).ok_or_else(|| missing("its connector"))?;
         let auth = resolved.connectors.get(connector).cloned().unwrap_or_default();
         let client = clients.get(connector).cloned().ok_or_else(|| missing("its connector"))?;
@@ -213,6 +215,7 @@ pub async fn start(
             wake: wake.clone(),
             auth_failed: Default::default(),
             in_key_order: flow.ordering == dovetail_core::config::Ordering::PerKey,
+            batch: batch.clone(),
         });
         let SourceConfig::Webhook { path, .. } = &flow.source;
         let verifier = resolved.flows.get(name).and_then(|f| f.verifier.clone());

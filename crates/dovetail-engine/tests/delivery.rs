@@ -65,6 +65,10 @@ sink = {{ type = "http", connector = "billing", path = "/v1/customers" }}
 key = ".id"
 ordering = "per_key"
 
+[flows.bulk]
+source = {{ type = "webhook", path = "/hooks/bulk", signature = {{ scheme = "standard-webhooks", secret = "env:ORDERS_SECRET" }} }}
+sink = {{ type = "http", connector = "billing", path = "/v1/orders/bulk", batch = {{ max_records = 10, max_wait = "200ms" }} }}
+
 [flows.payments]
 source = {{ type = "webhook", path = "/hooks/stripe", signature = {{ scheme = "stripe", secret = "env:STRIPE_SECRET" }} }}
 sink = {{ type = "http", connector = "billing", path = "/v1/payments" }}
@@ -640,5 +644,47 @@ async fn per_key_ordering_delivers_one_keys_updates_in_order_despite_a_failure()
     }
     let detail = h.journal.record(1).await.unwrap().unwrap();
     assert_eq!(detail.external_key.as_deref(), Some("cus_a"));
+    h.stop().await;
+}
+
+async fn send_bulk(h: &Harness, n: usize) {
+    let secret = SigningSecret::parse(Scheme::StandardWebhooks, SW_SECRET).unwrap();
+    for i in 0..n {
+        let status = if i % 5 == 4 { "reject" } else { "paid" };
+        let body = format!(r#"{{"id":"ord_b{i}","status":"{status}"}}"#);
+        let headers = sign(Scheme::StandardWebhooks, &secret, &format!("bulk-{i}"), SystemClock.now(), body.as_bytes());
+        assert_eq!(h.post("/hooks/bulk", &headers, body.as_bytes()).await.0, 202);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_requests_carry_many_records_and_dead_letter_only_the_refused_ones() {
+    let partner = Behaviour::default().bulk("/v1/orders/bulk").fail_item("reject", 422);
+    let h = Harness::start(partner).await;
+    send_bulk(&h, 25).await;
+    let c = h.wait_for("bulk", "every record settled", |c| c.delivered + c.dead == 25).await;
+    assert_eq!((c.delivered, c.dead), (20, 5));
+    let stats = h.partner.stats();
+    assert!(stats.bulk_requests < 25, "records were batched: {stats:?}");
+    assert_eq!(stats.bulk_items, 20);
+    assert!(h.partner.double_effects().is_empty());
+    let dead = h.journal.dead_letters(Some("bulk"), 10).await.unwrap();
+    assert!(dead.iter().all(|d| d.class == ErrorClass::Rejected && d.reason.contains("422")), "{dead:?}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_request_lost_after_the_partner_applied_it_is_not_applied_twice() {
+    // The first bulk request is applied, then the connection drops: the same
+    // records go again with the same batch key and the partner replays.
+    let partner =
+        Behaviour::script(vec![Reply::DropAfterCommit], Reply::Ok).bulk("/v1/orders/bulk").fail_item("reject", 422);
+    let h = Harness::start(partner).await;
+    send_bulk(&h, 8).await;
+    h.wait_for("bulk", "every record settled", |c| c.delivered + c.dead == 8).await;
+    let stats = h.partner.stats();
+    assert!(stats.dropped >= 1, "{stats:?}");
+    assert!(h.partner.double_effects().is_empty(), "{:?}", h.partner.double_effects());
+    assert_eq!(h.partner.effects_by_record().len(), 7, "every accepted record applied once");
     h.stop().await;
 }

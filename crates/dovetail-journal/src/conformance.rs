@@ -32,7 +32,8 @@ macro_rules! journal_conformance {
             oldest_pending_and_counts, replay_in_chunks, concurrent_ingests_all_land, lease_limit_and_order,
             stale_owner_cannot_complete, same_owner_cannot_complete_an_older_attempt,
             replay_takes_only_what_was_dead_at_its_start, connector_health_is_replaced_per_connector,
-            sent_requests_count_against_the_quota_even_with_a_lost_lease, one_key_at_a_time_in_key_order);
+            sent_requests_count_against_the_quota_even_with_a_lost_lease, one_key_at_a_time_in_key_order,
+            a_batch_of_unknown_fate_goes_again_whole_and_alone);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -88,6 +89,7 @@ pub async fn ingest_lease_deliver(j: &dyn Journal) {
     let ok = j
         .complete(AttemptReport {
             quota: None,
+            keep_batch: false,
             id,
             owner: "node-a".into(),
             attempt: attempt(1, 200, None),
@@ -138,6 +140,7 @@ pub async fn stale_owner_cannot_complete(j: &dyn Journal) {
     j.lease("orders", "b", T0.plus(LEASE), LEASE, 10).await.unwrap();
     let stale = AttemptReport {
         quota: None,
+        keep_batch: false,
         id,
         owner: "a".into(),
         attempt: attempt(1, 200, None),
@@ -147,6 +150,7 @@ pub async fn stale_owner_cannot_complete(j: &dyn Journal) {
     assert_eq!(j.record(id).await.unwrap().unwrap().state, StateName::InFlight);
     let fresh = AttemptReport {
         quota: None,
+        keep_batch: false,
         id,
         owner: "b".into(),
         attempt: attempt(2, 200, None),
@@ -163,6 +167,7 @@ pub async fn same_owner_cannot_complete_an_older_attempt(j: &dyn Journal) {
     assert_eq!(again[0].attempt, 2);
     let old = AttemptReport {
         quota: None,
+        keep_batch: false,
         id,
         owner: "a".into(),
         attempt: attempt(1, 503, Some(ErrorClass::Server)),
@@ -172,6 +177,7 @@ pub async fn same_owner_cannot_complete_an_older_attempt(j: &dyn Journal) {
     assert_eq!(j.record(id).await.unwrap().unwrap().state, StateName::InFlight);
     let new = AttemptReport {
         quota: None,
+        keep_batch: false,
         id,
         owner: "a".into(),
         attempt: attempt(2, 200, None),
@@ -187,7 +193,9 @@ pub async fn replay_takes_only_what_was_dead_at_its_start(j: &dyn Journal) {
     let mut a = attempt(1, 422, Some(ErrorClass::Rejected));
     a.started_at = dead_at;
     let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "no".into() };
-    j.complete(AttemptReport { quota: None, id, owner: "a".into(), attempt: a, outcome: dead }).await.unwrap();
+    j.complete(AttemptReport { quota: None, keep_batch: false, id, owner: "a".into(), attempt: a, outcome: dead })
+        .await
+        .unwrap();
     let started = T0.plus(Duration::from_secs(30));
     assert_eq!(j.replay(&Selector::All, started, 10).await.unwrap(), 0, "died after the replay started");
     assert_eq!(j.discard(&Selector::All, started, 10).await.unwrap(), 0);
@@ -220,14 +228,21 @@ pub async fn sent_requests_count_against_the_quota_even_with_a_lost_lease(j: &dy
     let quota = Some("billing".to_string());
     let stale = AttemptReport {
         quota: quota.clone(),
+        keep_batch: false,
         id,
         owner: "a".into(),
         attempt: attempt(1, 503, Some(ErrorClass::Server)),
         outcome: Outcome::Retry { at: T0 },
     };
     assert!(!j.complete(stale).await.unwrap());
-    let fresh =
-        AttemptReport { quota, id, owner: "b".into(), attempt: attempt(2, 200, None), outcome: Outcome::Delivered };
+    let fresh = AttemptReport {
+        quota,
+        keep_batch: false,
+        id,
+        owner: "b".into(),
+        attempt: attempt(2, 200, None),
+        outcome: Outcome::Delivered,
+    };
     assert!(j.complete(fresh).await.unwrap());
     let used = j.quota_used("billing", T0).await.unwrap();
     assert_eq!((used.this_hour, used.today), (2, 2));
@@ -252,6 +267,7 @@ pub async fn one_key_at_a_time_in_key_order(j: &dyn Journal) {
     let retry = Outcome::Retry { at: T0.plus(Duration::from_secs(5)) };
     j.complete(AttemptReport {
         quota: None,
+        keep_batch: false,
         id: a1,
         owner: "a".into(),
         attempt: attempt(1, 503, Some(ErrorClass::Server)),
@@ -265,6 +281,7 @@ pub async fn one_key_at_a_time_in_key_order(j: &dyn Journal) {
     let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "no".into() };
     j.complete(AttemptReport {
         quota: None,
+        keep_batch: false,
         id: a1,
         owner: "a".into(),
         attempt: attempt(2, 422, Some(ErrorClass::Rejected)),
@@ -280,12 +297,57 @@ pub async fn one_key_at_a_time_in_key_order(j: &dyn Journal) {
     assert_eq!(j.record(a2).await.unwrap().unwrap().external_key.as_deref(), Some("cus_a"));
 }
 
+pub async fn a_batch_of_unknown_fate_goes_again_whole_and_alone(j: &dyn Journal) {
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(j.ingest(new_record("orders", Some(&format!("b{i}")), "{}")).await.unwrap().id());
+    }
+    let first = j.lease_batch("orders", "a", T0, LEASE, 2).await.unwrap();
+    assert_eq!(first.iter().map(|r| r.id).collect::<Vec<_>>(), ids[..2]);
+    let key = first[0].batch_key.clone().unwrap();
+    assert_eq!(first[1].batch_key.as_deref(), Some(key.as_str()));
+    assert_eq!(key, dovetail_core::ids::batch_idempotency_key(first.iter().map(|r| r.idempotency_key.as_str())));
+    // The request was lost: both wait, bound, with different jittered due times.
+    for (r, secs) in first.iter().zip([5, 7]) {
+        let at = T0.plus(Duration::from_secs(secs));
+        let report = AttemptReport {
+            quota: None,
+            keep_batch: true,
+            id: r.id,
+            owner: "a".into(),
+            attempt: attempt(1, 503, Some(ErrorClass::Server)),
+            outcome: Outcome::Retry { at },
+        };
+        assert!(j.complete(report).await.unwrap());
+    }
+    // The unbound record goes on its own meanwhile.
+    let other = j.lease_batch("orders", "a", T0.plus(Duration::from_secs(1)), LEASE, 10).await.unwrap();
+    assert_eq!(other.iter().map(|r| r.id).collect::<Vec<_>>(), [ids[2]]);
+    let again = j.lease_batch("orders", "a", T0.plus(Duration::from_secs(5)), LEASE, 10).await.unwrap();
+    assert_eq!(again.iter().map(|r| r.id).collect::<Vec<_>>(), ids[..2], "whole, when its oldest is due");
+    assert!(again.iter().all(|r| r.batch_key.as_deref() == Some(key.as_str())), "under the same key");
+    // Answered per record this time: the batch lets its records go.
+    let report = AttemptReport {
+        quota: None,
+        keep_batch: false,
+        id: ids[0],
+        owner: "a".into(),
+        attempt: attempt(2, 503, Some(ErrorClass::Server)),
+        outcome: Outcome::Retry { at: T0.plus(Duration::from_secs(6)) },
+    };
+    assert!(j.complete(report).await.unwrap());
+    let alone = j.lease_batch("orders", "a", T0.plus(Duration::from_secs(6)), LEASE, 10).await.unwrap();
+    assert_eq!(alone.iter().map(|r| r.id).collect::<Vec<_>>(), [ids[0]]);
+    assert_ne!(alone[0].batch_key.as_deref(), Some(key.as_str()), "a new batch, a new key");
+}
+
 pub async fn retry_waits_until_due(j: &dyn Journal) {
     let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
     j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
     let at = T0.plus(Duration::from_secs(10));
     let rep = AttemptReport {
         quota: None,
+        keep_batch: false,
         id,
         owner: "a".into(),
         attempt: attempt(1, 503, Some(ErrorClass::Server)),
@@ -304,6 +366,7 @@ pub async fn dead_letter_and_replay_keep_the_key(j: &dyn Journal) {
     let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "422: amount missing".into() };
     j.complete(AttemptReport {
         quota: None,
+        keep_batch: false,
         id,
         owner: "a".into(),
         attempt: attempt(1, 422, Some(ErrorClass::Rejected)),
@@ -335,6 +398,7 @@ pub async fn discard_keeps_the_record(j: &dyn Journal) {
     let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "no".into() };
     j.complete(AttemptReport {
         quota: None,
+        keep_batch: false,
         id,
         owner: "a".into(),
         attempt: attempt(1, 400, Some(ErrorClass::Rejected)),
@@ -364,6 +428,7 @@ pub async fn hold_does_not_spend_the_budget(j: &dyn Journal) {
     j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
     let rep = AttemptReport {
         quota: None,
+        keep_batch: false,
         id,
         owner: "a".into(),
         attempt: attempt(1, 401, Some(ErrorClass::Auth)),

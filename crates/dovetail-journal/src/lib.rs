@@ -95,6 +95,8 @@ pub struct LeasedRecord {
     /// Transient failures so far, including attempts interrupted by a crash.
     pub failures: u32,
     pub lease_until: Timestamp,
+    /// For records leased by [`Journal::lease_batch`]: the bulk request's idempotency key.
+    pub batch_key: Option<String>,
 }
 
 /// Which records an operator action applies to.
@@ -132,6 +134,9 @@ pub struct AttemptReport {
     pub owner: String,
     pub attempt: Attempt,
     pub outcome: Outcome,
+    /// Keep the record bound to its batch: the bulk request's fate is
+    /// unknown, so the same records must go again under the same key.
+    pub keep_batch: bool,
     /// The connector whose quota this attempt's request used, if it has one.
     /// Counted even when the lease was lost: the request was sent.
     pub quota: Option<String>,
@@ -248,6 +253,21 @@ pub trait Journal: Send + Sync + 'static {
     /// key's records go out one at a time, in order of arrival. Records
     /// without a key are not held back.
     async fn lease_in_key_order(
+        &self,
+        flow: &str,
+        owner: &str,
+        now: Timestamp,
+        lease_for: Duration,
+        limit: usize,
+    ) -> Result<Vec<LeasedRecord>>;
+
+    /// Leases records of a bulk flow as one batch and binds them to the
+    /// batch's idempotency key (derived from their keys). A batch whose
+    /// attempt was kept bound (see [`AttemptReport::keep_batch`]) is leased
+    /// again whole, as soon as its oldest record is due, and never mixed
+    /// with other records: its retry carries the same key, so a partner that
+    /// applied it before answers from its idempotency store.
+    async fn lease_batch(
         &self,
         flow: &str,
         owner: &str,

@@ -26,7 +26,7 @@ use crate::{
     Outcome, Pause, QuotaUsed, RecordDetail, Result, Selector,
 };
 
-/// 1: the first release. 2: `records.external_key`.
+/// 1: the first release. 2: `records.external_key` and `records.batch_key`.
 const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = r#"
@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS records (
     flow            TEXT    NOT NULL,
     delivery_id     TEXT,
     external_key    TEXT,
+    batch_key       TEXT,
     idempotency_key TEXT    NOT NULL,
     correlation_id  TEXT    NOT NULL,
     content_type    TEXT,
@@ -289,13 +290,20 @@ fn migrate(conn: &Connection, location: &str) -> Result<()> {
         });
     }
     conn.execute_batch(SCHEMA).map_err(|e| sql_err(location, e))?;
-    // Version 1 files lack the key column; CREATE TABLE IF NOT EXISTS left them as they were.
-    let has_key: i64 = conn
-        .query_row("SELECT COUNT(*) FROM pragma_table_info('records') WHERE name = 'external_key'", [], |r| r.get(0))
-        .map_err(|e| sql_err(location, e))?;
-    if has_key == 0 {
-        conn.execute_batch("ALTER TABLE records ADD COLUMN external_key TEXT").map_err(|e| sql_err(location, e))?;
+    // Version 1 files lack these columns; CREATE TABLE IF NOT EXISTS left them as they were.
+    for column in ["external_key", "batch_key"] {
+        let present: i64 = conn
+            .query_row("SELECT COUNT(*) FROM pragma_table_info('records') WHERE name = ?1", [column], |r| r.get(0))
+            .map_err(|e| sql_err(location, e))?;
+        if present == 0 {
+            conn.execute_batch(&format!("ALTER TABLE records ADD COLUMN {column} TEXT"))
+                .map_err(|e| sql_err(location, e))?;
+        }
     }
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS records_batch ON records (flow, batch_key) WHERE batch_key IS NOT NULL",
+    )
+    .map_err(|e| sql_err(location, e))?;
     conn.execute_batch(
         "CREATE INDEX IF NOT EXISTS records_open_by_key ON records (flow, external_key, id)
          WHERE state IN ('pending', 'in_flight') AND external_key IS NOT NULL",
@@ -491,10 +499,74 @@ fn lease_tx(
                 attempt: r.get(6)?,
                 failures: r.get(7)?,
                 lease_until: until,
+                batch_key: None,
             })
         })?
         .collect::<rusqlite::Result<_>>()?;
     leased.sort_by_key(|r| r.id);
+    Ok(leased)
+}
+
+fn lease_batch_tx(
+    conn: &Connection,
+    flow: &str,
+    owner: &str,
+    now: Timestamp,
+    lease_for: Duration,
+    limit: usize,
+) -> rusqlite::Result<Vec<LeasedRecord>> {
+    let now_ms = now.as_millis();
+    // Expired leases come back first, exactly as for single records.
+    let _ = lease_tx(conn, flow, owner, now, lease_for, 0, false)?;
+    let oldest: Option<Option<String>> = conn
+        .prepare_cached(
+            "SELECT batch_key FROM records WHERE flow = ?1 AND state = 'pending' AND next_attempt_at <= ?2
+             ORDER BY next_attempt_at, id LIMIT 1",
+        )?
+        .query_row(params![flow, now_ms], |r| r.get(0))
+        .optional()?;
+    let Some(bound) = oldest else { return Ok(Vec::new()) };
+    let until = now.plus(lease_for);
+    let select = "RETURNING id, flow, idempotency_key, correlation_id, content_type, payload, attempts, failures";
+    let set = "UPDATE records SET state = 'in_flight', lease_owner = ?2, lease_until = ?3, leased_at = ?4,
+                                  attempts = attempts + 1, next_attempt_at = NULL";
+    let row = |r: &Row<'_>| -> rusqlite::Result<LeasedRecord> {
+        Ok(LeasedRecord {
+            id: r.get(0)?,
+            flow: r.get(1)?,
+            idempotency_key: r.get(2)?,
+            correlation_id: r.get(3)?,
+            content_type: r.get(4)?,
+            payload: r.get(5)?,
+            attempt: r.get(6)?,
+            failures: r.get(7)?,
+            lease_until: until,
+            batch_key: None,
+        })
+    };
+    let mut leased: Vec<LeasedRecord> = match &bound {
+        // A batch of unknown fate goes again whole, whatever each member's jittered due time.
+        Some(key) => conn
+            .prepare_cached(&format!("{set} WHERE flow = ?1 AND state = 'pending' AND batch_key = ?5 {select}"))?
+            .query_map(params![flow, owner, until.as_millis(), now_ms, key], row)?
+            .collect::<rusqlite::Result<_>>()?,
+        None => conn
+            .prepare_cached(&format!(
+                "{set} WHERE id IN (SELECT id FROM records WHERE flow = ?1 AND state = 'pending' AND next_attempt_at <= ?4
+                                    AND batch_key IS NULL ORDER BY next_attempt_at, id LIMIT ?5) {select}"
+            ))?
+            .query_map(params![flow, owner, until.as_millis(), now_ms, i64::try_from(limit).unwrap_or(i64::MAX)], row)?
+            .collect::<rusqlite::Result<_>>()?,
+    };
+    leased.sort_by_key(|r| r.id);
+    let key = bound.unwrap_or_else(|| {
+        dovetail_core::ids::batch_idempotency_key(leased.iter().map(|r| r.idempotency_key.as_str()))
+    });
+    let mut bind = conn.prepare_cached("UPDATE records SET batch_key = ?2 WHERE id = ?1")?;
+    for r in &mut leased {
+        bind.execute(params![r.id, key])?;
+        r.batch_key = Some(key.clone());
+    }
     Ok(leased)
 }
 
@@ -505,6 +577,8 @@ fn complete_tx(conn: &Connection, rep: &AttemptReport) -> rusqlite::Result<bool>
     // expired and who then re-leased the same record (a paused process, a
     // clock jump) cannot complete the newer attempt with the older result.
     let held = "id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3";
+    // A settled batch lets its records go; a batch of unknown fate keeps them.
+    let unbind = if rep.keep_batch { "" } else { ", batch_key = NULL" };
     if let Some(connector) = &rep.quota {
         count_quota(conn, connector, a.started_at)?;
     }
@@ -512,27 +586,27 @@ fn complete_tx(conn: &Connection, rep: &AttemptReport) -> rusqlite::Result<bool>
     let changed = match &rep.outcome {
         Outcome::Delivered => conn
             .prepare_cached(&format!(
-                "UPDATE records SET state = 'delivered', finished_at = ?4, lease_owner = NULL, lease_until = NULL, leased_at = NULL
+                "UPDATE records SET state = 'delivered', finished_at = ?4, lease_owner = NULL, lease_until = NULL, leased_at = NULL {unbind}
                  WHERE {held}"
             ))?
             .execute(params![rep.id, rep.owner, n, end])?,
         Outcome::Retry { at } => conn
             .prepare_cached(&format!(
                 "UPDATE records SET state = 'pending', next_attempt_at = ?4, failures = failures + 1,
-                                    lease_owner = NULL, lease_until = NULL, leased_at = NULL
+                                    lease_owner = NULL, lease_until = NULL, leased_at = NULL {unbind}
                  WHERE {held}"
             ))?
             .execute(params![rep.id, rep.owner, n, at.as_millis()])?,
         Outcome::Hold { at } => conn
             .prepare_cached(&format!(
-                "UPDATE records SET state = 'pending', next_attempt_at = ?4, lease_owner = NULL, lease_until = NULL, leased_at = NULL
+                "UPDATE records SET state = 'pending', next_attempt_at = ?4, lease_owner = NULL, lease_until = NULL, leased_at = NULL {unbind}
                  WHERE {held}"
             ))?
             .execute(params![rep.id, rep.owner, n, at.as_millis()])?,
         Outcome::Dead { class, reason } => conn
             .prepare_cached(&format!(
                 "UPDATE records SET state = 'dead', finished_at = ?4, dead_class = ?5, dead_reason = ?6,
-                                    lease_owner = NULL, lease_until = NULL, leased_at = NULL
+                                    lease_owner = NULL, lease_until = NULL, leased_at = NULL, batch_key = NULL
                  WHERE {held}"
             ))?
             .execute(params![rep.id, rep.owner, n, end, class.as_str(), reason])?,
@@ -683,6 +757,18 @@ impl Journal for SqliteJournal {
     ) -> Result<Vec<LeasedRecord>> {
         let (flow, owner) = (flow.to_string(), owner.to_string());
         self.write(move |c| lease_tx(c, &flow, &owner, now, lease_for, limit, true)).await
+    }
+
+    async fn lease_batch(
+        &self,
+        flow: &str,
+        owner: &str,
+        now: Timestamp,
+        lease_for: Duration,
+        limit: usize,
+    ) -> Result<Vec<LeasedRecord>> {
+        let (flow, owner) = (flow.to_string(), owner.to_string());
+        self.write(move |c| lease_batch_tx(c, &flow, &owner, now, lease_for, limit)).await
     }
 
     async fn complete(&self, report: AttemptReport) -> Result<bool> {

@@ -18,6 +18,9 @@
 //! * optionally acts as an OAuth 2.0 authorization server ([`OAuth`]): it
 //!   issues short-lived bearer tokens at a token endpoint and refuses API
 //!   requests whose token is missing, unknown or expired;
+//! * optionally serves a bulk endpoint ([`Behaviour::bulk`]) that takes a
+//!   JSON array, commits one effect per item and answers per item, with
+//!   chosen items rejected ([`Behaviour::fail_item`]);
 //! * records every committed [`Effect`] and every [`SeenRequest`], so a test
 //!   can ask for [`Partner::double_effects`] (the bug Dovetail must never
 //!   have), inspect headers and arrival times (backoff, `Retry-After`) or ask
@@ -94,7 +97,8 @@
 //!    entry whose needle occurs in the body, else the next unused
 //!    [`Behaviour::script`] entry, else [`Behaviour::default`]. Only requests
 //!    that reach this step consume a script entry, and a `by_body` match does
-//!    not consume one.
+//!    not consume one. On the bulk endpoint, a committing reply commits the
+//!    batch item by item (see [`Behaviour::bulk`]).
 //!
 //! A key is remembered only once its effect was committed (`Ok`,
 //! `SlowAfterCommit`, `DropAfterCommit`); requests that were refused or
@@ -114,6 +118,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::{self, Write as _};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -145,6 +150,7 @@ const RETRY_AFTER_BODY: &str = r#"{"error":"try again later"}"#;
 const UNAUTHORIZED_BODY: &str = r#"{"error":"missing or invalid authorization"}"#;
 const RATE_LIMITED_BODY: &str = r#"{"error":"rate limited"}"#;
 const INVALID_TOKEN_BODY: &str = r#"{"error":"invalid_token"}"#;
+const BULK_NOT_ARRAY_BODY: &str = r#"{"error":"a bulk body is a JSON array"}"#;
 
 /// The challenge on a 401 for a missing, unknown or expired bearer token
 /// (RFC 6750, 3).
@@ -223,6 +229,14 @@ pub struct Behaviour {
     /// [`require_headers`](Behaviour::require_headers) entry for
     /// `authorization`: no request could satisfy both.
     pub oauth: Option<OAuth>,
+    /// Path (request target, compared exactly, query included) of a bulk
+    /// endpoint that takes a JSON array of records and answers per item; see
+    /// [`Behaviour::bulk`]. `None` (the default) means no bulk endpoint.
+    pub bulk_path: Option<String>,
+    /// Per-item failures on the bulk endpoint: an item whose JSON (as sent)
+    /// contains the needle (a byte substring) gets this status in the
+    /// results and has no effect; checked in order. See [`Behaviour::bulk`].
+    pub bulk_item_failures: Vec<(String, u16)>,
 }
 
 /// A server-side rate limit, as partner APIs enforce it: a token bucket that
@@ -370,6 +384,8 @@ impl Default for Behaviour {
             require_headers: Vec::new(),
             rate_limit: None,
             oauth: None,
+            bulk_path: None,
+            bulk_item_failures: Vec::new(),
         }
     }
 }
@@ -414,9 +430,50 @@ impl Behaviour {
         self.oauth = Some(o);
         self
     }
+
+    /// Serve a bulk endpoint at `path` (the whole request target, compared
+    /// exactly), like partners' batch APIs.
+    ///
+    /// A bulk request goes through OAuth, required headers, the rate limit
+    /// and request-level `Idempotency-Key` enforcement exactly like any other
+    /// request (one token, one key for the whole batch; a replay of a
+    /// committed key returns the stored batch response and commits nothing).
+    /// The [`Reply`] is then chosen as usual, with [`Behaviour::by_body`]
+    /// matched against the whole body, and:
+    ///
+    /// * [`Reply::Ok`], [`Reply::SlowAfterCommit`], [`Reply::DropAfterCommit`]:
+    ///   the body must be a JSON array, otherwise the answer is 400
+    ///   `{"error":"a bulk body is a JSON array"}` without effect (and the
+    ///   key is not remembered). Each item, in order, is rejected if its
+    ///   JSON as sent contains a [`Behaviour::fail_item`] needle (result
+    ///   `{"status":<code>,"error":"item rejected"}`, no effect), and
+    ///   otherwise committed as one [`Effect`] of its own (body: the item's
+    ///   JSON as sent, record id: the item's top-level `"id"`, key and
+    ///   correlation id: the request's) with result `{"status":201}`. The
+    ///   response is `200 {"results":[...]}`, one result per item in order,
+    ///   and this body is what a replay of the key returns. Slow and Drop
+    ///   then wait or close as usual, after the items were committed.
+    /// * [`Reply::Status`], [`Reply::RetryAfter`], [`Reply::DropBeforeCommit`]:
+    ///   apply to the whole batch as usual; no item is committed.
+    ///
+    /// Rejected items do not count in [`Stats::rejected`]: the request
+    /// itself succeeded.
+    pub fn bulk(mut self, path: &str) -> Self {
+        self.bulk_path = Some(path.to_owned());
+        self
+    }
+
+    /// On the bulk endpoint (see [`Behaviour::bulk`]), reject every item
+    /// whose JSON contains `needle` with `status`, without effect, while the
+    /// other items of the batch are applied.
+    pub fn fail_item(mut self, needle: &str, status: u16) -> Self {
+        self.bulk_item_failures.push((needle.to_owned(), status));
+        self
+    }
 }
 
-/// One committed effect: the partner applied a request.
+/// One committed effect: the partner applied a request, or one item of a
+/// bulk request (see [`Behaviour::bulk`]).
 #[derive(Clone, Debug)]
 pub struct Effect {
     /// Position in commit order, starting at 1; also the `effect` field of
@@ -432,7 +489,7 @@ pub struct Effect {
     pub correlation_id: Option<String>,
     /// Request target (path and query).
     pub path: String,
-    /// Request body.
+    /// Request body; for a bulk item, the item's JSON as sent.
     pub body: Bytes,
 }
 
@@ -442,7 +499,7 @@ pub struct Stats {
     /// Requests received, including malformed ones and ones that were
     /// dropped.
     pub requests: u64,
-    /// Effects committed.
+    /// Effects committed (each committed bulk item is one effect).
     pub effects: u64,
     /// Requests answered with a replayed response (committed key).
     pub replays: u64,
@@ -473,6 +530,12 @@ pub struct Stats {
     /// token was missing, unknown, revoked or expired (also counted in
     /// `rejected`).
     pub invalid_token: u64,
+    /// Requests to the bulk endpoint ([`Behaviour::bulk`]), whatever their
+    /// answer (refused, replayed, failed or dropped ones included; token
+    /// endpoint requests excluded).
+    pub bulk_requests: u64,
+    /// Bulk items committed (also counted in `effects`).
+    pub bulk_items: u64,
 }
 
 /// A request as the partner saw it.
@@ -693,12 +756,30 @@ struct State {
     oauth: Option<OAuthServer>,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum KeyState {
     /// Effect committed, response not yet sent.
     InFlight,
-    /// Effect committed with this seq; the response is `Body::Effect(seq)`.
-    Done(u64),
+    /// Effect committed; the 200 response to replay.
+    Done(Committed),
+}
+
+/// The body of the 200 answering a committed request.
+#[derive(Clone, Debug)]
+enum Committed {
+    /// One effect with this seq: `{"ok":true,"effect":N}`.
+    Effect(u64),
+    /// A bulk request: `{"results":[...]}`.
+    Bulk(Arc<str>),
+}
+
+impl Committed {
+    fn body(&self) -> Body {
+        match self {
+            Committed::Effect(seq) => Body::Effect(*seq),
+            Committed::Bulk(body) => Body::Shared(Arc::clone(body)),
+        }
+    }
 }
 
 /// A fully read request, plus what was derived from it outside the lock.
@@ -719,7 +800,7 @@ enum Action {
     Slow {
         delay: Duration,
         key: Option<String>,
-        seq: u64,
+        committed: Committed,
         rate_limit: Option<RateHeaders>,
     },
     /// Close the connection without answering.
@@ -748,6 +829,7 @@ enum Body {
     Effect(u64),
     Static(&'static str),
     Text(String),
+    Shared(Arc<str>),
 }
 
 impl Response {
@@ -809,9 +891,9 @@ impl Shared {
     }
 
     /// A slow reply is about to be sent: its key may now be replayed.
-    fn finish_slow(&self, key: Option<String>, seq: u64) {
+    fn finish_slow(&self, key: Option<String>, committed: Committed) {
         if let Some(key) = key {
-            self.lock().keys.insert(key, KeyState::Done(seq));
+            self.lock().keys.insert(key, KeyState::Done(committed));
         }
     }
 }
@@ -826,6 +908,9 @@ impl State {
             && (told..not_before).contains(&req.at)
         {
             self.stats.retry_after_violations += 1;
+        }
+        if self.is_bulk(req) {
+            self.stats.bulk_requests += 1;
         }
         let mut action = self.decide_reply(req, now);
         if let Some(headers) = self.advertised(now) {
@@ -875,9 +960,9 @@ impl State {
                 return Action::Respond(Response::json(400, Body::Static(MISSING_KEY_BODY)));
             };
             match self.keys.get(key) {
-                Some(KeyState::Done(seq)) => {
+                Some(KeyState::Done(committed)) => {
                     self.stats.replays += 1;
-                    return Action::Respond(Response { replayed: true, ..Response::json(200, Body::Effect(*seq)) });
+                    return Action::Respond(Response { replayed: true, ..Response::json(200, committed.body()) });
                 }
                 Some(KeyState::InFlight) => {
                     self.stats.conflicts += 1;
@@ -899,19 +984,31 @@ impl State {
 
         // The key to remember for a committed effect, if enforcing.
         let key = if enforce { req.idempotency_key.clone() } else { None };
-        match reply {
-            Reply::Ok => {
-                let seq = self.commit(req);
+        let committing = matches!(reply, Reply::Ok | Reply::SlowAfterCommit(_) | Reply::DropAfterCommit);
+        let committed = if !committing {
+            None
+        } else if self.is_bulk(req) {
+            let Some(body) = self.commit_bulk(req) else {
+                self.count_status(400);
+                return Action::Respond(Response::json(400, Body::Static(BULK_NOT_ARRAY_BODY)));
+            };
+            Some(Committed::Bulk(body))
+        } else {
+            Some(Committed::Effect(self.commit(req, req.record_id.clone(), req.body.clone())))
+        };
+        match (reply, committed) {
+            (Reply::Ok, Some(committed)) => {
+                let body = committed.body();
                 if let Some(key) = key {
-                    self.keys.insert(key, KeyState::Done(seq));
+                    self.keys.insert(key, KeyState::Done(committed));
                 }
-                Action::Respond(Response::json(200, Body::Effect(seq)))
+                Action::Respond(Response::json(200, body))
             }
-            Reply::Status { status, body } => {
+            (Reply::Status { status, body }, _) => {
                 self.count_status(status);
                 Action::Respond(Response::json(status, Body::Text(body)))
             }
-            Reply::RetryAfter { status, value } => {
+            (Reply::RetryAfter { status, value }, _) => {
                 self.count_status(status);
                 if let Some(not_before) = retry_after_deadline(&value, now, SystemTime::now()) {
                     self.told_not_before(now, not_before);
@@ -921,26 +1018,65 @@ impl State {
                     ..Response::json(status, Body::Static(RETRY_AFTER_BODY))
                 })
             }
-            Reply::SlowAfterCommit(delay) => {
-                let seq = self.commit(req);
+            (Reply::SlowAfterCommit(delay), Some(committed)) => {
                 if let Some(key) = &key {
                     self.keys.insert(key.clone(), KeyState::InFlight);
                 }
-                Action::Slow { delay, key, seq, rate_limit: None }
+                Action::Slow { delay, key, committed, rate_limit: None }
             }
-            Reply::DropAfterCommit => {
-                let seq = self.commit(req);
+            (Reply::DropAfterCommit, Some(committed)) => {
                 if let Some(key) = key {
-                    self.keys.insert(key, KeyState::Done(seq));
+                    self.keys.insert(key, KeyState::Done(committed));
                 }
                 self.stats.dropped += 1;
                 Action::Drop
             }
-            Reply::DropBeforeCommit => {
+            (Reply::DropBeforeCommit, _) => {
                 self.stats.dropped += 1;
                 Action::Drop
             }
+            (Reply::Ok | Reply::SlowAfterCommit(_) | Reply::DropAfterCommit, None) => {
+                unreachable!("a committing reply always has a commit")
+            }
         }
+    }
+
+    /// Whether `req` is for the bulk endpoint.
+    fn is_bulk(&self, req: &Request) -> bool {
+        self.behaviour.bulk_path.as_deref() == Some(req.path.as_str())
+    }
+
+    /// Commits the items of a bulk request that are not rejected and returns
+    /// the response body, or `None` (nothing committed) if the body is not a
+    /// JSON array.
+    fn commit_bulk(&mut self, req: &Request) -> Option<Arc<str>> {
+        #[derive(serde::Serialize)]
+        struct ItemResult {
+            status: u16,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            error: Option<&'static str>,
+        }
+        #[derive(serde::Serialize)]
+        struct BulkResponse {
+            results: Vec<ItemResult>,
+        }
+
+        let items = json_array_items(&req.body)?;
+        let mut results = Vec::with_capacity(items.len());
+        for range in items {
+            let item = req.body.slice(range);
+            let failure =
+                self.behaviour.bulk_item_failures.iter().find(|(needle, _)| contains(&item, needle.as_bytes()));
+            if let Some(&(_, status)) = failure {
+                results.push(ItemResult { status, error: Some("item rejected") });
+            } else {
+                self.commit(req, record_id(&item), item);
+                self.stats.bulk_items += 1;
+                results.push(ItemResult { status: 201, error: None });
+            }
+        }
+        let body = serde_json::to_string(&BulkResponse { results }).expect("a bulk response serializes");
+        Some(body.into())
     }
 
     /// Takes a token for a request decided at `now`, or returns the 429 to
@@ -989,16 +1125,17 @@ impl State {
         }
     }
 
-    fn commit(&mut self, req: &Request) -> u64 {
+    /// Commits one effect of `req` (the request, or one bulk item of it).
+    fn commit(&mut self, req: &Request, record_id: Option<String>, body: Bytes) -> u64 {
         self.stats.effects += 1;
         let seq = self.stats.effects;
         self.effects.push(Effect {
             seq,
             idempotency_key: req.idempotency_key.clone(),
-            record_id: req.record_id.clone(),
+            record_id,
             correlation_id: req.correlation_id.clone(),
             path: req.path.clone(),
-            body: req.body.clone(),
+            body,
         });
         seq
     }
@@ -1040,6 +1177,59 @@ fn record_id(body: &[u8]) -> Option<String> {
         serde_json::Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
+}
+
+/// The byte ranges of the items of a JSON array body, whitespace around them
+/// excluded, or `None` if the body is not a JSON array.
+fn json_array_items(body: &[u8]) -> Option<Vec<Range<usize>>> {
+    // Validate first, so the scan below can rely on well-formed JSON.
+    serde_json::from_slice::<Vec<serde_json::Value>>(body).ok()?;
+    let mut items = Vec::new();
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let mut start = 0;
+    for (i, &b) in body.iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth == 1 {
+                    start = i + 1;
+                }
+            }
+            b']' | b'}' => {
+                depth -= 1;
+                if depth == 0 {
+                    items.extend(trim_range(body, start..i));
+                    break;
+                }
+            }
+            b',' if depth == 1 => {
+                items.extend(trim_range(body, start..i));
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    Some(items)
+}
+
+/// `range` of `body` without surrounding ASCII whitespace; `None` if that
+/// leaves nothing.
+fn trim_range(body: &[u8], range: Range<usize>) -> Option<Range<usize>> {
+    let slice = &body[range.clone()];
+    let start = range.start + (slice.len() - slice.trim_ascii_start().len());
+    let end = range.end - (slice.len() - slice.trim_ascii_end().len());
+    (start < end).then_some(start..end)
 }
 
 /// `x-correlation-id`, else the trace-id of a W3C `traceparent`
@@ -1548,17 +1738,18 @@ async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
         };
         let response = match shared.decide(request) {
             Action::Respond(response) => response,
-            Action::Slow { delay, key, seq, rate_limit } => {
+            Action::Slow { delay, key, committed, rate_limit } => {
                 // Earlier pipelined responses go out before the pause.
                 if writer.flush().await.is_err() {
                     // The client is gone, but the partner still finishes its work.
                     tokio::time::sleep(delay).await;
-                    shared.finish_slow(key, seq);
+                    shared.finish_slow(key, committed);
                     break;
                 }
                 tokio::time::sleep(delay).await;
-                shared.finish_slow(key, seq);
-                Response { rate_limit, ..Response::json(200, Body::Effect(seq)) }
+                let body = committed.body();
+                shared.finish_slow(key, committed);
+                Response { rate_limit, ..Response::json(200, body) }
             }
             Action::Drop => {
                 // Earlier pipelined responses still go out; this one never does.
@@ -1721,6 +1912,7 @@ async fn write_response<W: AsyncWrite + Unpin>(
         }
         Body::Static(s) => s.as_bytes(),
         Body::Text(s) => s.as_bytes(),
+        Body::Shared(s) => s.as_bytes(),
     };
     out.clear();
     write!(

@@ -95,7 +95,23 @@ impl Config {
                 ));
             }
             match &flow.sink {
-                SinkConfig::Http { connector, method, path } => {
+                SinkConfig::Http { connector, method, path, batch } => {
+                    if let Some(b) = batch {
+                        if b.max_records == 0 || b.max_records > 10_000 {
+                            out.push(Finding::error(
+                                &["flows", name, "sink", "batch", "max_records"],
+                                format!("{} records per request is outside 1..=10000", b.max_records),
+                                "use the partner's documented bulk limit, e.g. 100",
+                            ));
+                        }
+                        if flow.ordering == super::Ordering::PerKey {
+                            out.push(Finding::error(
+                                &["flows", name, "ordering"],
+                                "per-key ordering and batches cannot be combined yet",
+                                "drop one of them",
+                            ));
+                        }
+                    }
                     if !self.connectors.contains_key(connector) {
                         let known = self.connectors.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
                         out.push(Finding::error(

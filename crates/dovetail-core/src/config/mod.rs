@@ -404,7 +404,49 @@ pub enum SinkConfig {
         method: String,
         #[serde(default)]
         path: String,
+        /// Many records per request, to a bulk endpoint.
+        #[serde(default)]
+        batch: Option<BatchConfig>,
     },
+}
+
+/// `batch = { max_records = 100, max_wait = "1s", results = "per_item" }`.
+///
+/// The request body is a JSON array of the records' payloads. With
+/// `results = "per_item"` the partner's 2xx answer carries an array (at
+/// `results_field`) of one object per record, in order, each with a
+/// `status`; with `"all_or_nothing"` the answer's status is every record's.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    #[serde(default = "default_max_records")]
+    pub max_records: usize,
+    #[serde(default = "default_max_wait", with = "values::duration")]
+    pub max_wait: Duration,
+    #[serde(default)]
+    pub results: BatchResults,
+    #[serde(default = "default_results_field")]
+    pub results_field: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchResults {
+    #[default]
+    PerItem,
+    AllOrNothing,
+}
+
+fn default_max_records() -> usize {
+    100
+}
+
+fn default_max_wait() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_results_field() -> String {
+    "results".to_string()
 }
 
 fn default_method() -> String {

@@ -1445,3 +1445,179 @@ fn base64_and_form_decoding() {
     assert_eq!(pairs("a=1&%61=2"), None, "repeated after decoding");
     assert_eq!(parse_form(b"a=\xff"), None);
 }
+
+// ---------------------------------------------------------------------------
+// Bulk endpoint.
+
+const BULK: &str = "/records/bulk";
+const BATCH: &str = r#"[ {"id":"b1","n":1}, {"id":"b2","poison":true} ,{"id":3,"s":"a,]}\"["} ]"#;
+
+/// POST a bulk request on a fresh connection, with an `Idempotency-Key`.
+async fn post_bulk(p: &Partner, key: &str, body: &str) -> Option<TestResponse> {
+    let mut client = TestClient::connect(p.addr()).await;
+    client.send(BULK, &[("Idempotency-Key", key)], body).await;
+    client.recv().await
+}
+
+fn bulk_behaviour(b: Behaviour) -> Behaviour {
+    b.bulk(BULK).fail_item("poison", 422)
+}
+
+const BATCH_RESULTS: &str = r#"{"results":[{"status":201},{"status":422,"error":"item rejected"},{"status":201}]}"#;
+
+#[test]
+fn bulk_builders() {
+    assert_eq!(Behaviour::default().bulk_path, None);
+    assert!(Behaviour::default().bulk_item_failures.is_empty());
+    let b = Behaviour::default().bulk("/b").fail_item("x", 422).fail_item("y", 409);
+    assert_eq!(b.bulk_path.as_deref(), Some("/b"));
+    assert_eq!(b.bulk_item_failures, vec![("x".to_owned(), 422), ("y".to_owned(), 409)]);
+}
+
+#[test]
+fn json_array_items_splits_on_top_level_commas() {
+    let items = |body: &str| {
+        json_array_items(body.as_bytes()).map(|rs| rs.into_iter().map(|r| body[r].to_owned()).collect::<Vec<_>>())
+    };
+    assert_eq!(
+        items(BATCH).unwrap(),
+        [r#"{"id":"b1","n":1}"#, r#"{"id":"b2","poison":true}"#, r#"{"id":3,"s":"a,]}\"["}"#]
+    );
+    assert_eq!(items(" [ ] ").unwrap(), Vec::<String>::new());
+    assert_eq!(items(r#"[1, "x", [2, {"a": [3]}], null]"#).unwrap(), ["1", r#""x""#, r#"[2, {"a": [3]}]"#, "null"]);
+    for bad in ["", "{}", r#"{"id":1}"#, "[1,]", "[1", "1", "not json", "[1] [2]"] {
+        assert_eq!(items(bad), None, "{bad:?}");
+    }
+}
+
+#[tokio::test]
+async fn bulk_commits_each_item_and_reports_per_item_results() {
+    let p = start(bulk_behaviour(Behaviour::default())).await;
+    let r = post_bulk(&p, "batch-1", BATCH).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, BATCH_RESULTS);
+    assert_eq!(r.header("idempotent-replayed"), None);
+
+    let effects = p.effects();
+    assert_eq!(effects.len(), 2);
+    let ids: Vec<_> = effects.iter().map(|e| e.record_id.as_deref()).collect();
+    assert_eq!(ids, [Some("b1"), Some("3")]);
+    assert_eq!(&effects[0].body[..], br#"{"id":"b1","n":1}"#);
+    assert_eq!(&effects[1].body[..], br#"{"id":3,"s":"a,]}\"["}"#);
+    for (e, seq) in effects.iter().zip(1..) {
+        assert_eq!(e.seq, seq);
+        assert_eq!(e.idempotency_key.as_deref(), Some("batch-1"));
+        assert_eq!(e.path, BULK);
+    }
+    assert_eq!(p.effects_by_record(), BTreeMap::from([("b1".to_owned(), 1), ("3".to_owned(), 1)]));
+    assert_eq!(p.stats(), Stats { requests: 1, effects: 2, bulk_requests: 1, bulk_items: 2, ..Stats::default() });
+
+    // The same key is replayed verbatim and commits nothing, even with another body.
+    let again = post_bulk(&p, "batch-1", r#"[{"id":"other"}]"#).await.unwrap();
+    assert_eq!((again.status, again.body.as_str()), (200, BATCH_RESULTS));
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(p.effects().len(), 2);
+    assert!(p.double_effects().is_empty());
+    let stats = p.stats();
+    assert_eq!((stats.requests, stats.replays, stats.bulk_requests, stats.bulk_items), (2, 1, 2, 2));
+
+    // A new key for the same items applies them again: double effects show.
+    post_bulk(&p, "batch-2", BATCH).await.unwrap();
+    assert_eq!(p.double_effects(), BTreeMap::from([("b1".to_owned(), 2), ("3".to_owned(), 2)]));
+
+    // Other paths are untouched by the bulk endpoint.
+    let single = post(&p, Some("k1"), r#"[{"id":"s1"}]"#).await.unwrap();
+    assert_eq!(single.body, r#"{"ok":true,"effect":5}"#);
+    assert_eq!(p.effects()[4].record_id, None);
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn bulk_drop_after_commit_commits_the_items_then_closes() {
+    let p = start(bulk_behaviour(Behaviour::script(vec![Reply::DropAfterCommit], Reply::Ok))).await;
+    assert!(post_bulk(&p, "batch-1", BATCH).await.is_none(), "no response bytes expected");
+    let stats = p.stats();
+    assert_eq!((stats.effects, stats.bulk_items, stats.dropped, stats.rejected), (2, 2, 1, 0));
+
+    // The retry gets the stored batch response and applies nothing twice.
+    let retry = post_bulk(&p, "batch-1", BATCH).await.unwrap();
+    assert_eq!((retry.status, retry.body.as_str()), (200, BATCH_RESULTS));
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(p.effects().len(), 2);
+    assert!(p.double_effects().is_empty());
+}
+
+#[tokio::test]
+async fn bulk_slow_after_commit_conflicts_then_answers_and_replays() {
+    let delay = Duration::from_secs(2);
+    let p = start(bulk_behaviour(Behaviour::script(vec![Reply::SlowAfterCommit(delay)], Reply::Ok))).await;
+    let mut slow = TestClient::connect(p.addr()).await;
+    slow.send(BULK, &[("Idempotency-Key", "batch-1")], BATCH).await;
+    p.wait_until(LIMIT, |s| s.bulk_items == 2).await.expect("items committed before the answer");
+
+    let conflict = post_bulk(&p, "batch-1", BATCH).await.unwrap();
+    assert_eq!(conflict.status, 409);
+    let r = slow.recv().await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, BATCH_RESULTS));
+    let replay = post_bulk(&p, "batch-1", BATCH).await.unwrap();
+    assert_eq!((replay.status, replay.body.as_str()), (200, BATCH_RESULTS));
+    assert_eq!(p.effects().len(), 2);
+}
+
+#[tokio::test]
+async fn bulk_body_must_be_a_json_array() {
+    let p = start(bulk_behaviour(Behaviour::default())).await;
+    for (key, body) in [("k1", r#"{"id":"b1"}"#), ("k2", "not json"), ("k3", "[1,]")] {
+        let r = post_bulk(&p, key, body).await.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (400, r#"{"error":"a bulk body is a JSON array"}"#), "{body}");
+    }
+    let stats = p.stats();
+    assert_eq!((stats.effects, stats.bulk_items, stats.rejected, stats.bulk_requests), (0, 0, 3, 3));
+
+    // The key was not remembered: a fixed body is processed afresh.
+    let r = post_bulk(&p, "k1", r#"[{"id":"b1"}]"#).await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, r#"{"results":[{"status":201}]}"#));
+    assert_eq!(r.header("idempotent-replayed"), None);
+    // An empty batch is fine and commits nothing.
+    let r = post_bulk(&p, "k4", "[]").await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, r#"{"results":[]}"#));
+    assert_eq!(p.effects().len(), 1);
+}
+
+#[tokio::test]
+async fn bulk_whole_batch_failures_commit_nothing() {
+    let b =
+        bulk_behaviour(Behaviour::script(vec![status(503, r#"{"error":"down"}"#), Reply::DropBeforeCommit], Reply::Ok))
+            .fail_body("\"b2\"", status(422, r#"{"error":"bad batch"}"#));
+    let p = start(b).await;
+    let batch = r#"[{"id":"b1"},{"id":"b3"}]"#;
+    let r = post_bulk(&p, "batch-1", batch).await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (503, r#"{"error":"down"}"#));
+    assert!(post_bulk(&p, "batch-1", batch).await.is_none(), "dropped before commit");
+    // by_body matches the whole body: one poisoned record fails the batch.
+    let r = post_bulk(&p, "batch-2", BATCH).await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (422, r#"{"error":"bad batch"}"#));
+    let stats = p.stats();
+    assert_eq!((stats.effects, stats.bulk_items, stats.bulk_requests, stats.rejected), (0, 0, 3, 2));
+
+    // The refused key is processed afresh once the partner recovers.
+    let r = post_bulk(&p, "batch-1", batch).await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, r#"{"results":[{"status":201},{"status":201}]}"#));
+    assert_eq!(p.effects_by_record(), BTreeMap::from([("b1".to_owned(), 1), ("b3".to_owned(), 1)]));
+}
+
+#[tokio::test]
+async fn bulk_requests_pass_the_request_level_checks_first() {
+    let p = start(bulk_behaviour(Behaviour::default().require("x-api-key", "secret"))).await;
+    let r = post_bulk(&p, "batch-1", BATCH).await.unwrap();
+    assert_eq!(r.status, 400);
+    let mut client = TestClient::connect(p.addr()).await;
+    client.send(BULK, &[], BATCH).await;
+    let r = client.recv().await.unwrap();
+    assert_eq!(r.status, 400, "{r:?}");
+    client.send(BULK, &[("x-api-key", "secret")], BATCH).await;
+    let r = client.recv().await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (400, r#"{"error":"Idempotency-Key header required"}"#));
+    let stats = p.stats();
+    assert_eq!((stats.effects, stats.missing_key, stats.bulk_requests), (0, 1, 3));
+}
