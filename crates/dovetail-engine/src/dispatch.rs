@@ -15,7 +15,7 @@ use dovetail_core::clock::Timestamp;
 use dovetail_core::config::BatchConfig;
 use dovetail_core::policy::{Answer, ErrorClass, Jitter, MAX_RETRY_AFTER, RetryPolicy, Verdict, classify};
 use dovetail_core::record::Attempt;
-use dovetail_journal::{AttemptReport, Journal, LeasedRecord, Outcome};
+use dovetail_journal::{AttemptReport, Journal, LeaseMode, LeasedRecord, Outcome};
 
 use crate::connector::{self, Admit};
 use crate::{EngineOptions, FlowRuntime};
@@ -72,13 +72,12 @@ pub(crate) async fn run(
         };
         permits.truncate(n);
         let wanted = flow.batch.as_ref().map_or(n, |b| b.max_records);
-        let leased = if flow.batch.is_some() {
-            journal.lease_batch(&flow.name, &options.node_id, now, flow.lease_for, wanted).await
-        } else if flow.in_key_order {
-            journal.lease_in_key_order(&flow.name, &options.node_id, now, flow.lease_for, wanted).await
-        } else {
-            journal.lease(&flow.name, &options.node_id, now, flow.lease_for, wanted).await
+        let mode = match (&flow.batch, flow.in_key_order) {
+            (Some(_), _) => LeaseMode::Batch,
+            (None, true) => LeaseMode::InKeyOrder,
+            (None, false) => LeaseMode::Oldest,
         };
+        let leased = journal.lease_with(mode, &flow.name, &options.node_id, now, flow.lease_for, wanted).await;
         let leased = match leased {
             Ok(l) => l,
             Err(e) => {

@@ -261,8 +261,14 @@ pub async fn one_key_at_a_time_in_key_order(j: &dyn Journal) {
     let b1 = j.ingest(keyed("b1", Some("cus_b"))).await.unwrap().id();
     let free = j.ingest(keyed("n1", None)).await.unwrap().id();
     let ids = |l: Vec<crate::LeasedRecord>| l.into_iter().map(|r| r.id).collect::<Vec<_>>();
-    assert_eq!(ids(j.lease_in_key_order("orders", "a", T0, LEASE, 10).await.unwrap()), [a1, b1, free]);
-    assert!(j.lease_in_key_order("orders", "a", T0, LEASE, 10).await.unwrap().is_empty(), "a2 waits for a1");
+    assert_eq!(
+        ids(j.lease_with(crate::LeaseMode::InKeyOrder, "orders", "a", T0, LEASE, 10).await.unwrap()),
+        [a1, b1, free]
+    );
+    assert!(
+        j.lease_with(crate::LeaseMode::InKeyOrder, "orders", "a", T0, LEASE, 10).await.unwrap().is_empty(),
+        "a2 waits for a1"
+    );
     // a1 fails and will be retried: a2 still waits behind it.
     let retry = Outcome::Retry { at: T0.plus(Duration::from_secs(5)) };
     j.complete(AttemptReport {
@@ -275,9 +281,14 @@ pub async fn one_key_at_a_time_in_key_order(j: &dyn Journal) {
     })
     .await
     .unwrap();
-    assert!(j.lease_in_key_order("orders", "a", T0.plus(Duration::from_secs(1)), LEASE, 10).await.unwrap().is_empty());
+    assert!(
+        j.lease_with(crate::LeaseMode::InKeyOrder, "orders", "a", T0.plus(Duration::from_secs(1)), LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let later = T0.plus(Duration::from_secs(5));
-    assert_eq!(ids(j.lease_in_key_order("orders", "a", later, LEASE, 10).await.unwrap()), [a1]);
+    assert_eq!(ids(j.lease_with(crate::LeaseMode::InKeyOrder, "orders", "a", later, LEASE, 10).await.unwrap()), [a1]);
     let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "no".into() };
     j.complete(AttemptReport {
         quota: None,
@@ -290,7 +301,7 @@ pub async fn one_key_at_a_time_in_key_order(j: &dyn Journal) {
     .await
     .unwrap();
     assert_eq!(
-        ids(j.lease_in_key_order("orders", "a", later, LEASE, 10).await.unwrap()),
+        ids(j.lease_with(crate::LeaseMode::InKeyOrder, "orders", "a", later, LEASE, 10).await.unwrap()),
         [a2],
         "a dead record no longer blocks its key"
     );
@@ -302,7 +313,7 @@ pub async fn a_batch_of_unknown_fate_goes_again_whole_and_alone(j: &dyn Journal)
     for i in 0..3 {
         ids.push(j.ingest(new_record("orders", Some(&format!("b{i}")), "{}")).await.unwrap().id());
     }
-    let first = j.lease_batch("orders", "a", T0, LEASE, 2).await.unwrap();
+    let first = j.lease_with(crate::LeaseMode::Batch, "orders", "a", T0, LEASE, 2).await.unwrap();
     assert_eq!(first.iter().map(|r| r.id).collect::<Vec<_>>(), ids[..2]);
     let key = first[0].batch_key.clone().unwrap();
     assert_eq!(first[1].batch_key.as_deref(), Some(key.as_str()));
@@ -321,9 +332,11 @@ pub async fn a_batch_of_unknown_fate_goes_again_whole_and_alone(j: &dyn Journal)
         assert!(j.complete(report).await.unwrap());
     }
     // The unbound record goes on its own meanwhile.
-    let other = j.lease_batch("orders", "a", T0.plus(Duration::from_secs(1)), LEASE, 10).await.unwrap();
+    let other =
+        j.lease_with(crate::LeaseMode::Batch, "orders", "a", T0.plus(Duration::from_secs(1)), LEASE, 10).await.unwrap();
     assert_eq!(other.iter().map(|r| r.id).collect::<Vec<_>>(), [ids[2]]);
-    let again = j.lease_batch("orders", "a", T0.plus(Duration::from_secs(5)), LEASE, 10).await.unwrap();
+    let again =
+        j.lease_with(crate::LeaseMode::Batch, "orders", "a", T0.plus(Duration::from_secs(5)), LEASE, 10).await.unwrap();
     assert_eq!(again.iter().map(|r| r.id).collect::<Vec<_>>(), ids[..2], "whole, when its oldest is due");
     assert!(again.iter().all(|r| r.batch_key.as_deref() == Some(key.as_str())), "under the same key");
     // Answered per record this time: the batch lets its records go.
@@ -336,7 +349,8 @@ pub async fn a_batch_of_unknown_fate_goes_again_whole_and_alone(j: &dyn Journal)
         outcome: Outcome::Retry { at: T0.plus(Duration::from_secs(6)) },
     };
     assert!(j.complete(report).await.unwrap());
-    let alone = j.lease_batch("orders", "a", T0.plus(Duration::from_secs(6)), LEASE, 10).await.unwrap();
+    let alone =
+        j.lease_with(crate::LeaseMode::Batch, "orders", "a", T0.plus(Duration::from_secs(6)), LEASE, 10).await.unwrap();
     assert_eq!(alone.iter().map(|r| r.id).collect::<Vec<_>>(), [ids[0]]);
     assert_ne!(alone[0].batch_key.as_deref(), Some(key.as_str()), "a new batch, a new key");
 }

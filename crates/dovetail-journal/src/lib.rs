@@ -95,8 +95,26 @@ pub struct LeasedRecord {
     /// Transient failures so far, including attempts interrupted by a crash.
     pub failures: u32,
     pub lease_until: Timestamp,
-    /// For records leased by [`Journal::lease_batch`]: the bulk request's idempotency key.
+    /// For records leased in [`LeaseMode::Batch`]: the bulk request's idempotency key.
     pub batch_key: Option<String>,
+}
+
+/// Which due records a lease takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseMode {
+    /// The oldest due records, in parallel.
+    Oldest,
+    /// Only the oldest open record of each external key: one key's records
+    /// go out one at a time, in order of arrival. Records without a key are
+    /// not held back.
+    InKeyOrder,
+    /// One batch for a bulk request, bound to the batch's idempotency key
+    /// (derived from its records' keys). A batch whose attempt was kept bound
+    /// (see [`AttemptReport::keep_batch`]) is leased again whole, as soon as
+    /// its oldest record is due, and never mixed with other records: its
+    /// retry carries the same key, so a partner that applied it before
+    /// answers from its idempotency store.
+    Batch,
 }
 
 /// Which records an operator action applies to.
@@ -238,7 +256,18 @@ pub trait Journal: Send + Sync + 'static {
     /// Leases up to `limit` records of `flow` that are due at `now`: pending
     /// ones whose time has come, and in-flight ones whose lease expired
     /// (their lost attempt is recorded as `interrupted` and counts as a
-    /// failure). Oldest first.
+    /// failure). Which records are due depends on `mode`.
+    async fn lease_with(
+        &self,
+        mode: LeaseMode,
+        flow: &str,
+        owner: &str,
+        now: Timestamp,
+        lease_for: Duration,
+        limit: usize,
+    ) -> Result<Vec<LeasedRecord>>;
+
+    /// [`Journal::lease_with`] in [`LeaseMode::Oldest`].
     async fn lease(
         &self,
         flow: &str,
@@ -246,35 +275,9 @@ pub trait Journal: Send + Sync + 'static {
         now: Timestamp,
         lease_for: Duration,
         limit: usize,
-    ) -> Result<Vec<LeasedRecord>>;
-
-    /// Like [`Journal::lease`], but a record is due only when no earlier
-    /// record with the same external key is still pending or in flight: one
-    /// key's records go out one at a time, in order of arrival. Records
-    /// without a key are not held back.
-    async fn lease_in_key_order(
-        &self,
-        flow: &str,
-        owner: &str,
-        now: Timestamp,
-        lease_for: Duration,
-        limit: usize,
-    ) -> Result<Vec<LeasedRecord>>;
-
-    /// Leases records of a bulk flow as one batch and binds them to the
-    /// batch's idempotency key (derived from their keys). A batch whose
-    /// attempt was kept bound (see [`AttemptReport::keep_batch`]) is leased
-    /// again whole, as soon as its oldest record is due, and never mixed
-    /// with other records: its retry carries the same key, so a partner that
-    /// applied it before answers from its idempotency store.
-    async fn lease_batch(
-        &self,
-        flow: &str,
-        owner: &str,
-        now: Timestamp,
-        lease_for: Duration,
-        limit: usize,
-    ) -> Result<Vec<LeasedRecord>>;
+    ) -> Result<Vec<LeasedRecord>> {
+        self.lease_with(LeaseMode::Oldest, flow, owner, now, lease_for, limit).await
+    }
 
     /// Records an attempt and moves the record on; `false` if `owner` no longer holds the lease.
     async fn complete(&self, report: AttemptReport) -> Result<bool>;

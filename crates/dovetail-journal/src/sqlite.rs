@@ -22,8 +22,8 @@ use dovetail_core::policy::{ErrorClass, Window};
 use dovetail_core::record::{Attempt, RecordId, StateName};
 
 use crate::{
-    AttemptReport, ConnectorHealth, DeadLetter, FlowCounts, Ingested, Journal, JournalError, LeasedRecord, NewRecord,
-    Outcome, Pause, QuotaUsed, RecordDetail, Result, Selector,
+    AttemptReport, ConnectorHealth, DeadLetter, FlowCounts, Ingested, Journal, JournalError, LeaseMode, LeasedRecord,
+    NewRecord, Outcome, Pause, QuotaUsed, RecordDetail, Result, Selector,
 };
 
 /// 1: the first release. 2: `records.external_key` and `records.batch_key`.
@@ -446,6 +446,22 @@ fn ingest_tx(conn: &Connection, r: &NewRecord) -> rusqlite::Result<Ingested> {
     Ok(Ingested::Duplicate(id))
 }
 
+/// A row of `RETURNING id, flow, idempotency_key, correlation_id, content_type, payload, attempts, failures`.
+fn leased_row(r: &Row<'_>, lease_until: Timestamp) -> rusqlite::Result<LeasedRecord> {
+    Ok(LeasedRecord {
+        id: r.get(0)?,
+        flow: r.get(1)?,
+        idempotency_key: r.get(2)?,
+        correlation_id: r.get(3)?,
+        content_type: r.get(4)?,
+        payload: r.get(5)?,
+        attempt: r.get(6)?,
+        failures: r.get(7)?,
+        lease_until,
+        batch_key: None,
+    })
+}
+
 /// Only the oldest open record of each key is due.
 const IN_KEY_ORDER: &str = "AND (r.external_key IS NULL OR NOT EXISTS (
        SELECT 1 FROM records p WHERE p.flow = r.flow AND p.external_key = r.external_key
@@ -488,20 +504,7 @@ fn lease_tx(
     ))?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let mut leased: Vec<LeasedRecord> = stmt
-        .query_map(params![flow, owner, until.as_millis(), now_ms, limit], |r| {
-            Ok(LeasedRecord {
-                id: r.get(0)?,
-                flow: r.get(1)?,
-                idempotency_key: r.get(2)?,
-                correlation_id: r.get(3)?,
-                content_type: r.get(4)?,
-                payload: r.get(5)?,
-                attempt: r.get(6)?,
-                failures: r.get(7)?,
-                lease_until: until,
-                batch_key: None,
-            })
-        })?
+        .query_map(params![flow, owner, until.as_millis(), now_ms, limit], |r| leased_row(r, until))?
         .collect::<rusqlite::Result<_>>()?;
     leased.sort_by_key(|r| r.id);
     Ok(leased)
@@ -530,20 +533,7 @@ fn lease_batch_tx(
     let select = "RETURNING id, flow, idempotency_key, correlation_id, content_type, payload, attempts, failures";
     let set = "UPDATE records SET state = 'in_flight', lease_owner = ?2, lease_until = ?3, leased_at = ?4,
                                   attempts = attempts + 1, next_attempt_at = NULL";
-    let row = |r: &Row<'_>| -> rusqlite::Result<LeasedRecord> {
-        Ok(LeasedRecord {
-            id: r.get(0)?,
-            flow: r.get(1)?,
-            idempotency_key: r.get(2)?,
-            correlation_id: r.get(3)?,
-            content_type: r.get(4)?,
-            payload: r.get(5)?,
-            attempt: r.get(6)?,
-            failures: r.get(7)?,
-            lease_until: until,
-            batch_key: None,
-        })
-    };
+    let row = |r: &Row<'_>| leased_row(r, until);
     let mut leased: Vec<LeasedRecord> = match &bound {
         // A batch of unknown fate goes again whole, whatever each member's jittered due time.
         Some(key) => conn
@@ -735,8 +725,9 @@ impl Journal for SqliteJournal {
         self.write(move |c| ingest_tx(c, &record)).await
     }
 
-    async fn lease(
+    async fn lease_with(
         &self,
+        mode: LeaseMode,
         flow: &str,
         owner: &str,
         now: Timestamp,
@@ -744,31 +735,12 @@ impl Journal for SqliteJournal {
         limit: usize,
     ) -> Result<Vec<LeasedRecord>> {
         let (flow, owner) = (flow.to_string(), owner.to_string());
-        self.write(move |c| lease_tx(c, &flow, &owner, now, lease_for, limit, false)).await
-    }
-
-    async fn lease_in_key_order(
-        &self,
-        flow: &str,
-        owner: &str,
-        now: Timestamp,
-        lease_for: Duration,
-        limit: usize,
-    ) -> Result<Vec<LeasedRecord>> {
-        let (flow, owner) = (flow.to_string(), owner.to_string());
-        self.write(move |c| lease_tx(c, &flow, &owner, now, lease_for, limit, true)).await
-    }
-
-    async fn lease_batch(
-        &self,
-        flow: &str,
-        owner: &str,
-        now: Timestamp,
-        lease_for: Duration,
-        limit: usize,
-    ) -> Result<Vec<LeasedRecord>> {
-        let (flow, owner) = (flow.to_string(), owner.to_string());
-        self.write(move |c| lease_batch_tx(c, &flow, &owner, now, lease_for, limit)).await
+        self.write(move |c| match mode {
+            LeaseMode::Oldest => lease_tx(c, &flow, &owner, now, lease_for, limit, false),
+            LeaseMode::InKeyOrder => lease_tx(c, &flow, &owner, now, lease_for, limit, true),
+            LeaseMode::Batch => lease_batch_tx(c, &flow, &owner, now, lease_for, limit),
+        })
+        .await
     }
 
     async fn complete(&self, report: AttemptReport) -> Result<bool> {

@@ -115,7 +115,8 @@ async fn a_version_1_journal_is_migrated() {
     let old = j.record(1).await.unwrap().unwrap();
     assert_eq!((old.idempotency_key.as_str(), old.external_key), ("k-old", None));
     let leased = j
-        .lease_in_key_order(
+        .lease_with(
+            dovetail_journal::LeaseMode::InKeyOrder,
             "orders",
             "a",
             dovetail_core::clock::Timestamp::from_secs(10),
