@@ -65,7 +65,8 @@ pub fn check(path: &Path) -> Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    if let Err(errors) = loaded.resolve(&EnvSecrets) {
+    let resolved = loaded.resolve(&EnvSecrets).and_then(|mut r| loaded.attach_schemas(&mut r, &read_file).map(|()| r));
+    if let Err(errors) = resolved {
         println!("{errors}");
         println!("{}: {} error(s)", path.display(), errors.0.len());
         return Ok(ExitCode::FAILURE);
@@ -77,10 +78,11 @@ pub fn check(path: &Path) -> Result<ExitCode> {
 
 pub async fn run(path: &Path) -> Result<ExitCode> {
     let loaded = load(path)?;
-    let resolved = match loaded.resolve(&EnvSecrets) {
-        Ok(r) => r,
-        Err(errors) => bail!("the config cannot run:\n{errors}"),
-    };
+    let resolved =
+        match loaded.resolve(&EnvSecrets).and_then(|mut r| loaded.attach_schemas(&mut r, &read_file).map(|()| r)) {
+            Ok(r) => r,
+            Err(errors) => bail!("the config cannot run:\n{errors}"),
+        };
     let store = store_path(&loaded);
     let journal: Arc<dyn Journal> = Arc::new(SqliteJournal::open(&store, SqliteOptions::default())?);
     let listen = &loaded.config.engine.listen;
@@ -111,6 +113,10 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+fn read_file(path: &Path) -> std::io::Result<String> {
+    std::fs::read_to_string(path)
 }
 
 pub async fn resume(path: &Path, flow: &str) -> Result<ExitCode> {

@@ -39,6 +39,8 @@ struct FlowStatus {
     in_flight: u64,
     delivered: u64,
     dead: u64,
+    /// Of `dead`, records quarantined as unusable (not JSON, breaking the schema).
+    quarantined: u64,
     discarded: u64,
     oldest_pending_at: Option<Timestamp>,
     oldest_pending_age_seconds: Option<f64>,
@@ -69,6 +71,7 @@ pub async fn status(path: &Path, json: bool) -> Result<ExitCode> {
             in_flight: c.in_flight,
             delivered: c.delivered,
             dead: c.dead,
+            quarantined: c.quarantined,
             discarded: c.discarded,
             oldest_pending_at: c.oldest_pending_at,
             paused: c.paused,
@@ -101,7 +104,9 @@ pub async fn status(path: &Path, json: bool) -> Result<ExitCode> {
 
 fn print_table(report: &StatusReport, now: Timestamp) {
     let mut rows = vec![
-        ["FLOW", "STATE", "PENDING", "IN FLIGHT", "DELIVERED", "DEAD", "OLDEST PENDING"].map(String::from).to_vec(),
+        ["FLOW", "STATE", "PENDING", "IN FLIGHT", "DELIVERED", "DEAD", "QUARANTINED", "OLDEST PENDING"]
+            .map(String::from)
+            .to_vec(),
     ];
     for f in &report.flows {
         let age = f.oldest_pending_at.map(|t| format_duration(std::time::Duration::from_secs(now.since(t).as_secs())));
@@ -113,6 +118,7 @@ fn print_table(report: &StatusReport, now: Timestamp) {
             f.in_flight.to_string(),
             f.delivered.to_string(),
             f.dead.to_string(),
+            f.quarantined.to_string(),
             age.unwrap_or_else(|| "-".into()),
         ]);
     }

@@ -213,3 +213,23 @@ fn init_writes_a_project_that_checks_clean() {
     let again = dovetail(dir.path(), &["init", "shop"], &[]);
     assert_eq!(again.code, 1, "init never overwrites a project");
 }
+
+#[test]
+fn schema_files_are_checked_with_the_line_of_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_schema = GOOD.replace(
+        "sink = { type = \"http\", connector = \"billing\", path = \"/v1/orders\" }",
+        "sink = { type = \"http\", connector = \"billing\", path = \"/v1/orders\" }\nschema = \"schemas/order.json\"",
+    );
+    std::fs::write(dir.path().join("dovetail.toml"), &with_schema).unwrap();
+    let r = dovetail(dir.path(), &["check"], SECRETS);
+    assert_eq!(r.code, 1);
+    assert!(r.stdout.contains("dovetail.toml:13:1: error in `flows.orders.schema`: cannot read"), "{}", r.stdout);
+    std::fs::create_dir(dir.path().join("schemas")).unwrap();
+    std::fs::write(dir.path().join("schemas/order.json"), r#"{"type": "strnig"}"#).unwrap();
+    let r = dovetail(dir.path(), &["check"], SECRETS);
+    assert!(r.stdout.contains("is not a valid JSON Schema") && r.stdout.contains("strnig"), "{}", r.stdout);
+    std::fs::write(dir.path().join("schemas/order.json"), r#"{"type": "object", "required": ["id"]}"#).unwrap();
+    let r = dovetail(dir.path(), &["check"], SECRETS);
+    assert_eq!(r.code, 0, "{}", r.stdout);
+}

@@ -18,4 +18,5 @@ pub mod ids;
 pub mod keypath;
 pub mod policy;
 pub mod record;
+pub mod schema;
 pub mod signature;

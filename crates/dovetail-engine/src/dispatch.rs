@@ -186,11 +186,9 @@ async fn pause_for(d: Duration, stop: &mut watch::Receiver<bool>) {
 
 async fn attempt(flow: &FlowRuntime, journal: &dyn Journal, options: &EngineOptions, record: LeasedRecord) {
     let started_at = options.clock.now();
-    if record.failures >= flow.retry.max_attempts {
-        // Interrupted attempts (engine crashes mid-send) spent the budget:
-        // a record whose sending keeps killing the engine must stop here.
+    if let Some(why) = unsendable(flow, &record) {
         flow.connector.not_sent();
-        give_up_interrupted(flow, journal, options, &record, started_at).await;
+        settle_unsent(flow, journal, options, &record, started_at, why).await;
         return;
     }
     let result = flow.sink.send(outbound(&record), || options.clock.now()).await;
@@ -222,10 +220,14 @@ async fn attempt_batch(
     records: Vec<LeasedRecord>,
 ) {
     let started_at = options.clock.now();
-    let (spent, records): (Vec<_>, Vec<_>) = records.into_iter().partition(|r| r.failures >= flow.retry.max_attempts);
-    for record in &spent {
-        give_up_interrupted(flow, journal, options, record, started_at).await;
+    let mut sendable = Vec::with_capacity(records.len());
+    for record in records {
+        match unsendable(flow, &record) {
+            Some(why) => settle_unsent(flow, journal, options, &record, started_at, why).await,
+            None => sendable.push(record),
+        }
     }
+    let records = sendable;
     if records.is_empty() {
         flow.connector.not_sent();
         return;
@@ -320,15 +322,35 @@ async fn conclude(
     record_outcome(flow, journal, record, report).await;
 }
 
-async fn give_up_interrupted(
+/// Why a leased record must not be sent at all.
+fn unsendable(flow: &FlowRuntime, record: &LeasedRecord) -> Option<(ErrorClass, String)> {
+    if record.failures >= flow.retry.max_attempts {
+        // Interrupted attempts (engine crashes mid-send) spent the budget:
+        // a record whose sending keeps killing the engine must stop here.
+        let reason =
+            format!("gave up after {} transient failures; the last attempts were interrupted", record.failures);
+        return Some((ErrorClass::Interrupted, reason));
+    }
+    // Quarantined records come back here when replayed from the DLQ: they
+    // go out only once they are JSON and match the flow's schema.
+    let value = match serde_json::from_slice::<serde_json::Value>(&record.payload) {
+        Ok(v) => v,
+        Err(e) => return Some((ErrorClass::Validation, format!("the body is not JSON: {e}"))),
+    };
+    let violations = flow.schema.as_ref().map(|s| s.violations(&value)).unwrap_or_default();
+    (!violations.is_empty()).then(|| (ErrorClass::Validation, dovetail_core::schema::describe(&violations)))
+}
+
+/// Dead-letters a record without sending it.
+async fn settle_unsent(
     flow: &FlowRuntime,
     journal: &dyn Journal,
     options: &EngineOptions,
     record: &LeasedRecord,
     now: Timestamp,
+    (class, reason): (ErrorClass, String),
 ) {
-    let reason = format!("gave up after {} transient failures; the last attempts were interrupted", record.failures);
-    tracing::warn!(flow = %flow.name, record_id = record.id, %reason, "dead-lettered without sending");
+    tracing::warn!(flow = %flow.name, record_id = record.id, class = class.as_str(), %reason, "dead-lettered without sending");
     let report = AttemptReport {
         quota: None,
         keep_batch: false,
@@ -339,10 +361,10 @@ async fn give_up_interrupted(
             started_at: now,
             duration_ms: 0,
             status: None,
-            class: Some(ErrorClass::Interrupted),
-            error: Some("not sent: the retry budget was spent by interrupted attempts".into()),
+            class: Some(class),
+            error: Some(format!("not sent: {reason}")),
         },
-        outcome: Outcome::Dead { class: ErrorClass::Interrupted, reason },
+        outcome: Outcome::Dead { class, reason },
     };
     record_outcome(flow, journal, record, report).await;
 }

@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 use dovetail_core::clock::Clock;
 use dovetail_core::ids;
 use dovetail_core::policy::ErrorClass;
+use dovetail_core::schema;
 use dovetail_core::signature::{Scheme, Verifier};
 use dovetail_journal::{Ingested, Journal, NewRecord};
 
@@ -26,6 +27,8 @@ pub(crate) struct Intake {
     pub flow: String,
     pub path: String,
     pub verifier: Option<Arc<Verifier>>,
+    /// The flow's `schema`: records that do not match are quarantined.
+    pub schema: Option<Arc<dovetail_core::schema::Schema>>,
     /// The flow's `key`: the record's external key in the payload.
     pub key: Option<dovetail_core::keypath::KeyPath>,
     pub journal: Arc<dyn Journal>,
@@ -73,7 +76,15 @@ impl Intake {
             (Some(path), Ok(v)) => path.extract(v),
             _ => None,
         };
-        let quarantine = parsed.err().map(|e| (ErrorClass::Validation, format!("the body is not JSON: {e}")));
+        let quarantine = match &parsed {
+            Err(e) => Some((ErrorClass::Validation, format!("the body is not JSON: {e}"))),
+            Ok(v) => self
+                .schema
+                .as_ref()
+                .map(|s| s.violations(v))
+                .filter(|v| !v.is_empty())
+                .map(|v| (ErrorClass::Validation, schema::describe(&v))),
+        };
         let record = NewRecord {
             flow: self.flow.clone(),
             external_key,

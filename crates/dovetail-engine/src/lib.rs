@@ -104,6 +104,8 @@ pub(crate) struct FlowRuntime {
     pub in_key_order: bool,
     /// Bulk requests, when the sink sends many records at once.
     pub batch: Option<dovetail_core::config::BatchConfig>,
+    /// Checked again before every send: a replayed record must still be valid.
+    pub schema: Option<Arc<dovetail_core::schema::Schema>>,
 }
 
 /// A started engine.
@@ -216,6 +218,7 @@ pub async fn start(
             auth_failed: Default::default(),
             in_key_order: flow.ordering == dovetail_core::config::Ordering::PerKey,
             batch: batch.clone(),
+            schema: resolved.flows.get(name).and_then(|f| f.schema.clone()),
         });
         let SourceConfig::Webhook { path, .. } = &flow.source;
         let verifier = resolved.flows.get(name).and_then(|f| f.verifier.clone());
@@ -224,6 +227,7 @@ pub async fn start(
             path: path.clone(),
             verifier,
             key: flow.key.clone(),
+            schema: resolved.flows.get(name).and_then(|f| f.schema.clone()),
             journal: journal.clone(),
             clock: options.clock.clone(),
             wake,

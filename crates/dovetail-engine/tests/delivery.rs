@@ -69,6 +69,11 @@ ordering = "per_key"
 source = {{ type = "webhook", path = "/hooks/bulk", signature = {{ scheme = "standard-webhooks", secret = "env:ORDERS_SECRET" }} }}
 sink = {{ type = "http", connector = "billing", path = "/v1/orders/bulk", batch = {{ max_records = 10, max_wait = "200ms" }} }}
 
+[flows.validated]
+source = {{ type = "webhook", path = "/hooks/validated", signature = {{ scheme = "standard-webhooks", secret = "env:ORDERS_SECRET" }} }}
+sink = {{ type = "http", connector = "billing", path = "/v1/validated" }}
+schema = "{{schema}}"
+
 [flows.payments]
 source = {{ type = "webhook", path = "/hooks/stripe", signature = {{ scheme = "stripe", secret = "env:STRIPE_SECRET" }} }}
 sink = {{ type = "http", connector = "billing", path = "/v1/payments" }}
@@ -95,9 +100,17 @@ fn secrets() -> BTreeMap<String, String> {
 
 fn load(text: &str) -> (Config, Resolved) {
     let (loaded, _warnings) = config::load(text, Path::new("dovetail.toml")).expect("test config is valid");
-    let resolved = loaded.resolve(&secrets()).expect("test secrets resolve");
+    let mut resolved = loaded.resolve(&secrets()).expect("test secrets resolve");
+    loaded.attach_schemas(&mut resolved, &|p| std::fs::read_to_string(p)).expect("test schemas compile");
     (loaded.config, resolved)
 }
+
+const ORDER_SCHEMA: &str = r#"{
+  "$schema": "https://json-schema.org/draft/2020-12/schema",
+  "type": "object",
+  "required": ["id", "amount"],
+  "properties": { "id": { "type": "string" }, "amount": { "type": "string", "pattern": "^[0-9]+\\.[0-9]{2}$" } }
+}"#;
 
 impl Harness {
     async fn start(behaviour: Behaviour) -> Harness {
@@ -121,7 +134,11 @@ impl Harness {
         let partner = Partner::start(behaviour.require("api-version", "2026-01-01")).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let journal = Arc::new(SqliteJournal::open(&dir.path().join("journal.db"), SqliteOptions::default()).unwrap());
-        let (config, resolved) = load(&config_text(&partner.url(), retry, connector_extra));
+        let schema = dir.path().join("order.schema.json");
+        std::fs::write(&schema, ORDER_SCHEMA).unwrap();
+        let text =
+            config_text(&partner.url(), retry, connector_extra).replace("{schema}", &schema.display().to_string());
+        let (config, resolved) = load(&text);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let options = EngineOptions { idle_poll: Duration::from_millis(50), ..EngineOptions::default() };
         let engine = dovetail_engine::start(&config, &resolved, journal.clone(), listener, options).await.unwrap();
@@ -686,5 +703,67 @@ async fn a_bulk_request_lost_after_the_partner_applied_it_is_not_applied_twice()
     assert!(stats.dropped >= 1, "{stats:?}");
     assert!(h.partner.double_effects().is_empty(), "{:?}", h.partner.double_effects());
     assert_eq!(h.partner.effects_by_record().len(), 7, "every accepted record applied once");
+    h.stop().await;
+}
+
+async fn send_validated(h: &Harness, id: &str, body: &str) -> (u16, serde_json::Value) {
+    let secret = SigningSecret::parse(Scheme::StandardWebhooks, SW_SECRET).unwrap();
+    let headers = sign(Scheme::StandardWebhooks, &secret, id, SystemClock.now(), body.as_bytes());
+    h.post("/hooks/validated", &headers, body.as_bytes()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_breaking_the_schema_are_quarantined_with_pointers_and_never_sent() {
+    let h = Harness::start(Behaviour::default()).await;
+    let (status, json) = send_validated(&h, "v1", r#"{"id":"ord_1","amount":"12.50"}"#).await;
+    assert_eq!((status, json["status"].as_str()), (202, Some("accepted")));
+    let (status, json) = send_validated(&h, "v2", r#"{"id":7,"amount":"12,50"}"#).await;
+    assert_eq!((status, json["status"].as_str()), (202, Some("quarantined")), "{json}");
+    let reason = json["reason"].as_str().unwrap();
+    assert!(reason.contains("/id: 7 is not of type") && reason.contains("/amount: "), "{reason}");
+    let c = h.wait_for("validated", "the valid record", |c| c.delivered == 1).await;
+    assert_eq!(c.dead, 1);
+    let dead = h.journal.dead_letters(Some("validated"), 10).await.unwrap();
+    assert_eq!(dead[0].class, ErrorClass::Validation);
+    assert_eq!(
+        h.journal.record(dead[0].id).await.unwrap().unwrap().payload,
+        br#"{"id":7,"amount":"12,50"}"#,
+        "raw bytes kept"
+    );
+
+    // Replayed before the schema (or the record) is fixed, it is checked
+    // again and goes back to the DLQ without reaching the partner.
+    let before = h.partner.stats().requests;
+    let sel = dovetail_journal::Selector::Flow("validated".into());
+    assert_eq!(h.journal.replay(&sel, SystemClock.now(), 10).await.unwrap(), 1);
+    h.wait_for("validated", "the replayed record back in the DLQ", |c| {
+        c.dead == 1 && c.pending == 0 && c.in_flight == 0
+    })
+    .await;
+    assert_eq!(h.partner.stats().requests, before, "an invalid record is never sent");
+    let detail = h.journal.record(dead[0].id).await.unwrap().unwrap();
+    assert!(
+        detail
+            .attempts
+            .last()
+            .unwrap()
+            .error
+            .as_deref()
+            .unwrap()
+            .starts_with("not sent: the record does not match its schema")
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_non_json_record_is_not_sent() {
+    let h = Harness::start(Behaviour::default()).await;
+    let (_, json) = h.send_order("msg_raw", "not json at all").await;
+    assert_eq!(json["status"], "quarantined");
+    let sel = dovetail_journal::Selector::Flow("orders".into());
+    assert_eq!(h.journal.replay(&sel, SystemClock.now(), 10).await.unwrap(), 1);
+    h.wait_for("orders", "the replayed record back in the DLQ", |c| c.dead == 1 && c.pending == 0 && c.in_flight == 0)
+        .await;
+    assert_eq!(h.partner.stats().requests, 0, "raw bytes that are not JSON never reach the partner");
     h.stop().await;
 }

@@ -434,6 +434,8 @@ pub async fn quarantine_is_dead_at_intake(j: &dyn Journal) {
     assert!(j.lease("orders", "a", T0, LEASE, 10).await.unwrap().is_empty());
     let dl = j.dead_letters(None, 10).await.unwrap();
     assert_eq!((dl[0].id, dl[0].class), (id, ErrorClass::Validation));
+    let c = counts_of(j, "orders").await;
+    assert_eq!((c.dead, c.quarantined), (1, 1));
     assert_eq!(j.record(id).await.unwrap().unwrap().payload, b"not json", "raw bytes are kept");
 }
 

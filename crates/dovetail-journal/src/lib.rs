@@ -175,6 +175,8 @@ pub struct FlowCounts {
     pub in_flight: u64,
     pub delivered: u64,
     pub dead: u64,
+    /// Of `dead`, those quarantined as unusable (class `validation`).
+    pub quarantined: u64,
     pub discarded: u64,
     /// When the oldest record still waiting (pending or in flight) arrived.
     pub oldest_pending_at: Option<Timestamp>,

@@ -710,6 +710,15 @@ fn counts_tx(conn: &Connection) -> rusqlite::Result<Vec<FlowCounts>> {
             c.oldest_pending_at = Some(c.oldest_pending_at.map_or(o, |prev| prev.min(o)));
         }
     }
+    let mut stmt = conn.prepare_cached(
+        "SELECT flow, COUNT(*) FROM records WHERE state = 'dead' AND dead_class = 'validation' GROUP BY flow",
+    )?;
+    for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+        let (flow, n) = row?;
+        if let Some(c) = by_flow.get_mut(&flow) {
+            c.quarantined = u64::try_from(n).unwrap_or(0);
+        }
+    }
     let mut stmt = conn.prepare_cached("SELECT flow, since, reason FROM flow_pauses")?;
     for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))? {
         let (flow, since, reason) = row?;

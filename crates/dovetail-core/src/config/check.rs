@@ -444,6 +444,8 @@ pub struct Resolved {
 #[derive(Clone)]
 pub struct ResolvedFlow {
     pub verifier: Option<std::sync::Arc<Verifier>>,
+    /// Set by [`Loaded::attach_schemas`].
+    pub schema: Option<std::sync::Arc<crate::schema::Schema>>,
 }
 
 impl std::fmt::Debug for ResolvedFlow {
@@ -474,6 +476,57 @@ pub struct ResolvedOAuth {
 }
 
 impl Loaded {
+    /// Reads and compiles each flow's `schema` file (relative to the config
+    /// file) with `read`, and attaches it to the flow. Every unreadable,
+    /// non-JSON or invalid schema is reported at its `schema` key.
+    pub fn attach_schemas(
+        &self,
+        resolved: &mut Resolved,
+        read: &dyn Fn(&std::path::Path) -> std::io::Result<String>,
+    ) -> Result<(), ConfigErrors> {
+        let mut findings = Vec::new();
+        for (name, flow) in &self.config.flows {
+            let Some(file) = &flow.schema else { continue };
+            let at = ["flows", name.as_str(), "schema"];
+            let path = self.base_dir().join(file);
+            let text = match read(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    findings.push(Finding::error(
+                        &at,
+                        format!("cannot read {}: {e}", path.display()),
+                        "give a path relative to the config file",
+                    ));
+                    continue;
+                }
+            };
+            let document: serde_json::Value = match serde_json::from_str(&text) {
+                Ok(d) => d,
+                Err(e) => {
+                    findings.push(Finding::error(
+                        &at,
+                        format!("{} is not JSON: {e}", path.display()),
+                        "a schema is a JSON document",
+                    ));
+                    continue;
+                }
+            };
+            match crate::schema::Schema::compile(&document) {
+                Ok(schema) => {
+                    if let Some(f) = resolved.flows.get_mut(name) {
+                        f.schema = Some(std::sync::Arc::new(schema));
+                    }
+                }
+                Err(e) => findings.push(Finding::error(
+                    &at,
+                    format!("{} is not a valid JSON Schema: {e}", path.display()),
+                    "see https://json-schema.org/draft/2020-12; $refs must stay inside the file",
+                )),
+            }
+        }
+        if findings.is_empty() { Ok(()) } else { Err(ConfigErrors(self.locate(findings))) }
+    }
+
     /// Looks up every secret; every missing one is reported, not just the first.
     pub fn resolve(&self, secrets: &dyn SecretSource) -> Result<Resolved, ConfigErrors> {
         let mut findings = Vec::new();
@@ -573,7 +626,7 @@ impl Loaded {
                     .collect();
                 std::sync::Arc::new(Verifier::new(sig.scheme, keys).with_tolerance(sig.tolerance))
             });
-            flows.insert(name.clone(), ResolvedFlow { verifier });
+            flows.insert(name.clone(), ResolvedFlow { verifier, schema: None });
         }
         findings.extend(key_errors);
         if findings.is_empty() { Ok(Resolved { flows, connectors }) } else { Err(ConfigErrors(self.locate(findings))) }

@@ -347,6 +347,10 @@ impl RetryConfig {
 pub struct FlowConfig {
     pub source: SourceConfig,
     pub sink: SinkConfig,
+    /// A JSON Schema (2020-12) file, relative to this config file: records
+    /// that do not match are quarantined at intake.
+    #[serde(default)]
+    pub schema: Option<String>,
     /// The record's stable external key, a jq path into the payload.
     #[serde(default)]
     pub key: Option<crate::keypath::KeyPath>,
