@@ -314,14 +314,22 @@ fn read_item_results(body: &str, field: &str, expected: usize) -> Result<Option<
     if list.len() != expected {
         return Err(format!("the bulk answer has {} results for {expected} records", list.len()));
     }
+    // A result without a numeric status says nothing we can trust: reading
+    // it as success could lose a refused record, so the whole answer is
+    // unreadable and the batch is retried as it was.
     let items = list
         .iter()
-        .map(|item| {
-            let status = item.get("status").and_then(|s| s.as_u64()).and_then(|s| u16::try_from(s).ok()).unwrap_or(200);
+        .enumerate()
+        .map(|(i, item)| {
+            let status = item
+                .get("status")
+                .and_then(|s| s.as_u64())
+                .and_then(|s| u16::try_from(s).ok())
+                .ok_or_else(|| format!("result {i} of the bulk answer has no numeric `status`: {item}"))?;
             let detail = (!(200..300).contains(&status)).then(|| item.to_string());
-            ItemAnswer { status, detail }
+            Ok(ItemAnswer { status, detail })
         })
-        .collect();
+        .collect::<Result<Vec<_>, String>>()?;
     Ok(Some(items))
 }
 
@@ -331,8 +339,11 @@ fn limit_hint<'a>(text: &impl Fn(&str) -> Option<&'a str>, now: Timestamp) -> Li
     let number = |names: [&str; 2]| names.iter().find_map(|n| text(n)).and_then(|v| v.trim().parse::<u64>().ok());
     let remaining = number(["ratelimit-remaining", "x-ratelimit-remaining"]);
     let reset = number(["ratelimit-reset", "x-ratelimit-reset"]).map(|v| {
-        // Seconds since the epoch are far larger than any sane window.
-        if v > 1_000_000_000 {
+        // Times since the epoch are far larger than any sane window; some
+        // partners send them in milliseconds.
+        if v > 1_000_000_000_000 {
+            Timestamp::from_millis(i64::try_from(v).unwrap_or(i64::MAX)).since(now)
+        } else if v > 1_000_000_000 {
             Timestamp::from_secs(i64::try_from(v).unwrap_or(i64::MAX)).since(now)
         } else {
             Duration::from_secs(v)
@@ -392,6 +403,24 @@ fn fastrand_span_id() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_item_results_must_each_say_their_status() {
+        let ok = read_item_results(r#"{"results":[{"status":201},{"status":422,"error":"bad"}]}"#, "results", 2)
+            .unwrap()
+            .unwrap();
+        assert_eq!((ok[0].status, ok[1].status), (201, 422));
+        assert!(ok[1].detail.as_deref().unwrap().contains("bad"));
+        for unreadable in [
+            r#"{"results":[{"id":1},{"status":201}]}"#,
+            r#"{"results":[{"status":"failed"},{"status":201}]}"#,
+            r#"{"results":[{"status":201}]}"#,
+            r#"{"items":[{"status":201},{"status":201}]}"#,
+            "not json",
+        ] {
+            assert!(read_item_results(unreadable, "results", 2).is_err(), "{unreadable}");
+        }
+    }
 
     #[test]
     fn rate_limit_headers_in_both_forms() {

@@ -28,6 +28,9 @@ pub struct TokenSource {
 
 struct TokenState {
     access: Option<Cached>,
+    /// A fetch that failed just now: callers queued behind it get its
+    /// answer instead of each waiting out the token endpoint's timeout.
+    failed: Option<(Instant, AttemptResult)>,
     /// The refresh token in use; a partner that rotates it gives a new one with each token.
     refresh_token: Option<Secret>,
 }
@@ -40,11 +43,15 @@ struct Cached {
 #[derive(Deserialize)]
 struct TokenResponse {
     access_token: String,
+    /// Seconds; some providers send it as a string.
     #[serde(default)]
-    expires_in: Option<u64>,
+    expires_in: Option<serde_json::Value>,
     #[serde(default)]
     refresh_token: Option<String>,
 }
+
+/// How long a failed token fetch is remembered.
+const FAILURE_MEMORY: Duration = Duration::from_secs(5);
 
 /// Tokens with no `expires_in` are renewed after this long anyway.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
@@ -52,7 +59,12 @@ const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 impl TokenSource {
     pub fn new(config: ResolvedOAuth, client: reqwest::Client, timeout: Duration) -> TokenSource {
         let refresh_token = config.refresh_token.clone();
-        TokenSource { config, client, timeout, state: Mutex::new(TokenState { access: None, refresh_token }) }
+        TokenSource {
+            config,
+            client,
+            timeout,
+            state: Mutex::new(TokenState { access: None, failed: None, refresh_token }),
+        }
     }
 
     /// A token that is not about to expire, fetching one if needed. On
@@ -66,7 +78,18 @@ impl TokenSource {
         {
             return Ok(c.token.clone());
         }
-        self.fetch(&mut state).await
+        self.fetch_remembering(&mut state).await
+    }
+
+    async fn fetch_remembering(&self, state: &mut TokenState) -> Result<Secret, AttemptResult> {
+        if let Some((at, failed)) = &state.failed
+            && at.elapsed() < FAILURE_MEMORY
+        {
+            return Err(failed.clone());
+        }
+        let result = self.fetch(state).await;
+        state.failed = result.as_ref().err().map(|f| (Instant::now(), f.clone()));
+        result
     }
 
     /// The partner refused `rejected`: renew unless another request already did.
@@ -79,7 +102,7 @@ impl TokenSource {
             return Ok(c.token.clone());
         }
         state.access = None;
-        self.fetch(&mut state).await
+        self.fetch_remembering(&mut state).await
     }
 
     async fn fetch(&self, state: &mut TokenState) -> Result<Secret, AttemptResult> {
@@ -143,7 +166,12 @@ impl TokenSource {
                 format!("token endpoint sent no usable token: {e}"),
             )
         })?;
-        let lifetime = parsed.expires_in.map(Duration::from_secs).unwrap_or(DEFAULT_LIFETIME);
+        let seconds = parsed
+            .expires_in
+            .as_ref()
+            .and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok())));
+        // A day at most: a huge expires_in must not overflow the clock.
+        let lifetime = seconds.map(Duration::from_secs).unwrap_or(DEFAULT_LIFETIME).min(Duration::from_secs(86_400));
         let early = (lifetime / 5).min(Duration::from_secs(60));
         let token = Secret::new(parsed.access_token);
         state.access = Some(Cached { token: token.clone(), renew_at: started + lifetime - early });

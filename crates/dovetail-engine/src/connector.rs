@@ -190,13 +190,6 @@ impl ConnectorRuntime {
         self.lock().quota.as_ref().map(|_| self.name.clone())
     }
 
-    /// Gives back an admission for a record that was never sent.
-    pub fn not_sent(&self) {
-        if let Some(q) = self.lock().quota.as_mut() {
-            q.reserved = q.reserved.saturating_sub(1);
-        }
-    }
-
     /// The health to write at start-up: closed, full pace.
     pub fn health(&self, now: Timestamp) -> ConnectorHealth {
         let mut g = self.lock();

@@ -102,7 +102,7 @@ pub(crate) async fn run(
             let max_wait = batch.max_wait;
             let (f, journal, options) = (flow.clone(), journal.clone(), options.clone());
             inflight.spawn(async move {
-                attempt_batch(&f, &*journal, &options, &batch, leased).await;
+                attempt_batch(&f, &*journal, &options, &batch, leased, probe).await;
                 drop(permits);
             });
             if partial {
@@ -114,7 +114,7 @@ pub(crate) async fn run(
         for (record, permit) in leased.into_iter().zip(permits) {
             let (flow, journal, options) = (flow.clone(), journal.clone(), options.clone());
             inflight.spawn(async move {
-                attempt(&flow, &*journal, &options, record).await;
+                attempt(&flow, &*journal, &options, record, probe).await;
                 drop(permit);
             });
         }
@@ -170,6 +170,10 @@ async fn idle(
     stop: &mut watch::Receiver<bool>,
 ) {
     let wait = next_due.map(|t| t.since(options.clock.now())).unwrap_or(options.idle_poll).min(options.idle_poll);
+    // Due but not leased: held back behind an older record of its key, or in
+    // a batch with a member still in flight. Their completion wakes us; the
+    // floor keeps this from spinning meanwhile.
+    let wait = if wait.is_zero() { options.idle_poll / 4 } else { wait };
     tokio::select! {
         _ = flow.wake.notified() => {}
         _ = tokio::time::sleep(wait) => {}
@@ -184,10 +188,17 @@ async fn pause_for(d: Duration, stop: &mut watch::Receiver<bool>) {
     }
 }
 
-async fn attempt(flow: &FlowRuntime, journal: &dyn Journal, options: &EngineOptions, record: LeasedRecord) {
+async fn attempt(
+    flow: &FlowRuntime,
+    journal: &dyn Journal,
+    options: &EngineOptions,
+    record: LeasedRecord,
+    probe: bool,
+) {
     let started_at = options.clock.now();
     if let Some(why) = unsendable(flow, &record) {
-        flow.connector.not_sent();
+        // Nothing goes out: the token, the quota slot and a breaker probe are returned.
+        flow.connector.unused(1, probe);
         settle_unsent(flow, journal, options, &record, started_at, why).await;
         return;
     }
@@ -196,7 +207,8 @@ async fn attempt(flow: &FlowRuntime, journal: &dyn Journal, options: &EngineOpti
     let (breaker_open_until, change) = flow.connector.observe(&result, now);
     connector::record(change, journal).await;
     let sent = Sent { started_at, breaker_open_until, quota: flow.connector.quota_name(), keep_batch: false };
-    conclude(flow, journal, options, &record, &result, sent).await;
+    let report = conclude(flow, journal, options, &record, &result, sent).await;
+    record_outcome(flow, journal, &record, report).await;
 }
 
 fn outbound(record: &LeasedRecord) -> Outbound<'_> {
@@ -218,6 +230,7 @@ async fn attempt_batch(
     options: &EngineOptions,
     batch: &BatchConfig,
     records: Vec<LeasedRecord>,
+    probe: bool,
 ) {
     let started_at = options.clock.now();
     let mut sendable = Vec::with_capacity(records.len());
@@ -229,7 +242,7 @@ async fn attempt_batch(
     }
     let records = sendable;
     if records.is_empty() {
-        flow.connector.not_sent();
+        flow.connector.unused(1, probe);
         return;
     }
     let outs: Vec<Outbound<'_>> = records.iter().map(outbound).collect();
@@ -245,6 +258,7 @@ async fn attempt_batch(
     connector::record(change, journal).await;
     // The request counts once against the quota.
     let mut quota = flow.connector.quota_name();
+    let mut reports = Vec::with_capacity(records.len());
     for (i, record) in records.iter().enumerate() {
         let own = match &result.items {
             Ok(Some(items)) => AttemptResult {
@@ -264,8 +278,16 @@ async fn attempt_batch(
             },
         };
         let sent = Sent { started_at, breaker_open_until, quota: quota.take(), keep_batch };
-        conclude(flow, journal, options, record, &own, sent).await;
+        reports.push(conclude(flow, journal, options, record, &own, sent).await);
     }
+    // One transaction for the whole batch: a crash cannot leave some of a
+    // bound batch pending (and leasable) while the rest is still in flight.
+    match journal.complete_many(reports).await {
+        Ok(applied) if applied.iter().all(|a| *a) => {}
+        Ok(_) => tracing::warn!(flow = %flow.name, "some of a batch's leases expired before the attempt finished"),
+        Err(e) => tracing::error!(flow = %flow.name, error = %e, "cannot record a batch's attempt"),
+    }
+    flow.wake.notify_one();
 }
 
 /// How an attempt went out, beyond its result.
@@ -277,7 +299,8 @@ struct Sent {
     keep_batch: bool,
 }
 
-/// Decides what an attempt's result means for one record and writes it.
+/// Decides what an attempt's result means for one record; pauses the flow
+/// on an auth failure. The caller writes the report.
 async fn conclude(
     flow: &FlowRuntime,
     journal: &dyn Journal,
@@ -285,7 +308,7 @@ async fn conclude(
     record: &LeasedRecord,
     result: &AttemptResult,
     sent: Sent,
-) {
+) -> AttemptReport {
     let Sent { started_at, breaker_open_until, quota, keep_batch } = sent;
     let now = options.clock.now();
     let (outcome, class) =
@@ -319,7 +342,7 @@ async fn conclude(
         }
         flow.auth_failed.store(true, std::sync::atomic::Ordering::Release);
     }
-    record_outcome(flow, journal, record, report).await;
+    report
 }
 
 /// Why a leased record must not be sent at all.
@@ -377,6 +400,10 @@ async fn record_outcome(flow: &FlowRuntime, journal: &dyn Journal, record: &Leas
         // The lease will expire and the record will be tried again with the
         // same idempotency key, so the partner sees no double effect.
         Err(e) => tracing::error!(flow = %flow.name, record_id = record.id, error = %e, "cannot record an attempt"),
+    }
+    if flow.in_key_order {
+        // The next record of this key may be due now.
+        flow.wake.notify_one();
     }
 }
 

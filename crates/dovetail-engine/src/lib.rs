@@ -212,7 +212,8 @@ pub async fn start(
             retry: http.retry.policy(),
             // Long enough for the slowest legal attempt, short enough that a
             // crashed node's records come back soon.
-            lease_for: http.timeout * 2 + Duration::from_secs(5),
+            // OAuth may add a token fetch and a second send after a 401.
+            lease_for: if auth.oauth.is_some() { http.timeout * 4 } else { http.timeout * 2 } + Duration::from_secs(5),
             connector: connectors.get(connector).cloned().ok_or_else(|| missing("its connector"))?,
             wake: wake.clone(),
             auth_failed: Default::default(),

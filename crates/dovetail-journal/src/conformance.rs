@@ -33,7 +33,7 @@ macro_rules! journal_conformance {
             stale_owner_cannot_complete, same_owner_cannot_complete_an_older_attempt,
             replay_takes_only_what_was_dead_at_its_start, connector_health_is_replaced_per_connector,
             sent_requests_count_against_the_quota_even_with_a_lost_lease, one_key_at_a_time_in_key_order,
-            a_batch_of_unknown_fate_goes_again_whole_and_alone);
+            a_batch_of_unknown_fate_goes_again_whole_and_alone, a_bound_batch_waits_for_all_its_records);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -317,7 +317,7 @@ pub async fn a_batch_of_unknown_fate_goes_again_whole_and_alone(j: &dyn Journal)
     assert_eq!(first.iter().map(|r| r.id).collect::<Vec<_>>(), ids[..2]);
     let key = first[0].batch_key.clone().unwrap();
     assert_eq!(first[1].batch_key.as_deref(), Some(key.as_str()));
-    assert_eq!(key, dovetail_core::ids::batch_idempotency_key(first.iter().map(|r| r.idempotency_key.as_str())));
+    assert!(key.starts_with("dtb1-"));
     // The request was lost: both wait, bound, with different jittered due times.
     for (r, secs) in first.iter().zip([5, 7]) {
         let at = T0.plus(Duration::from_secs(secs));
@@ -353,6 +353,35 @@ pub async fn a_batch_of_unknown_fate_goes_again_whole_and_alone(j: &dyn Journal)
         j.lease_with(crate::LeaseMode::Batch, "orders", "a", T0.plus(Duration::from_secs(6)), LEASE, 10).await.unwrap();
     assert_eq!(alone.iter().map(|r| r.id).collect::<Vec<_>>(), [ids[0]]);
     assert_ne!(alone[0].batch_key.as_deref(), Some(key.as_str()), "a new batch, a new key");
+}
+
+pub async fn a_bound_batch_waits_for_all_its_records(j: &dyn Journal) {
+    for i in 0..2 {
+        j.ingest(new_record("orders", Some(&format!("w{i}")), "{}")).await.unwrap();
+    }
+    let batch = j.lease_with(crate::LeaseMode::Batch, "orders", "a", T0, LEASE, 10).await.unwrap();
+    assert_eq!(batch.len(), 2);
+    // Only the first member's result is written so far (say the engine died
+    // between the two): the other is still in flight.
+    let report = AttemptReport {
+        quota: None,
+        keep_batch: true,
+        id: batch[0].id,
+        owner: "a".into(),
+        attempt: attempt(1, 503, Some(ErrorClass::Server)),
+        outcome: Outcome::Retry { at: T0 },
+    };
+    assert!(j.complete(report).await.unwrap());
+    let soon = T0.plus(Duration::from_secs(1));
+    assert!(
+        j.lease_with(crate::LeaseMode::Batch, "orders", "b", soon, LEASE, 10).await.unwrap().is_empty(),
+        "never part of a bound batch"
+    );
+    // When the other's lease expires, both go again, under the same key.
+    let later = T0.plus(LEASE);
+    let again = j.lease_with(crate::LeaseMode::Batch, "orders", "b", later, LEASE, 10).await.unwrap();
+    assert_eq!(again.len(), 2);
+    assert_eq!(again[0].batch_key, batch[0].batch_key);
 }
 
 pub async fn retry_waits_until_due(j: &dyn Journal) {

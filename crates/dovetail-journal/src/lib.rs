@@ -284,6 +284,15 @@ pub trait Journal: Send + Sync + 'static {
     /// Records an attempt and moves the record on; `false` if `owner` no longer holds the lease.
     async fn complete(&self, report: AttemptReport) -> Result<bool>;
 
+    /// Records several attempts in one transaction (a bulk request's records).
+    async fn complete_many(&self, reports: Vec<AttemptReport>) -> Result<Vec<bool>> {
+        let mut applied = Vec::with_capacity(reports.len());
+        for r in reports {
+            applied.push(self.complete(r).await?);
+        }
+        Ok(applied)
+    }
+
     /// When the next record of `flow` becomes due (pending or lease expiry), if any.
     async fn next_due(&self, flow: &str) -> Result<Option<Timestamp>>;
 

@@ -534,6 +534,15 @@ fn lease_batch_tx(
     let set = "UPDATE records SET state = 'in_flight', lease_owner = ?2, lease_until = ?3, leased_at = ?4,
                                   attempts = attempts + 1, next_attempt_at = NULL";
     let row = |r: &Row<'_>| leased_row(r, until);
+    if let Some(key) = &bound {
+        let in_flight: i64 = conn
+            .prepare_cached("SELECT COUNT(*) FROM records WHERE flow = ?1 AND batch_key = ?2 AND state = 'in_flight'")?
+            .query_row(params![flow, key], |r| r.get(0))?;
+        if in_flight > 0 {
+            // Part of the batch is still out: it goes again whole or not at all.
+            return Ok(Vec::new());
+        }
+    }
     let mut leased: Vec<LeasedRecord> = match &bound {
         // A batch of unknown fate goes again whole, whatever each member's jittered due time.
         Some(key) => conn
@@ -549,8 +558,12 @@ fn lease_batch_tx(
             .collect::<rusqlite::Result<_>>()?,
     };
     leased.sort_by_key(|r| r.id);
+    // A new batch gets a new key (its records and their attempt numbers), so
+    // a set sent again after per-record failures is not answered from the
+    // partner's store; a bound batch keeps the key it was sent under.
     let key = bound.unwrap_or_else(|| {
-        dovetail_core::ids::batch_idempotency_key(leased.iter().map(|r| r.idempotency_key.as_str()))
+        let parts: Vec<String> = leased.iter().map(|r| format!("{}#{}", r.idempotency_key, r.attempt)).collect();
+        dovetail_core::ids::batch_idempotency_key(parts.iter().map(String::as_str))
     });
     let mut bind = conn.prepare_cached("UPDATE records SET batch_key = ?2 WHERE id = ?1")?;
     for r in &mut leased {
@@ -754,6 +767,10 @@ impl Journal for SqliteJournal {
 
     async fn complete(&self, report: AttemptReport) -> Result<bool> {
         self.write(move |c| complete_tx(c, &report)).await
+    }
+
+    async fn complete_many(&self, reports: Vec<AttemptReport>) -> Result<Vec<bool>> {
+        self.write(move |c| reports.iter().map(|r| complete_tx(c, r)).collect()).await
     }
 
     async fn next_due(&self, flow: &str) -> Result<Option<Timestamp>> {

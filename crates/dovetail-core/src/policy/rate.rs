@@ -114,7 +114,7 @@ impl RateLimiter {
                 Duration::from_secs(1)
             }
         });
-        self.block_until(now.plus(pause));
+        self.block_until(now.plus(pause), now);
     }
 
     /// The partner accepted a request: recover a step towards the configured rate.
@@ -129,14 +129,17 @@ impl RateLimiter {
     /// reset rather than spend a request on a certain 429.
     pub fn hint(&mut self, hint: LimitHint, now: Timestamp) {
         if hint.remaining == Some(0) {
-            self.block_until(now.plus(hint.reset.unwrap_or(Duration::from_secs(1))));
+            self.block_until(now.plus(hint.reset.unwrap_or(Duration::from_secs(1))), now);
         } else if let (Some(remaining), Some(_)) = (hint.remaining, self.limit) {
             self.refill(now);
             self.tokens = self.tokens.min(remaining as f64);
         }
     }
 
-    fn block_until(&mut self, until: Timestamp) {
+    fn block_until(&mut self, until: Timestamp, now: Timestamp) {
+        // A partner asking for more than a day (or a misread header) must
+        // not silence the connector for a year.
+        let until = until.min(now.plus(crate::policy::MAX_RETRY_AFTER));
         self.blocked_until = Some(self.blocked_until.map_or(until, |b| b.max(until)));
     }
 
@@ -224,6 +227,16 @@ mod tests {
         let mut l = limited(100.0, 50);
         l.hint(LimitHint { remaining: Some(2), reset: None }, T0);
         assert_eq!(l.take(10, T0), Ok(2), "never more than the partner says is left");
+    }
+
+    #[test]
+    fn blocks_are_capped_at_a_day() {
+        let mut l = limited(10.0, 1);
+        l.throttled(Some(Duration::from_secs(365 * 86_400)), T0);
+        assert_eq!(l.take(1, T0), Err(crate::policy::MAX_RETRY_AFTER));
+        let mut l = limited(10.0, 1);
+        l.hint(LimitHint { remaining: Some(0), reset: Some(Duration::from_secs(u64::MAX / 4)) }, T0);
+        assert_eq!(l.take(1, T0), Err(crate::policy::MAX_RETRY_AFTER));
     }
 
     #[test]
