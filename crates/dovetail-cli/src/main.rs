@@ -44,6 +44,15 @@ enum Command {
     /// The dead-letter queue.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Schema drift: fields that appeared, changed type or stopped appearing, newest first.
+    Drift {
+        #[arg(long)]
+        flow: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Lift a flow's pause (set after an auth failure) once the cause is fixed.
     Resume { flow: String },
     /// Write a runnable example project into DIR.
@@ -87,6 +96,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Status { json } => status::status(&config, json).await,
         Command::Dlq(cmd) => dlq::run(&config, cmd).await,
         Command::Resume { flow } => project::resume(&config, &flow).await,
+        Command::Drift { flow, limit, json } => status::drift(&config, flow.as_deref(), limit, json).await,
         Command::Init { dir } => init::init(&dir),
         Command::Dev(cmd) => dev::run(&config, cmd).await,
     }

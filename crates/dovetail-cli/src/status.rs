@@ -165,3 +165,35 @@ fn print_table(report: &StatusReport, now: Timestamp) {
         }
     }
 }
+
+/// `dovetail drift`: the stable JSON shape is `{"drift": [{id, flow, kind, path,
+/// json_type, previous_types, at, example_record_id}]}`, newest first.
+pub async fn drift(path: &Path, flow: Option<&str>, limit: usize, json: bool) -> Result<ExitCode> {
+    let loaded = project::load(path)?;
+    let journal = project::open_existing_journal(&loaded)?;
+    let events = journal.drift_events(flow, limit).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "drift": events }))?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if events.is_empty() {
+        println!("no schema drift recorded{}", flow.map(|f| format!(" for flow `{f}`")).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut rows = vec![["AT", "FLOW", "KIND", "FIELD", "TYPE", "WAS", "EXAMPLE RECORD"].map(String::from).to_vec()];
+    for d in &events {
+        let e = &d.event;
+        let was: Vec<&str> = e.previous_types.iter().map(|t| t.as_str()).collect();
+        rows.push(vec![
+            e.at.to_string(),
+            d.flow.clone(),
+            e.kind.as_str().to_string(),
+            crate::dlq::printable(&e.path),
+            e.json_type.as_str().to_string(),
+            if was.is_empty() { "-".to_string() } else { was.join(", ") },
+            e.example_record_id.to_string(),
+        ]);
+    }
+    print!("{}", crate::dlq::table(&rows));
+    Ok(ExitCode::SUCCESS)
+}

@@ -233,3 +233,29 @@ fn schema_files_are_checked_with_the_line_of_their_key() {
     let r = dovetail(dir.path(), &["check"], SECRETS);
     assert_eq!(r.code, 0, "{}", r.stdout);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_lists_recorded_events() {
+    use dovetail_core::shape::{DriftEvent, DriftKind, JsonType};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dovetail.toml"), GOOD).unwrap();
+    let journal = SqliteJournal::open(&dir.path().join("journal.db"), SqliteOptions::default()).unwrap();
+    let none = dovetail(dir.path(), &["drift"], &[]);
+    assert_eq!(none.stdout.trim(), "no schema drift recorded");
+    let e = DriftEvent {
+        kind: DriftKind::Retyped,
+        path: "amount".into(),
+        json_type: JsonType::String,
+        previous_types: vec![JsonType::Number],
+        at: Timestamp::from_secs(1_700_000_000),
+        example_record_id: 7,
+    };
+    journal.record_drift("orders", vec![e]).await.unwrap();
+    let human = dovetail(dir.path(), &["drift"], &[]);
+    assert!(human.stdout.contains("orders  retyped  amount  string  number  7"), "{}", human.stdout);
+    let json = dovetail(dir.path(), &["drift", "--json", "--flow", "orders"], &[]);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v["drift"][0]["kind"], "retyped");
+    assert_eq!(v["drift"][0]["previous_types"][0], "number");
+    assert_eq!(v["drift"][0]["example_record_id"], 7);
+}

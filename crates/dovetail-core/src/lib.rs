@@ -19,4 +19,5 @@ pub mod keypath;
 pub mod policy;
 pub mod record;
 pub mod schema;
+pub mod shape;
 pub mod signature;

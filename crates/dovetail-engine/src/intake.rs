@@ -27,6 +27,8 @@ pub(crate) struct Intake {
     pub flow: String,
     pub path: String,
     pub verifier: Option<Arc<Verifier>>,
+    /// The flow's learned payload shape, for drift detection.
+    pub shape: Arc<crate::drift::FlowShape>,
     /// The flow's `schema`: records that do not match are quarantined.
     pub schema: Option<Arc<dovetail_core::schema::Schema>>,
     /// The flow's `key`: the record's external key in the payload.
@@ -107,6 +109,9 @@ impl Intake {
                     );
                 }
                 self.wake.notify_one();
+                if let Ok(value) = &parsed {
+                    self.shape.learn(value, id, now, self.journal.as_ref()).await;
+                }
                 tracing::debug!(flow = %self.flow, record_id = id, correlation_id = %correlation_id, "record journalled");
                 answer(StatusCode::ACCEPTED, &correlation_id, json!({ "status": "accepted", "record_id": id }))
             }

@@ -12,6 +12,7 @@
 
 mod connector;
 mod dispatch;
+mod drift;
 mod intake;
 mod server;
 
@@ -196,6 +197,7 @@ pub async fn start(
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let mut intakes = Vec::new();
+    let mut shapes = Vec::new();
     for (name, flow) in &config.flows {
         let missing =
             |what: &str| EngineError::Flow { flow: name.clone(), reason: format!("{what} is not configured") };
@@ -223,7 +225,10 @@ pub async fn start(
         });
         let SourceConfig::Webhook { path, .. } = &flow.source;
         let verifier = resolved.flows.get(name).and_then(|f| f.verifier.clone());
+        let shape = Arc::new(drift::FlowShape::load(name, journal.as_ref()).await);
+        shapes.push(shape.clone());
         intakes.push(intake::Intake {
+            shape,
             flow: name.clone(),
             path: path.clone(),
             verifier,
@@ -239,6 +244,7 @@ pub async fn start(
         }
         tasks.spawn(dispatch::run(runtime, journal.clone(), options.clone(), shutdown_rx.clone()));
     }
+    tasks.spawn(drift::run(shapes, journal.clone(), options.clock.clone(), shutdown_rx.clone()));
     let app = server::router(intakes, journal.clone(), config.engine.max_body.0);
     let mut stop = shutdown_rx.clone();
     tasks.spawn(async move {

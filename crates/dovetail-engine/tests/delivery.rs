@@ -767,3 +767,26 @@ async fn a_replayed_non_json_record_is_not_sent() {
     assert_eq!(h.partner.stats().requests, 0, "raw bytes that are not JSON never reach the partner");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_in_the_payloads_is_recorded_with_an_example_record() {
+    let h = Harness::start(Behaviour::default()).await;
+    for i in 0..dovetail_core::shape::WARMUP {
+        h.send_order(&format!("msg_w{i}"), &order(&format!("ord_w{i}"))).await;
+    }
+    assert!(h.journal.drift_events(Some("orders"), 10).await.unwrap().is_empty(), "nothing during the warm-up");
+    let (_, json) =
+        h.send_order("msg_w_new", r#"{"id":"ord_x","amount":12.5,"currency":"EUR","coupon":"WELCOME"}"#).await;
+    let id = json["record_id"].as_i64().unwrap();
+    let events = h.journal.drift_events(Some("orders"), 10).await.unwrap();
+    let seen: Vec<(&str, &str, &str)> =
+        events.iter().map(|e| (e.event.kind.as_str(), e.event.path.as_str(), e.event.json_type.as_str())).collect();
+    assert_eq!(seen, [("added", "coupon", "string"), ("retyped", "amount", "number")]);
+    assert!(events.iter().all(|e| e.event.example_record_id == id));
+    assert_eq!(events[1].event.previous_types, [dovetail_core::shape::JsonType::String]);
+    let journal = h.journal.clone();
+    h.stop().await;
+    // Saved at shutdown: the learned shape outlives the process.
+    let shape = journal.load_shape("orders").await.unwrap().unwrap();
+    assert!(shape.contains("coupon"), "{shape}");
+}

@@ -33,7 +33,8 @@ macro_rules! journal_conformance {
             stale_owner_cannot_complete, same_owner_cannot_complete_an_older_attempt,
             replay_takes_only_what_was_dead_at_its_start, connector_health_is_replaced_per_connector,
             sent_requests_count_against_the_quota_even_with_a_lost_lease, one_key_at_a_time_in_key_order,
-            a_batch_of_unknown_fate_goes_again_whole_and_alone, a_bound_batch_waits_for_all_its_records);
+            a_batch_of_unknown_fate_goes_again_whole_and_alone, a_bound_batch_waits_for_all_its_records,
+            drift_events_and_shapes_are_kept);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -382,6 +383,35 @@ pub async fn a_bound_batch_waits_for_all_its_records(j: &dyn Journal) {
     let again = j.lease_with(crate::LeaseMode::Batch, "orders", "b", later, LEASE, 10).await.unwrap();
     assert_eq!(again.len(), 2);
     assert_eq!(again[0].batch_key, batch[0].batch_key);
+}
+
+pub async fn drift_events_and_shapes_are_kept(j: &dyn Journal) {
+    use dovetail_core::shape::{DriftEvent, DriftKind, JsonType};
+    assert_eq!(j.load_shape("orders").await.unwrap(), None);
+    j.save_shape("orders", "{\"records\":3}".into(), T0).await.unwrap();
+    j.save_shape("orders", "{\"records\":4}".into(), T0).await.unwrap();
+    assert_eq!(j.load_shape("orders").await.unwrap().as_deref(), Some("{\"records\":4}"));
+    let retyped = DriftEvent {
+        kind: DriftKind::Retyped,
+        path: "amount".into(),
+        json_type: JsonType::String,
+        previous_types: vec![JsonType::Integer, JsonType::Number],
+        at: T0,
+        example_record_id: 42,
+    };
+    let added = DriftEvent {
+        kind: DriftKind::Added,
+        path: "coupon".into(),
+        json_type: JsonType::String,
+        previous_types: vec![],
+        at: T0,
+        example_record_id: 43,
+    };
+    j.record_drift("orders", vec![retyped.clone(), added.clone()]).await.unwrap();
+    j.record_drift("refunds", vec![added.clone()]).await.unwrap();
+    let events = j.drift_events(Some("orders"), 10).await.unwrap();
+    assert_eq!(events.iter().map(|e| e.event.clone()).collect::<Vec<_>>(), [added, retyped], "newest first");
+    assert_eq!(j.drift_events(None, 10).await.unwrap().len(), 3);
 }
 
 pub async fn retry_waits_until_due(j: &dyn Journal) {

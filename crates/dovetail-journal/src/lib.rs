@@ -211,6 +211,15 @@ pub struct ConnectorHealth {
     pub updated_at: Timestamp,
 }
 
+/// A drift event as stored, with its flow and id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredDrift {
+    pub id: i64,
+    pub flow: String,
+    #[serde(flatten)]
+    pub event: dovetail_core::shape::DriftEvent,
+}
+
 /// A dead-letter queue entry, without its payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DeadLetter {
@@ -328,6 +337,16 @@ pub trait Journal: Send + Sync + 'static {
 
     /// Requests counted for `connector` in the UTC hour and day holding `at`.
     async fn quota_used(&self, connector: &str, at: Timestamp) -> Result<QuotaUsed>;
+
+    /// Keeps a flow's learned payload shape (serialized by the caller).
+    async fn save_shape(&self, flow: &str, shape: String, now: Timestamp) -> Result<()>;
+    async fn load_shape(&self, flow: &str) -> Result<Option<String>>;
+
+    /// Records drift events of a flow.
+    async fn record_drift(&self, flow: &str, events: Vec<dovetail_core::shape::DriftEvent>) -> Result<()>;
+
+    /// Drift events, newest first.
+    async fn drift_events(&self, flow: Option<&str>, limit: usize) -> Result<Vec<StoredDrift>>;
 
     /// Succeeds when the store can take writes.
     async fn ping(&self) -> Result<()>;

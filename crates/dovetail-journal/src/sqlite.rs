@@ -20,10 +20,11 @@ use tokio::sync::{mpsc, oneshot};
 use dovetail_core::clock::Timestamp;
 use dovetail_core::policy::{ErrorClass, Window};
 use dovetail_core::record::{Attempt, RecordId, StateName};
+use dovetail_core::shape::{DriftEvent, DriftKind, JsonType};
 
 use crate::{
     AttemptReport, ConnectorHealth, DeadLetter, FlowCounts, Ingested, Journal, JournalError, LeaseMode, LeasedRecord,
-    NewRecord, Outcome, Pause, QuotaUsed, RecordDetail, Result, Selector,
+    NewRecord, Outcome, Pause, QuotaUsed, RecordDetail, Result, Selector, StoredDrift,
 };
 
 /// 1: the first release. 2: `records.external_key` and `records.batch_key`.
@@ -85,6 +86,21 @@ CREATE TABLE IF NOT EXISTS quota_usage (
     used      INTEGER NOT NULL,
     PRIMARY KEY (connector, window, start)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS flow_shapes (
+    flow       TEXT PRIMARY KEY,
+    shape      TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS drift_events (
+    id                INTEGER PRIMARY KEY,
+    flow              TEXT NOT NULL,
+    kind              TEXT NOT NULL,
+    path              TEXT NOT NULL,
+    json_type         TEXT NOT NULL,
+    previous_types    TEXT NOT NULL,
+    at                INTEGER NOT NULL,
+    example_record_id INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS flow_pauses (
     flow   TEXT PRIMARY KEY,
     since  INTEGER NOT NULL,
@@ -948,6 +964,78 @@ impl Journal for SqliteJournal {
                 Ok(n.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
             };
             Ok(QuotaUsed { this_hour: used(Window::Hour)?, today: used(Window::Day)? })
+        })
+        .await
+    }
+
+    async fn save_shape(&self, flow: &str, shape: String, now: Timestamp) -> Result<()> {
+        let flow = flow.to_string();
+        self.write(move |c| {
+            c.prepare_cached("INSERT OR REPLACE INTO flow_shapes (flow, shape, updated_at) VALUES (?1, ?2, ?3)")?
+                .execute(params![flow, shape, now.as_millis()])
+                .map(|_| ())
+        })
+        .await
+    }
+
+    async fn load_shape(&self, flow: &str) -> Result<Option<String>> {
+        let flow = flow.to_string();
+        self.read(move |c| {
+            c.prepare_cached("SELECT shape FROM flow_shapes WHERE flow = ?1")?
+                .query_row([flow], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
+    async fn record_drift(&self, flow: &str, events: Vec<DriftEvent>) -> Result<()> {
+        let flow = flow.to_string();
+        self.write(move |c| {
+            let mut stmt = c.prepare_cached(
+                "INSERT INTO drift_events (flow, kind, path, json_type, previous_types, at, example_record_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for e in &events {
+                let previous: Vec<&str> = e.previous_types.iter().map(|t| t.as_str()).collect();
+                stmt.execute(params![
+                    flow,
+                    e.kind.as_str(),
+                    e.path,
+                    e.json_type.as_str(),
+                    previous.join(","),
+                    e.at.as_millis(),
+                    e.example_record_id
+                ])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn drift_events(&self, flow: Option<&str>, limit: usize) -> Result<Vec<StoredDrift>> {
+        let flow = flow.map(str::to_string);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT id, flow, kind, path, json_type, previous_types, at, example_record_id FROM drift_events
+                 WHERE (?1 IS NULL OR flow = ?1) ORDER BY id DESC LIMIT ?2",
+            )?
+            .query_map(params![flow, limit], |r| {
+                let previous: String = r.get(5)?;
+                Ok(StoredDrift {
+                    id: r.get(0)?,
+                    flow: r.get(1)?,
+                    event: DriftEvent {
+                        kind: DriftKind::parse(&r.get::<_, String>(2)?).unwrap_or(DriftKind::Added),
+                        path: r.get(3)?,
+                        json_type: JsonType::parse(&r.get::<_, String>(4)?).unwrap_or(JsonType::Null),
+                        previous_types: previous.split(',').filter_map(JsonType::parse).collect(),
+                        at: Timestamp::from_millis(r.get(6)?),
+                        example_record_id: r.get(7)?,
+                    },
+                })
+            })?
+            .collect()
         })
         .await
     }
