@@ -127,6 +127,9 @@ async fn show(journal: &SqliteJournal, id: RecordId, json: bool) -> Result<ExitC
         println!("  dead            {} — {}", c.as_str(), printable(r));
     }
     println!("\npayload:");
+    if let Some(at) = detail.payload_purged_at {
+        println!("  (removed at {at} under the flow's retention; the record and its attempts are kept)");
+    }
     match serde_json::from_slice::<serde_json::Value>(&detail.payload) {
         Ok(v) => println!("{}", serde_json::to_string_pretty(&v)?),
         Err(_) => println!("{}", printable(&String::from_utf8_lossy(&detail.payload))),

@@ -14,6 +14,7 @@ mod connector;
 mod dispatch;
 mod drift;
 mod intake;
+mod retention;
 mod server;
 
 use std::collections::BTreeMap;
@@ -71,6 +72,8 @@ pub struct EngineOptions {
     /// How often an idle dispatcher looks at the journal anyway (pauses lifted
     /// and replays made by the CLI, leases expired by another node).
     pub idle_poll: Duration,
+    /// How often background housekeeping (payload retention) runs.
+    pub housekeeping: Duration,
 }
 
 impl Default for EngineOptions {
@@ -80,6 +83,7 @@ impl Default for EngineOptions {
             jitter: Arc::new(RandomJitter),
             node_id: format!("node-{}-{:08x}", std::process::id(), fastrand_u32()),
             idle_poll: Duration::from_secs(1),
+            housekeeping: Duration::from_secs(600),
         }
     }
 }
@@ -245,6 +249,14 @@ pub async fn start(
         tasks.spawn(dispatch::run(runtime, journal.clone(), options.clone(), shutdown_rx.clone()));
     }
     tasks.spawn(drift::run(shapes, journal.clone(), options.clock.clone(), shutdown_rx.clone()));
+    let retention = config.flows.iter().map(|(name, f)| (name.clone(), f.retention)).collect();
+    tasks.spawn(retention::run(
+        retention,
+        journal.clone(),
+        options.clock.clone(),
+        options.housekeeping,
+        shutdown_rx.clone(),
+    ));
     let app = server::router(intakes, journal.clone(), config.engine.max_body.0);
     let mut stop = shutdown_rx.clone();
     tasks.spawn(async move {

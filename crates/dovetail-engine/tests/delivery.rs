@@ -69,6 +69,11 @@ ordering = "per_key"
 source = {{ type = "webhook", path = "/hooks/bulk", signature = {{ scheme = "standard-webhooks", secret = "env:ORDERS_SECRET" }} }}
 sink = {{ type = "http", connector = "billing", path = "/v1/orders/bulk", batch = {{ max_records = 10, max_wait = "200ms" }} }}
 
+[flows.shortlived]
+source = {{ type = "webhook", path = "/hooks/shortlived", signature = {{ scheme = "standard-webhooks", secret = "env:ORDERS_SECRET" }} }}
+sink = {{ type = "http", connector = "billing", path = "/v1/shortlived" }}
+retention = "1ms"
+
 [flows.validated]
 source = {{ type = "webhook", path = "/hooks/validated", signature = {{ scheme = "standard-webhooks", secret = "env:ORDERS_SECRET" }} }}
 sink = {{ type = "http", connector = "billing", path = "/v1/validated" }}
@@ -140,7 +145,11 @@ impl Harness {
             config_text(&partner.url(), retry, connector_extra).replace("{schema}", &schema.display().to_string());
         let (config, resolved) = load(&text);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let options = EngineOptions { idle_poll: Duration::from_millis(50), ..EngineOptions::default() };
+        let options = EngineOptions {
+            idle_poll: Duration::from_millis(50),
+            housekeeping: Duration::from_millis(200),
+            ..EngineOptions::default()
+        };
         let engine = dovetail_engine::start(&config, &resolved, journal.clone(), listener, options).await.unwrap();
         let base = format!("http://{}", engine.addr);
         Harness { engine: Some(engine), journal, partner, base, http: reqwest::Client::new(), _dir: dir }
@@ -789,4 +798,32 @@ async fn drift_in_the_payloads_is_recorded_with_an_example_record() {
     // Saved at shutdown: the learned shape outlives the process.
     let shape = journal.load_shape("orders").await.unwrap().unwrap();
     assert!(shape.contains("coupon"), "{shape}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_past_their_retention_are_removed_but_records_stay() {
+    let h = Harness::start(Behaviour::default().fail_body("reject", Reply::Status { status: 422, body: "no".into() }))
+        .await;
+    let secret = SigningSecret::parse(Scheme::StandardWebhooks, SW_SECRET).unwrap();
+    let mut ids = Vec::new();
+    for (id, body) in [("r1", r#"{"id":"a"}"#), ("r2", r#"{"id":"b","status":"reject"}"#)] {
+        let headers = sign(Scheme::StandardWebhooks, &secret, id, SystemClock.now(), body.as_bytes());
+        let (_, json) = h.post("/hooks/shortlived", &headers, body.as_bytes()).await;
+        ids.push(json["record_id"].as_i64().unwrap());
+    }
+    h.wait_for("shortlived", "both settled", |c| c.delivered == 1 && c.dead == 1).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = h.journal.record(ids[0]).await.unwrap().unwrap();
+        if d.payload_purged_at.is_some() {
+            assert!(d.payload.is_empty());
+            assert_eq!(d.attempts.len(), 1, "the record and its attempts stay");
+            break;
+        }
+        assert!(Instant::now() < deadline, "retention never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dead = h.journal.record(ids[1]).await.unwrap().unwrap();
+    assert_eq!(dead.payload, br#"{"id":"b","status":"reject"}"#, "a dead record keeps its payload for a replay");
+    h.stop().await;
 }

@@ -34,7 +34,7 @@ macro_rules! journal_conformance {
             replay_takes_only_what_was_dead_at_its_start, connector_health_is_replaced_per_connector,
             sent_requests_count_against_the_quota_even_with_a_lost_lease, one_key_at_a_time_in_key_order,
             a_batch_of_unknown_fate_goes_again_whole_and_alone, a_bound_batch_waits_for_all_its_records,
-            drift_events_and_shapes_are_kept);
+            drift_events_and_shapes_are_kept, retention_purges_only_finished_payloads);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -412,6 +412,41 @@ pub async fn drift_events_and_shapes_are_kept(j: &dyn Journal) {
     let events = j.drift_events(Some("orders"), 10).await.unwrap();
     assert_eq!(events.iter().map(|e| e.event.clone()).collect::<Vec<_>>(), [added, retyped], "newest first");
     assert_eq!(j.drift_events(None, 10).await.unwrap().len(), 3);
+}
+
+pub async fn retention_purges_only_finished_payloads(j: &dyn Journal) {
+    let delivered = j.ingest(new_record("orders", Some("p1"), "{\"a\":1}")).await.unwrap().id();
+    let dead = j.ingest(new_record("orders", Some("p2"), "{\"a\":2}")).await.unwrap().id();
+    let waiting = j.ingest(new_record("orders", Some("p3"), "{\"a\":3}")).await.unwrap().id();
+    j.lease("orders", "a", T0, LEASE, 2).await.unwrap();
+    let done = AttemptReport {
+        quota: None,
+        keep_batch: false,
+        id: delivered,
+        owner: "a".into(),
+        attempt: attempt(1, 200, None),
+        outcome: Outcome::Delivered,
+    };
+    let refused = Outcome::Dead { class: ErrorClass::Rejected, reason: "no".into() };
+    let failed = AttemptReport {
+        quota: None,
+        keep_batch: false,
+        id: dead,
+        owner: "a".into(),
+        attempt: attempt(1, 422, Some(ErrorClass::Rejected)),
+        outcome: refused,
+    };
+    assert_eq!(j.complete_many(vec![done, failed]).await.unwrap(), [true, true]);
+    let early = T0;
+    assert_eq!(j.purge_payloads("orders", early, early, 100).await.unwrap(), 0, "nothing finished before the cut-off");
+    let later = T0.plus(Duration::from_secs(3600));
+    assert_eq!(j.purge_payloads("orders", later, later, 100).await.unwrap(), 1);
+    assert_eq!(j.purge_payloads("orders", later, later, 100).await.unwrap(), 0, "once");
+    let d = j.record(delivered).await.unwrap().unwrap();
+    assert!(d.payload.is_empty());
+    assert_eq!((d.payload_purged_at, d.idempotency_key.as_str()), (Some(later), "key-orders-p1"), "the record stays");
+    assert_eq!(j.record(dead).await.unwrap().unwrap().payload, b"{\"a\":2}", "a dead record keeps what a replay needs");
+    assert_eq!(j.record(waiting).await.unwrap().unwrap().payload, b"{\"a\":3}");
 }
 
 pub async fn retry_waits_until_due(j: &dyn Journal) {

@@ -250,6 +250,8 @@ pub struct RecordDetail {
     pub next_attempt_at: Option<Timestamp>,
     pub lease_until: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
+    /// When retention removed the payload (the record's metadata stays).
+    pub payload_purged_at: Option<Timestamp>,
     pub dead_class: Option<ErrorClass>,
     pub dead_reason: Option<String>,
     pub attempts: Vec<Attempt>,
@@ -337,6 +339,11 @@ pub trait Journal: Send + Sync + 'static {
 
     /// Requests counted for `connector` in the UTC hour and day holding `at`.
     async fn quota_used(&self, connector: &str, at: Timestamp) -> Result<QuotaUsed>;
+
+    /// Removes the payloads of up to `limit` of `flow`'s delivered or
+    /// discarded records that finished before `before`; the records, their
+    /// keys and attempts stay. Dead and waiting records keep their payloads.
+    async fn purge_payloads(&self, flow: &str, before: Timestamp, now: Timestamp, limit: usize) -> Result<u64>;
 
     /// Keeps a flow's learned payload shape (serialized by the caller).
     async fn save_shape(&self, flow: &str, shape: String, now: Timestamp) -> Result<()>;

@@ -27,7 +27,7 @@ use crate::{
     NewRecord, Outcome, Pause, QuotaUsed, RecordDetail, Result, Selector, StoredDrift,
 };
 
-/// 1: the first release. 2: `records.external_key` and `records.batch_key`.
+/// 1: the first release. 2: `records.external_key`, `batch_key`, `payload_purged_at`.
 const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = r#"
@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS records (
     delivery_id     TEXT,
     external_key    TEXT,
     batch_key       TEXT,
+    payload_purged_at INTEGER,
     idempotency_key TEXT    NOT NULL,
     correlation_id  TEXT    NOT NULL,
     content_type    TEXT,
@@ -307,7 +308,7 @@ fn migrate(conn: &Connection, location: &str) -> Result<()> {
     }
     conn.execute_batch(SCHEMA).map_err(|e| sql_err(location, e))?;
     // Version 1 files lack these columns; CREATE TABLE IF NOT EXISTS left them as they were.
-    for column in ["external_key", "batch_key"] {
+    for column in ["external_key", "batch_key", "payload_purged_at"] {
         let present: i64 = conn
             .query_row("SELECT COUNT(*) FROM pragma_table_info('records') WHERE name = ?1", [column], |r| r.get(0))
             .map_err(|e| sql_err(location, e))?;
@@ -679,7 +680,7 @@ fn record_tx(conn: &Connection, id: RecordId) -> rusqlite::Result<Option<RecordD
     let detail = conn
         .prepare_cached(
             "SELECT id, flow, state, delivery_id, idempotency_key, correlation_id, content_type, payload, received_at,
-                    next_attempt_at, lease_until, finished_at, dead_class, dead_reason, external_key
+                    next_attempt_at, lease_until, finished_at, dead_class, dead_reason, external_key, payload_purged_at
              FROM records WHERE id = ?1",
         )?
         .query_row([id], |r| {
@@ -698,6 +699,7 @@ fn record_tx(conn: &Connection, id: RecordId) -> rusqlite::Result<Option<RecordD
                 next_attempt_at: ts(r.get(9)?),
                 lease_until: ts(r.get(10)?),
                 finished_at: ts(r.get(11)?),
+                payload_purged_at: ts(r.get(15)?),
                 dead_class: class_of(r.get(12)?),
                 dead_reason: r.get(13)?,
                 attempts: Vec::new(),
@@ -964,6 +966,21 @@ impl Journal for SqliteJournal {
                 Ok(n.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
             };
             Ok(QuotaUsed { this_hour: used(Window::Hour)?, today: used(Window::Day)? })
+        })
+        .await
+    }
+
+    async fn purge_payloads(&self, flow: &str, before: Timestamp, now: Timestamp, limit: usize) -> Result<u64> {
+        let flow = flow.to_string();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.write(move |c| {
+            c.prepare_cached(
+                "UPDATE records SET payload = X'', payload_purged_at = ?3
+                 WHERE id IN (SELECT id FROM records WHERE flow = ?1 AND state IN ('delivered', 'discarded')
+                              AND finished_at < ?2 AND payload_purged_at IS NULL LIMIT ?4)",
+            )?
+            .execute(params![flow, before.as_millis(), now.as_millis(), limit])
+            .map(|n| n as u64)
         })
         .await
     }

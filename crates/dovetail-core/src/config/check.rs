@@ -87,6 +87,13 @@ impl Config {
                     }
                 }
             }
+            if flow.retention.is_zero() {
+                out.push(Finding::error(
+                    &["flows", name, "retention"],
+                    "a retention of 0 would remove payloads before anyone could look",
+                    "e.g. \"30d\" (the default)",
+                ));
+            }
             if flow.ordering == super::Ordering::PerKey && flow.key.is_none() {
                 out.push(Finding::error(
                     &["flows", name, "ordering"],

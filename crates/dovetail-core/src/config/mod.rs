@@ -351,6 +351,10 @@ pub struct FlowConfig {
     /// that do not match are quarantined at intake.
     #[serde(default)]
     pub schema: Option<String>,
+    /// How long the raw payload of a delivered or discarded record is kept.
+    /// Dead and waiting records always keep theirs.
+    #[serde(default = "default_retention", with = "values::duration")]
+    pub retention: Duration,
     /// The record's stable external key, a jq path into the payload.
     #[serde(default)]
     pub key: Option<crate::keypath::KeyPath>,
@@ -358,6 +362,10 @@ pub struct FlowConfig {
     /// order of arrival; different keys in parallel.
     #[serde(default)]
     pub ordering: Ordering,
+}
+
+fn default_retention() -> Duration {
+    Duration::from_secs(30 * 86_400)
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
