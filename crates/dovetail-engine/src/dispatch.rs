@@ -356,11 +356,16 @@ fn unsendable(flow: &FlowRuntime, record: &LeasedRecord) -> Option<(ErrorClass, 
     }
     // Quarantined records come back here when replayed from the DLQ: they
     // go out only once they are JSON and match the flow's schema.
+    let not_json = |e: serde_json::Error| Some((ErrorClass::Validation, format!("the body is not JSON: {e}")));
+    let Some(schema) = &flow.schema else {
+        // Without a schema only well-formedness matters: no tree is built.
+        return serde_json::from_slice::<serde::de::IgnoredAny>(&record.payload).err().and_then(not_json);
+    };
     let value = match serde_json::from_slice::<serde_json::Value>(&record.payload) {
         Ok(v) => v,
-        Err(e) => return Some((ErrorClass::Validation, format!("the body is not JSON: {e}"))),
+        Err(e) => return not_json(e),
     };
-    let violations = flow.schema.as_ref().map(|s| s.violations(&value)).unwrap_or_default();
+    let violations = schema.violations(&value);
     (!violations.is_empty()).then(|| (ErrorClass::Validation, dovetail_core::schema::describe(&violations)))
 }
 

@@ -8,7 +8,6 @@
 //! ```
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use dovetail_core::clock::Timestamp;
@@ -645,6 +644,3 @@ pub async fn lease_limit_and_order(j: &dyn Journal) {
     assert_eq!(rest.len(), 2);
     assert!(rest[0].id > first[2].id);
 }
-
-/// Keeps `Arc` in the public surface used by backends' factories.
-pub type Shared<J> = Arc<J>;

@@ -154,50 +154,18 @@ impl RateLimitConfig {
 /// `breaker = { failure_ratio, min_calls, consecutive_failures, window, open_for, max_open_for }`;
 /// any may be left out. `enabled = false` turns it off.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct BreakerConfig {
-    #[serde(default = "yes")]
     pub enabled: bool,
-    #[serde(default = "breaker_defaults::failure_ratio")]
     pub failure_ratio: f64,
-    #[serde(default = "breaker_defaults::min_calls")]
     pub min_calls: u32,
-    #[serde(default = "breaker_defaults::consecutive_failures")]
     pub consecutive_failures: u32,
-    #[serde(default = "breaker_defaults::window", with = "values::duration")]
+    #[serde(with = "values::duration")]
     pub window: Duration,
-    #[serde(default = "breaker_defaults::open_for", with = "values::duration")]
+    #[serde(with = "values::duration")]
     pub open_for: Duration,
-    #[serde(default = "breaker_defaults::max_open_for", with = "values::duration")]
+    #[serde(with = "values::duration")]
     pub max_open_for: Duration,
-}
-
-fn yes() -> bool {
-    true
-}
-
-mod breaker_defaults {
-    use super::*;
-    use crate::policy::BreakerPolicy;
-
-    pub fn failure_ratio() -> f64 {
-        BreakerPolicy::default().failure_ratio
-    }
-    pub fn min_calls() -> u32 {
-        BreakerPolicy::default().min_calls
-    }
-    pub fn consecutive_failures() -> u32 {
-        BreakerPolicy::default().consecutive_failures
-    }
-    pub fn window() -> Duration {
-        BreakerPolicy::default().window
-    }
-    pub fn open_for() -> Duration {
-        BreakerPolicy::default().open_for
-    }
-    pub fn max_open_for() -> Duration {
-        BreakerPolicy::default().max_open_for
-    }
 }
 
 impl Default for BreakerConfig {
@@ -289,33 +257,14 @@ pub enum AuthConfig {
 
 /// `retry = { max_attempts, initial_backoff, max_backoff, jitter }`; any may be left out.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RetryConfig {
-    #[serde(default = "defaults::max_attempts")]
     pub max_attempts: u32,
-    #[serde(default = "defaults::initial_backoff", with = "values::duration")]
+    #[serde(with = "values::duration")]
     pub initial_backoff: Duration,
-    #[serde(default = "defaults::max_backoff", with = "values::duration")]
+    #[serde(with = "values::duration")]
     pub max_backoff: Duration,
-    #[serde(default = "defaults::jitter")]
     pub jitter: f64,
-}
-
-mod defaults {
-    use super::*;
-
-    pub fn max_attempts() -> u32 {
-        RetryPolicy::default().max_attempts
-    }
-    pub fn initial_backoff() -> Duration {
-        RetryPolicy::default().initial_backoff
-    }
-    pub fn max_backoff() -> Duration {
-        RetryPolicy::default().max_backoff
-    }
-    pub fn jitter() -> f64 {
-        RetryPolicy::default().jitter
-    }
 }
 
 impl Default for RetryConfig {
