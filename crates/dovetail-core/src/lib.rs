@@ -16,6 +16,7 @@ pub mod config;
 pub mod duration;
 pub mod ids;
 pub mod keypath;
+pub mod mapping;
 pub mod policy;
 pub mod record;
 pub mod schema;
