@@ -7,7 +7,10 @@ use anyhow::{Result, bail};
 use clap::Subcommand;
 use serde_json::json;
 
+use dovetail_connectors::http::Outbound;
+use dovetail_connectors::preview::RequestPreview;
 use dovetail_core::clock::{Clock, SystemClock};
+use dovetail_core::config::{Loaded, SinkConfig};
 use dovetail_core::record::RecordId;
 use dovetail_journal::{Journal, RecordDetail, Selector, SqliteJournal};
 
@@ -69,7 +72,7 @@ pub async fn run(path: &Path, cmd: DlqCommand) -> Result<ExitCode> {
     let journal = project::open_existing_journal(&loaded)?;
     match cmd {
         DlqCommand::List { flow, limit, json } => list(&journal, flow.as_deref(), limit, json).await,
-        DlqCommand::Show { id, json } => show(&journal, id, json).await,
+        DlqCommand::Show { id, json } => show(&loaded, &journal, id, json).await,
         DlqCommand::Replay(which) => bulk(&journal, which.selector()?, Action::Replay).await,
         DlqCommand::Discard(which) => bulk(&journal, which.selector()?, Action::Discard).await,
     }
@@ -105,13 +108,47 @@ fn payload_value(detail: &RecordDetail) -> serde_json::Value {
     serde_json::from_slice(&detail.payload).unwrap_or_else(|_| json!(String::from_utf8_lossy(&detail.payload)))
 }
 
-async fn show(journal: &SqliteJournal, id: RecordId, json: bool) -> Result<ExitCode> {
+/// The request a record makes (or made) through its flow's sink, from the
+/// current config; `None` when the record is not prepared (nothing is
+/// known to send until it is validated and mapped again) or its flow is gone.
+fn request_of(loaded: &Loaded, detail: &RecordDetail) -> Option<RequestPreview> {
+    if !detail.prepared || detail.payload_purged_at.is_some() {
+        return None;
+    }
+    let flow = loaded.config.flows.get(&detail.flow)?;
+    let SinkConfig::Http { connector, method, path, .. } = &flow.sink;
+    let http = loaded.config.http_connector(connector)?;
+    let out = Outbound {
+        payload: detail.mapped.as_deref().unwrap_or(&detail.payload),
+        content_type: if detail.mapped.is_some() { Some("application/json") } else { detail.content_type.as_deref() },
+        idempotency_key: &detail.idempotency_key,
+        correlation_id: &detail.correlation_id,
+    };
+    Some(RequestPreview::new(http, method, path, &out))
+}
+
+/// Which mappings produced a record's body, e.g. `mapping v3, sink mapping v1`.
+fn versions(detail: &RecordDetail) -> String {
+    let parts: Vec<String> = [("mapping", detail.mapping_version), ("sink mapping", detail.sink_mapping_version)]
+        .into_iter()
+        .filter_map(|(what, v)| v.map(|v| format!("{what} v{v}")))
+        .collect();
+    parts.join(", ")
+}
+
+async fn show(loaded: &Loaded, journal: &SqliteJournal, id: RecordId, json: bool) -> Result<ExitCode> {
     let Some(detail) = journal.record(id).await? else { bail!("there is no record {id}") };
     let last_error = detail.attempts.iter().rev().find_map(|a| a.error.clone()).or_else(|| detail.dead_reason.clone());
+    let request = request_of(loaded, &detail);
     if json {
         let mut v = serde_json::to_value(&detail)?;
         v["payload"] = payload_value(&detail);
         v["payload_is_json"] = json!(serde_json::from_slice::<serde::de::IgnoredAny>(&detail.payload).is_ok());
+        v["mapped"] = match &detail.mapped {
+            Some(m) => serde_json::from_slice(m).unwrap_or_else(|_| json!(String::from_utf8_lossy(m))),
+            None => serde_json::Value::Null,
+        };
+        v["request"] = json!(request);
         v["last_error"] = json!(last_error);
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
@@ -126,13 +163,23 @@ async fn show(journal: &SqliteJournal, id: RecordId, json: bool) -> Result<ExitC
     if let (Some(c), Some(r)) = (detail.dead_class, &detail.dead_reason) {
         println!("  dead            {} — {}", c.as_str(), printable(r));
     }
-    println!("\npayload:");
+    println!("\nraw payload (as received):");
     if let Some(at) = detail.payload_purged_at {
         println!("  (removed at {at} under the flow's retention; the record and its attempts are kept)");
     }
-    match serde_json::from_slice::<serde_json::Value>(&detail.payload) {
-        Ok(v) => println!("{}", serde_json::to_string_pretty(&v)?),
-        Err(_) => println!("{}", printable(&String::from_utf8_lossy(&detail.payload))),
+    print_body(&detail.payload)?;
+    match (&detail.mapped, detail.prepared) {
+        (Some(m), _) => {
+            println!("\nmapped ({}):", versions(&detail));
+            print_body(m)?;
+        }
+        (None, true) => println!("\nmapped: no mapping; the raw payload is sent as received"),
+        (None, false) => println!(
+            "\nmapped: not yet; the record is validated and mapped with the flow's current config when it is (re)played"
+        ),
+    }
+    if let Some(r) = &request {
+        println!("\nsent (the request each attempt makes, from the current config; credentials hidden):\n{r}");
     }
     println!("\nattempts:");
     if detail.attempts.is_empty() {
@@ -156,6 +203,14 @@ async fn show(journal: &SqliteJournal, id: RecordId, json: bool) -> Result<ExitC
         println!("\nlast error: {}", printable(&e));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_body(bytes: &[u8]) -> Result<()> {
+    match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Ok(v) => println!("{}", serde_json::to_string_pretty(&v)?),
+        Err(_) => println!("{}", printable(&String::from_utf8_lossy(bytes))),
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy)]

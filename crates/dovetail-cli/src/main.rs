@@ -6,6 +6,7 @@ mod dlq;
 mod init;
 mod project;
 mod status;
+mod trial;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +51,16 @@ enum Command {
         flow: Option<String>,
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one record through a flow's validation and mappings without
+    /// sending it: prints what came in, what was mapped, and the request that would go out.
+    Test {
+        flow: String,
+        /// A JSON file holding one inbound record (`-` for stdin).
+        #[arg(long)]
+        input: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -98,6 +109,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Resume { flow } => project::resume(&config, &flow).await,
         Command::Drift { flow, limit, json } => status::drift(&config, flow.as_deref(), limit, json).await,
         Command::Init { dir } => init::init(&dir),
+        Command::Test { flow, input, json } => trial::test(&config, &flow, &input, json),
         Command::Dev(cmd) => dev::run(&config, cmd).await,
     }
 }

@@ -65,7 +65,7 @@ pub fn check(path: &Path) -> Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let resolved = loaded.resolve(&EnvSecrets).and_then(|mut r| loaded.attach_schemas(&mut r, &read_file).map(|()| r));
+    let resolved = loaded.resolve(&EnvSecrets).and_then(|mut r| loaded.attach_files(&mut r, &read_file).map(|()| r));
     if let Err(errors) = resolved {
         println!("{errors}");
         println!("{}: {} error(s)", path.display(), errors.0.len());
@@ -79,7 +79,7 @@ pub fn check(path: &Path) -> Result<ExitCode> {
 pub async fn run(path: &Path) -> Result<ExitCode> {
     let loaded = load(path)?;
     let resolved =
-        match loaded.resolve(&EnvSecrets).and_then(|mut r| loaded.attach_schemas(&mut r, &read_file).map(|()| r)) {
+        match loaded.resolve(&EnvSecrets).and_then(|mut r| loaded.attach_files(&mut r, &read_file).map(|()| r)) {
             Ok(r) => r,
             Err(errors) => bail!("the config cannot run:\n{errors}"),
         };

@@ -146,6 +146,7 @@ fn dead_record(i: usize) -> NewRecord {
         payload: format!(r#"{{"id":"ord_{i}"}}"#).into_bytes(),
         received_at: Timestamp::from_secs(1_700_000_000),
         quarantine: Some((ErrorClass::Validation, format!("record {i} is unusable"))),
+        prepared: None,
     }
 }
 
@@ -258,4 +259,108 @@ async fn drift_lists_recorded_events() {
     assert_eq!(v["drift"][0]["kind"], "retyped");
     assert_eq!(v["drift"][0]["previous_types"][0], "number");
     assert_eq!(v["drift"][0]["example_record_id"], 7);
+}
+
+/// A project with a canonical model, two mappings and samples.
+fn contract_project(mapping: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let config = GOOD.replace(
+        "sink = { type = \"http\", connector = \"billing\", path = \"/v1/orders\" }",
+        r#"sink = { type = "http", connector = "billing", path = "/v1/orders", mapping = { file = "order_to_billing.jq", version = 2 } }
+mapping = { file = "shop_to_order.jq", version = 7 }
+model = "Order"
+key = ".number"
+idempotency_key = ".event"
+samples = ["samples/orders.jsonl"]
+
+[models.Order]
+schema = "order.json"
+samples = ["samples/canonical.json"]"#,
+    );
+    let files = [
+        ("dovetail.toml", config.as_str()),
+        ("shop_to_order.jq", mapping),
+        ("order_to_billing.jq", "{ref: .id, cents: .cents}"),
+        (
+            "order.json",
+            r#"{"type": "object", "required": ["id", "cents"], "properties": {"cents": {"type": "integer"}}}"#,
+        ),
+        ("samples/canonical.json", r#"{"id": "A1", "cents": 100}"#),
+        (
+            "samples/orders.jsonl",
+            "{\"event\": \"e1\", \"number\": \"A1\", \"total\": \"12.50\"}\n\n{\"event\": \"e2\", \"number\": \"A2\", \"total\": \"3\"}\n",
+        ),
+    ];
+    std::fs::create_dir(dir.path().join("samples")).unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+const SHOP_TO_ORDER: &str = r#"{id: .number, cents: (.total | to_minor_units("EUR"))}"#;
+
+#[test]
+fn check_runs_the_samples_through_the_mappings_and_the_model() {
+    let dir = contract_project(SHOP_TO_ORDER);
+    let r = dovetail(dir.path(), &["check"], SECRETS);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+
+    // A mapping whose output breaks the model is caught by its sample.
+    let dir = contract_project(r#"{id: .number, cents: .total}"#);
+    let r = dovetail(dir.path(), &["check"], SECRETS);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(r.stdout.contains("error in `flows.orders.samples`"), "{}", r.stdout);
+    assert!(r.stdout.contains("samples/orders.jsonl:1 is refused at the model stage"), "{}", r.stdout);
+    assert!(r.stdout.contains("samples/orders.jsonl:3 is refused"), "line numbers count blank lines: {}", r.stdout);
+
+    // A program that does not compile names its file, line and column.
+    let dir = contract_project("{id: .number,\n cents: (.total | to_minor_units(\"EUR\")}");
+    let r = dovetail(dir.path(), &["check"], SECRETS);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(r.stdout.contains("error in `flows.orders.mapping.file`: the jq program does not compile"), "{}", r.stdout);
+    assert!(r.stdout.contains("shop_to_order.jq:2:"), "{}", r.stdout);
+}
+
+#[test]
+fn an_unknown_model_and_a_version_0_are_refused() {
+    let dir = contract_project(SHOP_TO_ORDER);
+    let config = std::fs::read_to_string(dir.path().join("dovetail.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("dovetail.toml"),
+        config.replace("model = \"Order\"", "model = \"Ordr\"").replace("version = 7", "version = 0"),
+    )
+    .unwrap();
+    let r = dovetail(dir.path(), &["check"], SECRETS);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stdout.contains("there is no model named `Ordr`") && r.stdout.contains("use one of: Order"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("`flows.orders.mapping.version`: mapping versions start at 1"), "{}", r.stdout);
+}
+
+#[test]
+fn test_prints_each_stage_and_the_request_that_would_go_out() {
+    let dir = contract_project(SHOP_TO_ORDER);
+    std::fs::write(dir.path().join("in.json"), r#"{"event": "e9", "number": "B7", "total": "42.10"}"#).unwrap();
+    // No secrets are needed: credentials are named, never looked up.
+    let r = dovetail(dir.path(), &["test", "orders", "--input", "in.json"], &[]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let key = dovetail_core::ids::idempotency_key("orders", Some("e9"));
+    insta::assert_snapshot!(r.stdout.replace(&key, "[KEY]"));
+
+    let r = dovetail(dir.path(), &["test", "orders", "--input", "in.json", "--json"], &[]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["mapped"], serde_json::json!({"id": "B7", "cents": 4210}));
+    assert_eq!(v["outbound"], serde_json::json!({"ref": "B7", "cents": 4210}));
+    assert_eq!((v["mapping_version"].as_u64(), v["sink_mapping_version"].as_u64()), (Some(7), Some(2)));
+    assert_eq!(v["request"]["url"], "http://127.0.0.1:9/v1/orders");
+
+    std::fs::write(dir.path().join("bad.json"), r#"{"event": "e9", "number": "B7", "total": "42.105"}"#).unwrap();
+    let r = dovetail(dir.path(), &["test", "orders", "--input", "bad.json"], &[]);
+    assert_eq!(r.code, 1, "a refused record fails the command");
+    assert!(r.stdout.contains("REFUSED at the mapping stage: mapping v7 failed: jq error:"), "{}", r.stdout);
+    assert!(!r.stdout.contains("the request that would be sent"), "{}", r.stdout);
 }

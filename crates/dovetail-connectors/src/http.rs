@@ -387,7 +387,7 @@ pub(crate) async fn read_excerpt(mut response: reqwest::Response, limit: usize) 
 }
 
 /// A W3C `traceparent` for a correlation id that is a valid trace-id.
-fn traceparent(correlation_id: &str) -> Option<String> {
+pub(crate) fn traceparent(correlation_id: &str) -> Option<String> {
     let valid = correlation_id.len() == 32
         && correlation_id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         && correlation_id.bytes().any(|b| b != b'0');

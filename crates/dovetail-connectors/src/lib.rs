@@ -9,3 +9,4 @@
 
 pub mod http;
 pub mod oauth;
+pub mod preview;

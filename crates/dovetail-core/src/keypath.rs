@@ -1,8 +1,9 @@
 //! Record keys from JSON payloads: `key = ".id"`, `key = ".customer.id"`,
 //! `key = '."order-id"'`.
 //!
-//! The syntax is the path subset of jq, so a key written today keeps its
-//! meaning when full jq expressions arrive with mappings.
+//! A [`KeyPath`] is the path subset of jq, read without running jq. A
+//! [`KeyExpr`] is any jq expression (`.customer.id + "-" + .number`); when
+//! it is a plain path it is read as a [`KeyPath`], which costs nothing.
 
 use std::fmt;
 
@@ -53,16 +54,83 @@ impl KeyPath {
     /// The key of a payload: a string as is, a number or boolean as written;
     /// `None` when the path is missing or leads to null, an object or an array.
     pub fn extract(&self, payload: &serde_json::Value) -> Option<String> {
+        scalar_key(self.lookup(payload)?).ok().flatten()
+    }
+
+    /// The value at the path, if the path exists.
+    pub fn lookup<'v>(&self, payload: &'v serde_json::Value) -> Option<&'v serde_json::Value> {
         let mut v = payload;
         for f in &self.fields {
             v = v.get(f)?;
         }
-        match v {
-            serde_json::Value::String(s) => Some(s.clone()),
-            serde_json::Value::Number(n) => Some(n.to_string()),
-            serde_json::Value::Bool(b) => Some(b.to_string()),
-            _ => None,
+        Some(v)
+    }
+}
+
+/// A key's text: a string as is, a number or boolean as written, `None`
+/// for null; an object or array cannot be a key.
+fn scalar_key(v: &serde_json::Value) -> Result<Option<String>, String> {
+    use serde_json::Value;
+    match v {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s.clone())),
+        Value::Number(n) => Ok(Some(n.to_string())),
+        Value::Bool(b) => Ok(Some(b.to_string())),
+        other => Err(format!("the key must be a string or a number, not {other}")),
+    }
+}
+
+/// A key expression: `key = ".id"`, `idempotency_key = ".event_id + \":\" + .type"`.
+#[derive(Debug, Clone)]
+pub enum KeyExpr {
+    Path(KeyPath),
+    Jq { source: String, program: std::sync::Arc<crate::mapping::Program> },
+}
+
+impl fmt::Display for KeyExpr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyExpr::Path(p) => p.fmt(f),
+            KeyExpr::Jq { source, .. } => f.write_str(source),
         }
+    }
+}
+
+impl KeyExpr {
+    /// A plain path if it is one, else a compiled jq expression.
+    pub fn parse(source: &str) -> Result<KeyExpr, String> {
+        if let Ok(path) = KeyPath::parse(source) {
+            return Ok(KeyExpr::Path(path));
+        }
+        if source.trim().is_empty() {
+            return Err("the key expression is empty; write a jq expression such as \".id\"".to_string());
+        }
+        match crate::mapping::Program::compile(source) {
+            Ok(program) => Ok(KeyExpr::Jq { source: source.trim().to_string(), program: std::sync::Arc::new(program) }),
+            Err(errors) => {
+                let first = errors.first().map_or_else(String::new, |e| format!(" (at {e})"));
+                Err(format!("`{source}` is not a jq expression{first}; write e.g. \".id\" or \".customer.id\""))
+            }
+        }
+    }
+
+    /// The key of a payload; `Ok(None)` when there is none (the expression
+    /// gives null or nothing, or the path is missing). A jq error, several
+    /// outputs, or an object or array as the key is an error.
+    pub fn extract(&self, payload: &serde_json::Value) -> Result<Option<String>, String> {
+        match self {
+            KeyExpr::Path(p) => p.lookup(payload).map_or(Ok(None), scalar_key),
+            KeyExpr::Jq { program, .. } => {
+                program.run_optional(payload).map_err(|e| e.to_string())?.as_ref().map_or(Ok(None), scalar_key)
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyExpr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        KeyExpr::parse(&s).map_err(de::Error::custom)
     }
 }
 
@@ -91,6 +159,23 @@ mod tests {
         assert_eq!(key(".lines"), None);
         assert_eq!(key(".none"), None);
         assert_eq!(KeyPath::parse(".customer.id").unwrap().to_string(), ".customer.id");
+    }
+
+    #[test]
+    fn key_expressions_run_jq_when_they_are_not_plain_paths() {
+        let v = json!({"customer": {"id": "cus_1"}, "number": 42, "lines": [1, 2]});
+        let key = |e: &str| KeyExpr::parse(e).unwrap().extract(&v);
+        assert!(matches!(KeyExpr::parse(".customer.id").unwrap(), KeyExpr::Path(_)));
+        assert_eq!(key(".customer.id"), Ok(Some("cus_1".into())));
+        assert_eq!(key(r#".customer.id + "-" + (.number | tostring)"#), Ok(Some("cus_1-42".into())));
+        assert_eq!(key(".number * 2"), Ok(Some("84".into())));
+        assert_eq!(key(".missing // null"), Ok(None));
+        assert_eq!(key("empty"), Ok(None));
+        assert!(key(".lines").unwrap_err().contains("string or a number"));
+        assert!(key(".lines[]").is_err(), "two outputs are not one key");
+        assert!(key(r#"error("no key")"#).unwrap_err().contains("no key"));
+        let e = KeyExpr::parse(".customer.id +").unwrap_err();
+        assert!(e.contains("not a jq expression") && e.contains("1:"), "{e}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod duration;
 pub mod ids;
 pub mod keypath;
 pub mod mapping;
+pub mod pipeline;
 pub mod policy;
 pub mod record;
 pub mod schema;

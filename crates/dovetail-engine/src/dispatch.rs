@@ -13,9 +13,10 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 use dovetail_connectors::http::{AttemptResult, Outbound};
 use dovetail_core::clock::Timestamp;
 use dovetail_core::config::BatchConfig;
+use dovetail_core::pipeline::{self, Rejection};
 use dovetail_core::policy::{Answer, ErrorClass, Jitter, MAX_RETRY_AFTER, RetryPolicy, Verdict, classify};
 use dovetail_core::record::Attempt;
-use dovetail_journal::{AttemptReport, Journal, LeaseMode, LeasedRecord, Outcome};
+use dovetail_journal::{AttemptReport, Journal, LeaseMode, LeasedRecord, Outcome, Prepared};
 
 use crate::connector::{self, Admit};
 use crate::{EngineOptions, FlowRuntime};
@@ -192,29 +193,35 @@ async fn attempt(
     flow: &FlowRuntime,
     journal: &dyn Journal,
     options: &EngineOptions,
-    record: LeasedRecord,
+    mut record: LeasedRecord,
     probe: bool,
 ) {
     let started_at = options.clock.now();
-    if let Some(why) = unsendable(flow, &record) {
-        // Nothing goes out: the token, the quota slot and a breaker probe are returned.
-        flow.connector.unused(1, probe);
-        settle_unsent(flow, journal, options, &record, started_at, why).await;
-        return;
-    }
+    let fresh = match prepare(flow, &mut record) {
+        Ok(fresh) => fresh,
+        Err(why) => {
+            // Nothing goes out: the token, the quota slot and a breaker probe are returned.
+            flow.connector.unused(1, probe);
+            settle_unsent(flow, journal, options, &record, started_at, why).await;
+            return;
+        }
+    };
     let result = flow.sink.send(outbound(&record), || options.clock.now()).await;
     let now = options.clock.now();
     let (breaker_open_until, change) = flow.connector.observe(&result, now);
     connector::record(change, journal).await;
-    let sent = Sent { started_at, breaker_open_until, quota: flow.connector.quota_name(), keep_batch: false };
+    let sent = Sent { started_at, breaker_open_until, quota: flow.connector.quota_name(), keep_batch: false, fresh };
     let report = conclude(flow, journal, options, &record, &result, sent).await;
     record_outcome(flow, journal, &record, report).await;
 }
 
+/// The request a record makes: its mapped body when a mapping made one,
+/// else the raw payload as received.
 fn outbound(record: &LeasedRecord) -> Outbound<'_> {
+    let mapped = record.prepared.as_ref().and_then(|p| p.body.as_deref());
     Outbound {
-        payload: &record.payload,
-        content_type: record.content_type.as_deref(),
+        payload: mapped.unwrap_or(&record.payload),
+        content_type: if mapped.is_some() { Some("application/json") } else { record.content_type.as_deref() },
         idempotency_key: &record.idempotency_key,
         correlation_id: &record.correlation_id,
     }
@@ -234,10 +241,14 @@ async fn attempt_batch(
 ) {
     let started_at = options.clock.now();
     let mut sendable = Vec::with_capacity(records.len());
-    for record in records {
-        match unsendable(flow, &record) {
-            Some(why) => settle_unsent(flow, journal, options, &record, started_at, why).await,
-            None => sendable.push(record),
+    let mut fresh = Vec::with_capacity(records.len());
+    for mut record in records {
+        match prepare(flow, &mut record) {
+            Err(why) => settle_unsent(flow, journal, options, &record, started_at, why).await,
+            Ok(f) => {
+                sendable.push(record);
+                fresh.push(f);
+            }
         }
     }
     let records = sendable;
@@ -259,7 +270,7 @@ async fn attempt_batch(
     // The request counts once against the quota.
     let mut quota = flow.connector.quota_name();
     let mut reports = Vec::with_capacity(records.len());
-    for (i, record) in records.iter().enumerate() {
+    for ((i, record), fresh) in records.iter().enumerate().zip(fresh) {
         let own = match &result.items {
             Ok(Some(items)) => AttemptResult {
                 answer: Answer::Status { status: items[i].status, retry_after: None },
@@ -277,7 +288,7 @@ async fn attempt_batch(
                 hint: result.request.hint,
             },
         };
-        let sent = Sent { started_at, breaker_open_until, quota: quota.take(), keep_batch };
+        let sent = Sent { started_at, breaker_open_until, quota: quota.take(), keep_batch, fresh };
         reports.push(conclude(flow, journal, options, record, &own, sent).await);
     }
     // One transaction for the whole batch: a crash cannot leave some of a
@@ -297,6 +308,8 @@ struct Sent {
     /// The connector whose quota the request used (once per request).
     quota: Option<String>,
     keep_batch: bool,
+    /// A preparation made for this attempt, stored with it.
+    fresh: Option<Prepared>,
 }
 
 /// Decides what an attempt's result means for one record; pauses the flow
@@ -309,7 +322,7 @@ async fn conclude(
     result: &AttemptResult,
     sent: Sent,
 ) -> AttemptReport {
-    let Sent { started_at, breaker_open_until, quota, keep_batch } = sent;
+    let Sent { started_at, breaker_open_until, quota, keep_batch, fresh } = sent;
     let now = options.clock.now();
     let (outcome, class) =
         decide(result, record.attempt, record.failures, &flow.retry, &*options.jitter, now, breaker_open_until);
@@ -321,6 +334,7 @@ async fn conclude(
     let mut report = AttemptReport {
         quota,
         keep_batch,
+        prepared: fresh,
         id: record.id,
         owner: options.node_id.clone(),
         attempt: Attempt {
@@ -345,28 +359,36 @@ async fn conclude(
     report
 }
 
-/// Why a leased record must not be sent at all.
-fn unsendable(flow: &FlowRuntime, record: &LeasedRecord) -> Option<(ErrorClass, String)> {
+/// Makes a leased record ready to send, or says why it must not be sent.
+///
+/// A record prepared at intake goes as it is. One that is not (replayed
+/// from the DLQ after a fix, or journalled by an older version) goes
+/// through the flow's current schema and mappings again; the preparation
+/// made here is returned so that it is stored with the attempt.
+fn prepare(flow: &FlowRuntime, record: &mut LeasedRecord) -> Result<Option<Prepared>, (ErrorClass, String)> {
     if record.failures >= flow.retry.max_attempts {
         // Interrupted attempts (engine crashes mid-send) spent the budget:
         // a record whose sending keeps killing the engine must stop here.
         let reason =
             format!("gave up after {} transient failures; the last attempts were interrupted", record.failures);
-        return Some((ErrorClass::Interrupted, reason));
+        return Err((ErrorClass::Interrupted, reason));
     }
-    // Quarantined records come back here when replayed from the DLQ: they
-    // go out only once they are JSON and match the flow's schema.
-    let not_json = |e: serde_json::Error| Some((ErrorClass::Validation, format!("the body is not JSON: {e}")));
-    let Some(schema) = &flow.schema else {
-        // Without a schema only well-formedness matters: no tree is built.
-        return serde_json::from_slice::<serde::de::IgnoredAny>(&record.payload).err().and_then(not_json);
+    if record.prepared.is_some() {
+        return Ok(None);
+    }
+    let refused = |r: Rejection| (ErrorClass::Validation, r.reason);
+    let fresh = if flow.pipeline.is_passthrough() {
+        // Only well-formedness matters: no tree is built.
+        serde_json::from_slice::<serde::de::IgnoredAny>(&record.payload)
+            .map_err(|e| (ErrorClass::Validation, format!("the body is not JSON: {e}")))?;
+        Prepared::default()
+    } else {
+        let input = pipeline::parse(&record.payload).map_err(refused)?;
+        let t = flow.pipeline.transform(&input).map_err(refused)?;
+        Prepared { body: t.body(), mapping_version: t.mapping_version, sink_mapping_version: t.sink_mapping_version }
     };
-    let value = match serde_json::from_slice::<serde_json::Value>(&record.payload) {
-        Ok(v) => v,
-        Err(e) => return not_json(e),
-    };
-    let violations = schema.violations(&value);
-    (!violations.is_empty()).then(|| (ErrorClass::Validation, dovetail_core::schema::describe(&violations)))
+    record.prepared = Some(fresh.clone());
+    Ok(Some(fresh))
 }
 
 /// Dead-letters a record without sending it.
@@ -382,6 +404,7 @@ async fn settle_unsent(
     let report = AttemptReport {
         quota: None,
         keep_batch: false,
+        prepared: None,
         id: record.id,
         owner: options.node_id.clone(),
         attempt: Attempt {

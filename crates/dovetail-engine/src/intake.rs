@@ -1,11 +1,14 @@
-//! Webhook intake: verify, journal, then answer.
+//! Webhook intake: verify, validate and map, journal, then answer.
 //!
 //! The order is the contract. A request that fails verification gets 401
-//! and touches nothing. A verified request is journalled, and only when
-//! the journal says the record is durable does the sender hear 2xx; if
-//! the journal fails, the sender hears 503 and retries. A body that is not
-//! JSON is still kept (quarantined, dead with class `validation`, raw
-//! bytes intact) and answered 2xx, so the sender does not retry forever.
+//! and touches nothing. A verified request goes through the flow's
+//! pipeline (keys, schema, mapping, model, sink mapping) and is journalled
+//! with its raw bytes and, apart from them, the mapped body; only when the
+//! journal says the record is durable does the sender hear 2xx; if the
+//! journal fails, the sender hears 503 and retries. A record the pipeline
+//! refuses (not JSON, invalid, a mapping error) is still kept: quarantined,
+//! dead with class `validation`, raw bytes intact, and answered 2xx with
+//! the stage and the reason, so the sender does not retry it forever.
 
 use std::sync::Arc;
 
@@ -17,10 +20,10 @@ use tokio::sync::Notify;
 
 use dovetail_core::clock::Clock;
 use dovetail_core::ids;
+use dovetail_core::pipeline::{self, Pipeline, Rejection};
 use dovetail_core::policy::ErrorClass;
-use dovetail_core::schema;
 use dovetail_core::signature::{Scheme, Verifier};
-use dovetail_journal::{Ingested, Journal, NewRecord};
+use dovetail_journal::{Ingested, Journal, NewRecord, Prepared};
 
 /// One flow's webhook endpoint.
 pub(crate) struct Intake {
@@ -29,10 +32,8 @@ pub(crate) struct Intake {
     pub verifier: Option<Arc<Verifier>>,
     /// The flow's learned payload shape, for drift detection.
     pub shape: Arc<crate::drift::FlowShape>,
-    /// The flow's `schema`: records that do not match are quarantined.
-    pub schema: Option<Arc<dovetail_core::schema::Schema>>,
-    /// The flow's `key`: the record's external key in the payload.
-    pub key: Option<dovetail_core::keypath::KeyPath>,
+    /// The flow's keys, schema and mappings: a record any of them refuses is quarantined.
+    pub pipeline: Arc<Pipeline>,
     pub journal: Arc<dyn Journal>,
     pub clock: Arc<dyn Clock>,
     pub wake: Arc<Notify>,
@@ -63,7 +64,7 @@ impl Intake {
             // Unsigned endpoints may still name their deliveries.
             None => header(&headers, "webhook-id").or(header(&headers, "idempotency-key")).map(str::to_string),
         };
-        let parsed = serde_json::from_slice::<serde_json::Value>(&body);
+        let parsed = pipeline::parse(&body);
         if delivery_id.is_none()
             && self.verifier.as_ref().is_some_and(|v| v.scheme() == Scheme::Stripe)
             && let Ok(v) = &parsed
@@ -73,20 +74,27 @@ impl Intake {
         }
         // An empty id would make every later empty-id delivery a "duplicate"
         // of the first, acknowledged and never stored.
-        let delivery_id = delivery_id.filter(|id| !id.trim().is_empty());
-        let external_key = match (&self.key, &parsed) {
-            (Some(path), Ok(v)) => path.extract(v),
-            _ => None,
+        let mut delivery_id = delivery_id.filter(|id| !id.trim().is_empty());
+        let mut external_key = None;
+        let processed = parsed.as_ref().map_err(Clone::clone).and_then(|v| {
+            let keys = self.pipeline.keys(v)?;
+            external_key = keys.external;
+            // Without a delivery id, the flow's `idempotency_key` names the record.
+            delivery_id = delivery_id.take().or(keys.dedup);
+            self.pipeline.transform(v)
+        });
+        let (prepared, rejection): (Option<Prepared>, Option<Rejection>) = match processed {
+            Ok(t) => (
+                Some(Prepared {
+                    body: t.body(),
+                    mapping_version: t.mapping_version,
+                    sink_mapping_version: t.sink_mapping_version,
+                }),
+                None,
+            ),
+            Err(r) => (None, Some(r)),
         };
-        let quarantine = match &parsed {
-            Err(e) => Some((ErrorClass::Validation, format!("the body is not JSON: {e}"))),
-            Ok(v) => self
-                .schema
-                .as_ref()
-                .map(|s| s.violations(v))
-                .filter(|v| !v.is_empty())
-                .map(|v| (ErrorClass::Validation, schema::describe(&v))),
-        };
+        let quarantine = rejection.as_ref().map(|r| (ErrorClass::Validation, r.reason.clone()));
         let record = NewRecord {
             flow: self.flow.clone(),
             external_key,
@@ -96,16 +104,18 @@ impl Intake {
             content_type: header(&headers, "content-type").map(str::to_string),
             payload: body.to_vec(),
             received_at: now,
-            quarantine: quarantine.clone(),
+            quarantine,
+            prepared,
         };
         match self.journal.ingest(record).await {
             Ok(Ingested::New(id)) => {
-                if let Some((_, reason)) = quarantine {
-                    tracing::warn!(flow = %self.flow, record_id = id, correlation_id = %correlation_id, %reason, "record quarantined at intake");
+                if let Some(Rejection { stage, reason }) = rejection {
+                    let stage = stage.as_str();
+                    tracing::warn!(flow = %self.flow, record_id = id, correlation_id = %correlation_id, stage, %reason, "record quarantined at intake");
                     return answer(
                         StatusCode::ACCEPTED,
                         &correlation_id,
-                        json!({ "status": "quarantined", "record_id": id, "reason": reason }),
+                        json!({ "status": "quarantined", "record_id": id, "stage": stage, "reason": reason }),
                     );
                 }
                 self.wake.notify_one();

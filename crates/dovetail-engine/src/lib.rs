@@ -109,8 +109,9 @@ pub(crate) struct FlowRuntime {
     pub in_key_order: bool,
     /// Bulk requests, when the sink sends many records at once.
     pub batch: Option<dovetail_core::config::BatchConfig>,
-    /// Checked again before every send: a replayed record must still be valid.
-    pub schema: Option<Arc<dovetail_core::schema::Schema>>,
+    /// Validation and mapping, run again for a record that is not prepared
+    /// (replayed from the DLQ, or journalled by an older version).
+    pub pipeline: Arc<dovetail_core::pipeline::Pipeline>,
 }
 
 /// A started engine.
@@ -205,13 +206,14 @@ pub async fn start(
     for (name, flow) in &config.flows {
         let missing =
             |what: &str| EngineError::Flow { flow: name.clone(), reason: format!("{what} is not configured") };
-        let SinkConfig::Http { connector, method, path, batch } = &flow.sink;
+        let SinkConfig::Http { connector, method, path, batch, .. } = &flow.sink;
         let http = config.http_connector(connector).ok_or_else(|| missing("its connector"))?;
         let auth = resolved.connectors.get(connector).cloned().unwrap_or_default();
         let client = clients.get(connector).cloned().ok_or_else(|| missing("its connector"))?;
         let tokens = token_sources.get(connector).cloned().flatten();
         let sink = HttpSink::new(connector, http, &auth, tokens, client, method, path)?;
         let wake = Arc::new(Notify::new());
+        let pipeline = resolved.flows.get(name).map(|f| f.pipeline.clone()).unwrap_or_default();
         let runtime = Arc::new(FlowRuntime {
             name: name.clone(),
             sink,
@@ -225,7 +227,7 @@ pub async fn start(
             auth_failed: Default::default(),
             in_key_order: flow.ordering == dovetail_core::config::Ordering::PerKey,
             batch: batch.clone(),
-            schema: resolved.flows.get(name).and_then(|f| f.schema.clone()),
+            pipeline: pipeline.clone(),
         });
         let SourceConfig::Webhook { path, .. } = &flow.source;
         let verifier = resolved.flows.get(name).and_then(|f| f.verifier.clone());
@@ -236,8 +238,7 @@ pub async fn start(
             flow: name.clone(),
             path: path.clone(),
             verifier,
-            key: flow.key.clone(),
-            schema: resolved.flows.get(name).and_then(|f| f.schema.clone()),
+            pipeline,
             journal: journal.clone(),
             clock: options.clock.clone(),
             wake,

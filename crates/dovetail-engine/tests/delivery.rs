@@ -29,6 +29,8 @@ struct Harness {
     base: String,
     http: reqwest::Client,
     _dir: tempfile::TempDir,
+    /// The config, with every placeholder filled in.
+    text: String,
 }
 
 fn config_text(partner: &str, retry: &str, connector_extra: &str) -> String {
@@ -86,6 +88,18 @@ sink = {{ type = "http", connector = "billing", path = "/v1/payments" }}
 [flows.pushes]
 source = {{ type = "webhook", path = "/hooks/github", signature = {{ scheme = "github", secret = "env:GITHUB_SECRET" }} }}
 sink = {{ type = "http", connector = "billing", path = "/v1/pushes" }}
+
+[models.Order]
+schema = "{{dir}}/order.model.json"
+
+# A shop that sends no delivery id: its event id de-duplicates.
+[flows.shop]
+source = {{ type = "webhook", path = "/hooks/shop" }}
+mapping = {{ file = "{{dir}}/shop_to_order.jq", version = 1 }}
+model = "Order"
+key = ".order.number"
+idempotency_key = ".event_id"
+sink = {{ type = "http", connector = "billing", path = "/v1/erp-orders", mapping = {{ file = "{{dir}}/order_to_erp.jq", version = 4 }} }}
 "#
     )
 }
@@ -106,9 +120,28 @@ fn secrets() -> BTreeMap<String, String> {
 fn load(text: &str) -> (Config, Resolved) {
     let (loaded, _warnings) = config::load(text, Path::new("dovetail.toml")).expect("test config is valid");
     let mut resolved = loaded.resolve(&secrets()).expect("test secrets resolve");
-    loaded.attach_schemas(&mut resolved, &|p| std::fs::read_to_string(p)).expect("test schemas compile");
+    loaded.attach_files(&mut resolved, &|p| std::fs::read_to_string(p)).expect("test schemas compile");
     (loaded.config, resolved)
 }
+
+/// The shop's order → the canonical Order. Version 1 refuses amounts with
+/// more decimals than the currency has (to_minor_units never rounds).
+const SHOP_TO_ORDER: &str = r#"{
+  order_id: .order.number,
+  placed_at: (.order.placed | parse_datetime("%d/%m/%Y %H:%M"; "Europe/Paris")),
+  amount_minor: (.order.currency as $c | .order.total | to_minor_units($c)),
+  currency: (.order.currency | currency_code),
+  customer: { name: (.customer.name | collapse_whitespace | titlecase), phone: (.customer.phone | to_e164("FR")) },
+  gift: (.order.gift | to_bool)
+}"#;
+
+const ORDER_MODEL: &str = r#"{
+  "type": "object",
+  "required": ["order_id", "placed_at", "amount_minor", "currency", "customer"],
+  "properties": { "amount_minor": { "type": "integer", "minimum": 1 } }
+}"#;
+
+const ORDER_TO_ERP: &str = r#"{id: .order_id, total: (.amount_minor | from_minor_units("EUR")), at: .placed_at, phone: .customer.phone, gift: .gift}"#;
 
 const ORDER_SCHEMA: &str = r#"{
   "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -141,18 +174,42 @@ impl Harness {
         let journal = Arc::new(SqliteJournal::open(&dir.path().join("journal.db"), SqliteOptions::default()).unwrap());
         let schema = dir.path().join("order.schema.json");
         std::fs::write(&schema, ORDER_SCHEMA).unwrap();
-        let text =
-            config_text(&partner.url(), retry, connector_extra).replace("{schema}", &schema.display().to_string());
-        let (config, resolved) = load(&text);
+        for (file, text) in
+            [("order.model.json", ORDER_MODEL), ("shop_to_order.jq", SHOP_TO_ORDER), ("order_to_erp.jq", ORDER_TO_ERP)]
+        {
+            std::fs::write(dir.path().join(file), text).unwrap();
+        }
+        let text = config_text(&partner.url(), retry, connector_extra)
+            .replace("{schema}", &schema.display().to_string())
+            .replace("{dir}", &dir.path().display().to_string());
+        let mut h = Harness {
+            engine: None,
+            journal,
+            partner,
+            base: String::new(),
+            http: reqwest::Client::new(),
+            _dir: dir,
+            text,
+        };
+        h.restart().await;
+        h
+    }
+
+    /// Starts the engine (again) on the same journal, reading the config and its files afresh.
+    async fn restart(&mut self) {
+        if let Some(e) = self.engine.take() {
+            e.shutdown().await;
+        }
+        let (config, resolved) = load(&self.text);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let options = EngineOptions {
             idle_poll: Duration::from_millis(50),
             housekeeping: Duration::from_millis(200),
             ..EngineOptions::default()
         };
-        let engine = dovetail_engine::start(&config, &resolved, journal.clone(), listener, options).await.unwrap();
-        let base = format!("http://{}", engine.addr);
-        Harness { engine: Some(engine), journal, partner, base, http: reqwest::Client::new(), _dir: dir }
+        let engine = dovetail_engine::start(&config, &resolved, self.journal.clone(), listener, options).await.unwrap();
+        self.base = format!("http://{}", engine.addr);
+        self.engine = Some(engine);
     }
 
     async fn post(&self, path: &str, headers: &[(&str, String)], body: &[u8]) -> (u16, serde_json::Value) {
@@ -825,5 +882,96 @@ async fn payloads_past_their_retention_are_removed_but_records_stay() {
     }
     let dead = h.journal.record(ids[1]).await.unwrap().unwrap();
     assert_eq!(dead.payload, br#"{"id":"b","status":"reject"}"#, "a dead record keeps its payload for a replay");
+    h.stop().await;
+}
+
+fn shop_order(event: &str, number: &str, total: &str) -> String {
+    format!(
+        r#"{{"event_id":"{event}","order":{{"number":"{number}","placed":"23/11/2026 09:30","total":"{total}","currency":"eur","gift":"N"}},"customer":{{"name":"  jean-luc   PICARD ","phone":"06 12 34 56 78"}}}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_mapped_through_the_model_and_the_partner_gets_the_mapped_body() {
+    let h = Harness::start(Behaviour::default()).await;
+    let raw = shop_order("evt_1", "SO-1", "149.90");
+    let (status, json) = h.post("/hooks/shop", &[], raw.as_bytes()).await;
+    assert_eq!((status, json["status"].as_str()), (202, Some("accepted")), "{json}");
+    h.wait_for("shop", "delivery", |c| c.delivered == 1).await;
+
+    let effects = h.partner.effects();
+    let sent: serde_json::Value = serde_json::from_slice(&effects[0].body).unwrap();
+    assert_eq!(
+        sent,
+        serde_json::json!({"id": "SO-1", "total": "149.90", "at": "2026-11-23T08:30:00Z", "phone": "+33612345678", "gift": false})
+    );
+    let req = &h.partner.requests()[0];
+    assert_eq!(req.header("content-type"), Some("application/json"));
+    assert_eq!(req.header("idempotency-key").unwrap(), dovetail_core::ids::idempotency_key("shop", Some("evt_1")));
+
+    let id = json["record_id"].as_i64().unwrap();
+    let d = h.journal.record(id).await.unwrap().unwrap();
+    assert_eq!(d.payload, raw.as_bytes(), "the raw capture is kept byte for byte, apart from the mapped body");
+    assert_eq!(d.mapped.as_deref(), Some(effects[0].body.as_ref()), "what was sent is what was stored");
+    assert_eq!((d.mapping_version, d.sink_mapping_version, d.prepared), (Some(1), Some(4), true));
+    assert_eq!(d.external_key.as_deref(), Some("SO-1"));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_delivery_id_the_idempotency_key_expression_de_duplicates() {
+    let h = Harness::start(Behaviour::default()).await;
+    let (s1, j1) = h.post("/hooks/shop", &[], shop_order("evt_7", "SO-7", "10.00").as_bytes()).await;
+    // The shop retries the same event (a field it fills late has changed).
+    let (s2, j2) =
+        h.post("/hooks/shop", &[], shop_order("evt_7", "SO-7", "10.00").replace("  jean", "jean").as_bytes()).await;
+    let (s3, _) = h.post("/hooks/shop", &[], shop_order("evt_8", "SO-7", "10.00").as_bytes()).await;
+    assert_eq!((s1, s2, s3), (202, 200, 202), "{j1} {j2}");
+    assert_eq!(j2["status"], "duplicate");
+    assert_eq!(j1["record_id"], j2["record_id"]);
+    h.wait_for("shop", "both events", |c| c.delivered == 2).await;
+    assert_eq!(h.partner.stats().effects, 2);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mapping_error_quarantines_the_record_and_a_replay_after_the_fix_delivers_it() {
+    let mut h = Harness::start(Behaviour::default()).await;
+    // 3 decimals: v1 refuses to round.
+    let (status, json) = h.post("/hooks/shop", &[], shop_order("evt_2", "SO-2", "19.999").as_bytes()).await;
+    assert_eq!((status, json["status"].as_str(), json["stage"].as_str()), (202, Some("quarantined"), Some("mapping")));
+    assert!(json["reason"].as_str().unwrap().starts_with("mapping v1 failed: jq error:"), "{json}");
+    // A mapping whose output breaks the model is refused at the model.
+    let (_, json) = h.post("/hooks/shop", &[], shop_order("evt_3", "SO-3", "0.00").as_bytes()).await;
+    assert_eq!(json["stage"], "model", "{json}");
+    assert!(json["reason"].as_str().unwrap().contains("/amount_minor"), "{json}");
+    let c = h.wait_for("shop", "both quarantined", |c| c.dead == 2).await;
+    assert_eq!(c.delivered, 0);
+    assert_eq!(h.partner.stats().requests, 0, "nothing half-mapped reaches the partner");
+    let dead = h.journal.dead_letters(Some("shop"), 10).await.unwrap();
+    assert!(dead.iter().all(|d| d.class == ErrorClass::Validation));
+    let id = json["record_id"].as_i64().unwrap();
+    assert_eq!(h.journal.record(id).await.unwrap().unwrap().mapped, None, "a refused record has no mapped body");
+
+    // The operator fixes the mapping (v2 rounds half-up to cents) and replays.
+    let fixed = SHOP_TO_ORDER.replace(
+        "(.order.currency as $c | .order.total | to_minor_units($c))",
+        "(.order.total | tonumber * 100 | round | if . < 1 then 1 else . end)",
+    );
+    std::fs::write(h._dir.path().join("shop_to_order.jq"), fixed).unwrap();
+    h.text = h.text.replace("shop_to_order.jq\", version = 1", "shop_to_order.jq\", version = 2");
+    h.restart().await;
+    let sel = dovetail_journal::Selector::Flow("shop".into());
+    assert_eq!(h.journal.replay(&sel, SystemClock.now(), 10).await.unwrap(), 2);
+    h.wait_for("shop", "the replayed records", |c| c.delivered == 2).await;
+    let totals: Vec<String> = h
+        .partner
+        .effects()
+        .iter()
+        .map(|e| serde_json::from_slice::<serde_json::Value>(&e.body).unwrap()["total"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(totals.iter().filter(|t| *t == "20.00").count(), 1, "{totals:?}");
+    let d = h.journal.record(id).await.unwrap().unwrap();
+    assert_eq!((d.mapping_version, d.prepared), (Some(2), true), "the record keeps the version that mapped it");
     h.stop().await;
 }

@@ -24,6 +24,7 @@ fn record(i: usize) -> NewRecord {
         payload: PAYLOAD.as_bytes().to_vec(),
         received_at: Timestamp::from_secs(1_700_000_000),
         quarantine: None,
+        prepared: None,
     }
 }
 

@@ -14,7 +14,7 @@ use dovetail_core::clock::Timestamp;
 use dovetail_core::policy::ErrorClass;
 use dovetail_core::record::{Attempt, StateName};
 
-use crate::{AttemptReport, Ingested, Journal, NewRecord, Outcome, Selector};
+use crate::{AttemptReport, Ingested, Journal, LeaseMode, NewRecord, Outcome, Prepared, Selector};
 
 const T0: Timestamp = Timestamp::from_secs(1_800_000_000);
 const LEASE: Duration = Duration::from_secs(30);
@@ -33,7 +33,10 @@ macro_rules! journal_conformance {
             replay_takes_only_what_was_dead_at_its_start, connector_health_is_replaced_per_connector,
             sent_requests_count_against_the_quota_even_with_a_lost_lease, one_key_at_a_time_in_key_order,
             a_batch_of_unknown_fate_goes_again_whole_and_alone, a_bound_batch_waits_for_all_its_records,
-            drift_events_and_shapes_are_kept, retention_purges_only_finished_payloads);
+            drift_events_and_shapes_are_kept, retention_purges_only_finished_payloads,
+            a_prepared_record_leases_with_its_mapped_body, an_unprepared_record_leases_unprepared,
+            an_attempt_stores_the_preparation_it_made, replay_clears_the_preparation,
+            retention_purges_the_mapped_body_too, a_quarantined_record_is_stored_unprepared);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -57,7 +60,22 @@ fn new_record(flow: &str, delivery_id: Option<&str>, body: &str) -> NewRecord {
         payload: body.as_bytes().to_vec(),
         received_at: T0,
         quarantine: None,
+        prepared: None,
     }
+}
+
+fn prepared(body: Option<&str>, mapping_version: Option<u32>, sink_mapping_version: Option<u32>) -> Prepared {
+    Prepared { body: body.map(|b| b.as_bytes().to_vec()), mapping_version, sink_mapping_version }
+}
+
+/// A report with no quota, no batch binding and no new preparation.
+fn plain_report(
+    id: dovetail_core::record::RecordId,
+    owner: impl Into<String>,
+    attempt: Attempt,
+    outcome: Outcome,
+) -> AttemptReport {
+    AttemptReport { prepared: None, quota: None, keep_batch: false, id, owner: owner.into(), attempt, outcome }
 }
 
 fn attempt(number: u32, status: u16, class: Option<ErrorClass>) -> Attempt {
@@ -86,17 +104,7 @@ pub async fn ingest_lease_deliver(j: &dyn Journal) {
     assert_eq!(r.payload, b"{\"id\":1}");
     assert_eq!(r.idempotency_key, "key-orders-d1");
     assert_eq!(counts_of(j, "orders").await.in_flight, 1);
-    let ok = j
-        .complete(AttemptReport {
-            quota: None,
-            keep_batch: false,
-            id,
-            owner: "node-a".into(),
-            attempt: attempt(1, 200, None),
-            outcome: Outcome::Delivered,
-        })
-        .await
-        .unwrap();
+    let ok = j.complete(plain_report(id, "node-a", attempt(1, 200, None), Outcome::Delivered)).await.unwrap();
     assert!(ok);
     let c = counts_of(j, "orders").await;
     assert_eq!((c.pending, c.in_flight, c.delivered), (0, 0, 1));
@@ -138,24 +146,10 @@ pub async fn stale_owner_cannot_complete(j: &dyn Journal) {
     let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
     j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
     j.lease("orders", "b", T0.plus(LEASE), LEASE, 10).await.unwrap();
-    let stale = AttemptReport {
-        quota: None,
-        keep_batch: false,
-        id,
-        owner: "a".into(),
-        attempt: attempt(1, 200, None),
-        outcome: Outcome::Delivered,
-    };
+    let stale = plain_report(id, "a", attempt(1, 200, None), Outcome::Delivered);
     assert!(!j.complete(stale).await.unwrap(), "a lost lease cannot write");
     assert_eq!(j.record(id).await.unwrap().unwrap().state, StateName::InFlight);
-    let fresh = AttemptReport {
-        quota: None,
-        keep_batch: false,
-        id,
-        owner: "b".into(),
-        attempt: attempt(2, 200, None),
-        outcome: Outcome::Delivered,
-    };
+    let fresh = plain_report(id, "b", attempt(2, 200, None), Outcome::Delivered);
     assert!(j.complete(fresh).await.unwrap());
 }
 
@@ -165,24 +159,10 @@ pub async fn same_owner_cannot_complete_an_older_attempt(j: &dyn Journal) {
     // The process stalled past its lease and took the record over itself.
     let again = j.lease("orders", "a", T0.plus(LEASE), LEASE, 10).await.unwrap();
     assert_eq!(again[0].attempt, 2);
-    let old = AttemptReport {
-        quota: None,
-        keep_batch: false,
-        id,
-        owner: "a".into(),
-        attempt: attempt(1, 503, Some(ErrorClass::Server)),
-        outcome: Outcome::Retry { at: T0 },
-    };
+    let old = plain_report(id, "a", attempt(1, 503, Some(ErrorClass::Server)), Outcome::Retry { at: T0 });
     assert!(!j.complete(old).await.unwrap(), "the older attempt's result is ignored");
     assert_eq!(j.record(id).await.unwrap().unwrap().state, StateName::InFlight);
-    let new = AttemptReport {
-        quota: None,
-        keep_batch: false,
-        id,
-        owner: "a".into(),
-        attempt: attempt(2, 200, None),
-        outcome: Outcome::Delivered,
-    };
+    let new = plain_report(id, "a", attempt(2, 200, None), Outcome::Delivered);
     assert!(j.complete(new).await.unwrap());
 }
 
@@ -193,9 +173,17 @@ pub async fn replay_takes_only_what_was_dead_at_its_start(j: &dyn Journal) {
     let mut a = attempt(1, 422, Some(ErrorClass::Rejected));
     a.started_at = dead_at;
     let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "no".into() };
-    j.complete(AttemptReport { quota: None, keep_batch: false, id, owner: "a".into(), attempt: a, outcome: dead })
-        .await
-        .unwrap();
+    j.complete(AttemptReport {
+        prepared: None,
+        quota: None,
+        keep_batch: false,
+        id,
+        owner: "a".into(),
+        attempt: a,
+        outcome: dead,
+    })
+    .await
+    .unwrap();
     let started = T0.plus(Duration::from_secs(30));
     assert_eq!(j.replay(&Selector::All, started, 10).await.unwrap(), 0, "died after the replay started");
     assert_eq!(j.discard(&Selector::All, started, 10).await.unwrap(), 0);
@@ -227,6 +215,7 @@ pub async fn sent_requests_count_against_the_quota_even_with_a_lost_lease(j: &dy
     j.lease("orders", "b", T0.plus(LEASE), LEASE, 10).await.unwrap();
     let quota = Some("billing".to_string());
     let stale = AttemptReport {
+        prepared: None,
         quota: quota.clone(),
         keep_batch: false,
         id,
@@ -236,6 +225,7 @@ pub async fn sent_requests_count_against_the_quota_even_with_a_lost_lease(j: &dy
     };
     assert!(!j.complete(stale).await.unwrap());
     let fresh = AttemptReport {
+        prepared: None,
         quota,
         keep_batch: false,
         id,
@@ -271,16 +261,7 @@ pub async fn one_key_at_a_time_in_key_order(j: &dyn Journal) {
     );
     // a1 fails and will be retried: a2 still waits behind it.
     let retry = Outcome::Retry { at: T0.plus(Duration::from_secs(5)) };
-    j.complete(AttemptReport {
-        quota: None,
-        keep_batch: false,
-        id: a1,
-        owner: "a".into(),
-        attempt: attempt(1, 503, Some(ErrorClass::Server)),
-        outcome: retry,
-    })
-    .await
-    .unwrap();
+    j.complete(plain_report(a1, "a", attempt(1, 503, Some(ErrorClass::Server)), retry)).await.unwrap();
     assert!(
         j.lease_with(crate::LeaseMode::InKeyOrder, "orders", "a", T0.plus(Duration::from_secs(1)), LEASE, 10)
             .await
@@ -290,16 +271,7 @@ pub async fn one_key_at_a_time_in_key_order(j: &dyn Journal) {
     let later = T0.plus(Duration::from_secs(5));
     assert_eq!(ids(j.lease_with(crate::LeaseMode::InKeyOrder, "orders", "a", later, LEASE, 10).await.unwrap()), [a1]);
     let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "no".into() };
-    j.complete(AttemptReport {
-        quota: None,
-        keep_batch: false,
-        id: a1,
-        owner: "a".into(),
-        attempt: attempt(2, 422, Some(ErrorClass::Rejected)),
-        outcome: dead,
-    })
-    .await
-    .unwrap();
+    j.complete(plain_report(a1, "a", attempt(2, 422, Some(ErrorClass::Rejected)), dead)).await.unwrap();
     assert_eq!(
         ids(j.lease_with(crate::LeaseMode::InKeyOrder, "orders", "a", later, LEASE, 10).await.unwrap()),
         [a2],
@@ -322,6 +294,7 @@ pub async fn a_batch_of_unknown_fate_goes_again_whole_and_alone(j: &dyn Journal)
     for (r, secs) in first.iter().zip([5, 7]) {
         let at = T0.plus(Duration::from_secs(secs));
         let report = AttemptReport {
+            prepared: None,
             quota: None,
             keep_batch: true,
             id: r.id,
@@ -340,14 +313,12 @@ pub async fn a_batch_of_unknown_fate_goes_again_whole_and_alone(j: &dyn Journal)
     assert_eq!(again.iter().map(|r| r.id).collect::<Vec<_>>(), ids[..2], "whole, when its oldest is due");
     assert!(again.iter().all(|r| r.batch_key.as_deref() == Some(key.as_str())), "under the same key");
     // Answered per record this time: the batch lets its records go.
-    let report = AttemptReport {
-        quota: None,
-        keep_batch: false,
-        id: ids[0],
-        owner: "a".into(),
-        attempt: attempt(2, 503, Some(ErrorClass::Server)),
-        outcome: Outcome::Retry { at: T0.plus(Duration::from_secs(6)) },
-    };
+    let report = plain_report(
+        ids[0],
+        "a",
+        attempt(2, 503, Some(ErrorClass::Server)),
+        Outcome::Retry { at: T0.plus(Duration::from_secs(6)) },
+    );
     assert!(j.complete(report).await.unwrap());
     let alone =
         j.lease_with(crate::LeaseMode::Batch, "orders", "a", T0.plus(Duration::from_secs(6)), LEASE, 10).await.unwrap();
@@ -364,6 +335,7 @@ pub async fn a_bound_batch_waits_for_all_its_records(j: &dyn Journal) {
     // Only the first member's result is written so far (say the engine died
     // between the two): the other is still in flight.
     let report = AttemptReport {
+        prepared: None,
         quota: None,
         keep_batch: true,
         id: batch[0].id,
@@ -418,23 +390,9 @@ pub async fn retention_purges_only_finished_payloads(j: &dyn Journal) {
     let dead = j.ingest(new_record("orders", Some("p2"), "{\"a\":2}")).await.unwrap().id();
     let waiting = j.ingest(new_record("orders", Some("p3"), "{\"a\":3}")).await.unwrap().id();
     j.lease("orders", "a", T0, LEASE, 2).await.unwrap();
-    let done = AttemptReport {
-        quota: None,
-        keep_batch: false,
-        id: delivered,
-        owner: "a".into(),
-        attempt: attempt(1, 200, None),
-        outcome: Outcome::Delivered,
-    };
+    let done = plain_report(delivered, "a", attempt(1, 200, None), Outcome::Delivered);
     let refused = Outcome::Dead { class: ErrorClass::Rejected, reason: "no".into() };
-    let failed = AttemptReport {
-        quota: None,
-        keep_batch: false,
-        id: dead,
-        owner: "a".into(),
-        attempt: attempt(1, 422, Some(ErrorClass::Rejected)),
-        outcome: refused,
-    };
+    let failed = plain_report(dead, "a", attempt(1, 422, Some(ErrorClass::Rejected)), refused);
     assert_eq!(j.complete_many(vec![done, failed]).await.unwrap(), [true, true]);
     let early = T0;
     assert_eq!(j.purge_payloads("orders", early, early, 100).await.unwrap(), 0, "nothing finished before the cut-off");
@@ -452,14 +410,7 @@ pub async fn retry_waits_until_due(j: &dyn Journal) {
     let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
     j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
     let at = T0.plus(Duration::from_secs(10));
-    let rep = AttemptReport {
-        quota: None,
-        keep_batch: false,
-        id,
-        owner: "a".into(),
-        attempt: attempt(1, 503, Some(ErrorClass::Server)),
-        outcome: Outcome::Retry { at },
-    };
+    let rep = plain_report(id, "a", attempt(1, 503, Some(ErrorClass::Server)), Outcome::Retry { at });
     assert!(j.complete(rep).await.unwrap());
     assert_eq!(j.next_due("orders").await.unwrap(), Some(at));
     assert!(j.lease("orders", "a", T0.plus(Duration::from_secs(9)), LEASE, 10).await.unwrap().is_empty());
@@ -471,16 +422,7 @@ pub async fn dead_letter_and_replay_keep_the_key(j: &dyn Journal) {
     let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
     j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
     let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "422: amount missing".into() };
-    j.complete(AttemptReport {
-        quota: None,
-        keep_batch: false,
-        id,
-        owner: "a".into(),
-        attempt: attempt(1, 422, Some(ErrorClass::Rejected)),
-        outcome: dead,
-    })
-    .await
-    .unwrap();
+    j.complete(plain_report(id, "a", attempt(1, 422, Some(ErrorClass::Rejected)), dead)).await.unwrap();
     let dl = j.dead_letters(Some("orders"), 100).await.unwrap();
     assert_eq!(dl.len(), 1);
     assert_eq!(
@@ -503,16 +445,7 @@ pub async fn discard_keeps_the_record(j: &dyn Journal) {
     let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
     j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
     let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "no".into() };
-    j.complete(AttemptReport {
-        quota: None,
-        keep_batch: false,
-        id,
-        owner: "a".into(),
-        attempt: attempt(1, 400, Some(ErrorClass::Rejected)),
-        outcome: dead,
-    })
-    .await
-    .unwrap();
+    j.complete(plain_report(id, "a", attempt(1, 400, Some(ErrorClass::Rejected)), dead)).await.unwrap();
     let later = T0.plus(Duration::from_secs(1));
     assert_eq!(j.discard(&Selector::Flow("orders".into()), later, 100).await.unwrap(), 1);
     let c = counts_of(j, "orders").await;
@@ -535,14 +468,7 @@ pub async fn quarantine_is_dead_at_intake(j: &dyn Journal) {
 pub async fn hold_does_not_spend_the_budget(j: &dyn Journal) {
     let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
     j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
-    let rep = AttemptReport {
-        quota: None,
-        keep_batch: false,
-        id,
-        owner: "a".into(),
-        attempt: attempt(1, 401, Some(ErrorClass::Auth)),
-        outcome: Outcome::Hold { at: T0 },
-    };
+    let rep = plain_report(id, "a", attempt(1, 401, Some(ErrorClass::Auth)), Outcome::Hold { at: T0 });
     assert!(j.complete(rep).await.unwrap());
     let again = j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
     assert_eq!((again[0].attempt, again[0].failures), (2, 0));
@@ -643,4 +569,134 @@ pub async fn lease_limit_and_order(j: &dyn Journal) {
     let rest = j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
     assert_eq!(rest.len(), 2);
     assert!(rest[0].id > first[2].id);
+}
+
+pub async fn a_prepared_record_leases_with_its_mapped_body(j: &dyn Journal) {
+    let mapped = prepared(Some("{\"amount\":1290}"), Some(3), Some(7));
+    let raw_as_is = prepared(None, None, None);
+    // Every lease mode returns the preparation: each has its own query.
+    for (flow, mode) in [("orders", LeaseMode::Oldest), ("keyed", LeaseMode::InKeyOrder), ("bulk", LeaseMode::Batch)] {
+        let a = j
+            .ingest(NewRecord {
+                prepared: Some(mapped.clone()),
+                ..new_record(flow, Some("m"), "{\"amount\":\"12.90\"}")
+            })
+            .await
+            .unwrap()
+            .id();
+        let b = j
+            .ingest(NewRecord { prepared: Some(raw_as_is.clone()), ..new_record(flow, Some("r"), "{}") })
+            .await
+            .unwrap()
+            .id();
+        let leased = j.lease_with(mode, flow, "a", T0, LEASE, 10).await.unwrap();
+        assert_eq!(leased.iter().map(|r| r.id).collect::<Vec<_>>(), [a, b], "{mode:?}");
+        assert_eq!(leased[0].prepared.as_ref(), Some(&mapped), "{mode:?}: the mapped body and its versions");
+        assert_eq!(leased[0].payload, b"{\"amount\":\"12.90\"}", "{mode:?}: the raw payload is kept as received");
+        assert_eq!(leased[1].prepared.as_ref(), Some(&raw_as_is), "{mode:?}: prepared, sent as received");
+        let d = j.record(a).await.unwrap().unwrap();
+        assert_eq!(d.mapped.as_deref(), Some(&b"{\"amount\":1290}"[..]));
+        assert_eq!((d.mapping_version, d.sink_mapping_version, d.prepared), (Some(3), Some(7), true));
+        assert_eq!(d.payload, b"{\"amount\":\"12.90\"}");
+        let d = j.record(b).await.unwrap().unwrap();
+        assert_eq!((d.prepared, d.mapped, d.mapping_version), (true, None, None));
+    }
+}
+
+pub async fn an_unprepared_record_leases_unprepared(j: &dyn Journal) {
+    let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
+    let detail = j.record(id).await.unwrap().unwrap();
+    assert_eq!(
+        (detail.prepared, detail.mapped, detail.mapping_version, detail.sink_mapping_version),
+        (false, None, None, None)
+    );
+    let leased = j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].prepared, None, "validated and mapped by the lease holder");
+}
+
+pub async fn an_attempt_stores_the_preparation_it_made(j: &dyn Journal) {
+    let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
+    assert_eq!(j.lease("orders", "a", T0, LEASE, 10).await.unwrap()[0].prepared, None);
+    // a stalls past its lease; b takes the record over.
+    let taken_at = T0.plus(LEASE);
+    assert_eq!(j.lease("orders", "b", taken_at, LEASE, 10).await.unwrap()[0].prepared, None);
+    let stale = AttemptReport {
+        prepared: Some(prepared(Some("{\"stale\":true}"), Some(1), None)),
+        ..plain_report(id, "a", attempt(1, 503, Some(ErrorClass::Server)), Outcome::Retry { at: taken_at })
+    };
+    assert!(!j.complete(stale).await.unwrap());
+    let d = j.record(id).await.unwrap().unwrap();
+    assert_eq!((d.prepared, d.mapped, d.mapping_version), (false, None, None), "a lost lease stores nothing");
+    let fresh = prepared(Some("{\"mapped\":true}"), Some(2), Some(5));
+    let retry_at = taken_at.plus(Duration::from_secs(10));
+    let with = AttemptReport {
+        prepared: Some(fresh.clone()),
+        ..plain_report(id, "b", attempt(2, 503, Some(ErrorClass::Server)), Outcome::Retry { at: retry_at })
+    };
+    assert!(j.complete(with).await.unwrap());
+    let d = j.record(id).await.unwrap().unwrap();
+    assert_eq!(d.mapped.as_deref(), Some(&b"{\"mapped\":true}"[..]));
+    assert_eq!((d.mapping_version, d.sink_mapping_version, d.prepared), (Some(2), Some(5), true));
+    let again = j.lease("orders", "b", retry_at, LEASE, 10).await.unwrap();
+    assert_eq!(again[0].prepared.as_ref(), Some(&fresh), "the next lease needn't map it again");
+    // A report without a preparation leaves the stored one as it is.
+    let retry_at = retry_at.plus(Duration::from_secs(10));
+    let plain = plain_report(id, "b", attempt(3, 503, Some(ErrorClass::Server)), Outcome::Retry { at: retry_at });
+    assert!(j.complete(plain).await.unwrap());
+    assert_eq!(j.lease("orders", "b", retry_at, LEASE, 10).await.unwrap()[0].prepared.as_ref(), Some(&fresh));
+}
+
+pub async fn replay_clears_the_preparation(j: &dyn Journal) {
+    let p = prepared(Some("{\"mapped\":true}"), Some(2), Some(5));
+    let id =
+        j.ingest(NewRecord { prepared: Some(p.clone()), ..new_record("orders", Some("d1"), "{}") }).await.unwrap().id();
+    assert_eq!(j.lease("orders", "a", T0, LEASE, 10).await.unwrap()[0].prepared.as_ref(), Some(&p));
+    let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "422".into() };
+    let report = plain_report(id, "a", attempt(1, 422, Some(ErrorClass::Rejected)), dead);
+    assert!(j.complete(report).await.unwrap());
+    assert!(j.record(id).await.unwrap().unwrap().prepared, "a dead record keeps its preparation until replayed");
+    let later = T0.plus(Duration::from_secs(60));
+    assert_eq!(j.replay(&Selector::Ids(vec![id]), later, 10).await.unwrap(), 1);
+    let d = j.record(id).await.unwrap().unwrap();
+    assert_eq!((d.prepared, d.mapped, d.mapping_version, d.sink_mapping_version), (false, None, None, None));
+    assert_eq!(d.payload, b"{}", "the raw payload stays for the new mapping");
+    let again = j.lease("orders", "a", later, LEASE, 10).await.unwrap();
+    assert_eq!(again[0].prepared, None, "validated and mapped again with the current configuration");
+}
+
+pub async fn retention_purges_the_mapped_body_too(j: &dyn Journal) {
+    let p = prepared(Some("{\"mapped\":1}"), Some(4), None);
+    let delivered = j
+        .ingest(NewRecord { prepared: Some(p.clone()), ..new_record("orders", Some("p1"), "{\"a\":1}") })
+        .await
+        .unwrap()
+        .id();
+    let waiting = j
+        .ingest(NewRecord { prepared: Some(p.clone()), ..new_record("orders", Some("p2"), "{\"a\":2}") })
+        .await
+        .unwrap()
+        .id();
+    j.lease("orders", "a", T0, LEASE, 1).await.unwrap();
+    let done = plain_report(delivered, "a", attempt(1, 200, None), Outcome::Delivered);
+    assert!(j.complete(done).await.unwrap());
+    assert_eq!(j.record(delivered).await.unwrap().unwrap().mapped.as_deref(), Some(&b"{\"mapped\":1}"[..]));
+    let later = T0.plus(Duration::from_secs(3600));
+    assert_eq!(j.purge_payloads("orders", later, later, 100).await.unwrap(), 1);
+    let d = j.record(delivered).await.unwrap().unwrap();
+    assert!(d.payload.is_empty());
+    assert_eq!((d.mapped, d.payload_purged_at), (None, Some(later)), "the mapped body goes with the raw payload");
+    let w = j.record(waiting).await.unwrap().unwrap();
+    assert_eq!(w.mapped.as_deref(), Some(&b"{\"mapped\":1}"[..]), "a waiting record keeps what it will send");
+}
+
+pub async fn a_quarantined_record_is_stored_unprepared(j: &dyn Journal) {
+    let mut r = new_record("orders", Some("bad"), "{\"amount\":\"x\"}");
+    r.quarantine = Some((ErrorClass::Validation, "amount: not a number".into()));
+    r.prepared = Some(prepared(Some("{\"amount\":0}"), Some(1), Some(1)));
+    let id = j.ingest(r).await.unwrap().id();
+    let d = j.record(id).await.unwrap().unwrap();
+    assert_eq!((d.prepared, d.mapped, d.mapping_version, d.sink_mapping_version), (false, None, None, None));
+    assert_eq!(j.replay(&Selector::Ids(vec![id]), T0, 10).await.unwrap(), 1);
+    assert_eq!(j.lease("orders", "a", T0, LEASE, 10).await.unwrap()[0].prepared, None);
 }

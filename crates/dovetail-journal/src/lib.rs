@@ -63,6 +63,26 @@ pub struct NewRecord {
     pub received_at: Timestamp,
     /// Set when the record is unusable as received: it is kept, dead, with this reason.
     pub quarantine: Option<(ErrorClass, String)>,
+    /// `Some` when intake validated and mapped the record with the flow's
+    /// configuration; `None` for a record that was not (a quarantined one,
+    /// which has `quarantine` set). Must be `None` whenever `quarantine` is
+    /// `Some`: the store ignores it for a quarantined record, which is
+    /// validated and mapped again if it is ever replayed.
+    pub prepared: Option<Prepared>,
+}
+
+/// What validation and mapping made of a record's raw payload: the body to
+/// send and which mappings produced it. The raw payload is kept apart,
+/// unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Prepared {
+    /// The mapped body to send. `None` means "send the raw payload as is":
+    /// a flow without a mapping.
+    pub body: Option<Vec<u8>>,
+    /// The version of the flow's mapping that produced `body`.
+    pub mapping_version: Option<u32>,
+    /// The version of the sink mapping applied after the flow's, if any.
+    pub sink_mapping_version: Option<u32>,
 }
 
 /// The answer to an ingest.
@@ -97,6 +117,11 @@ pub struct LeasedRecord {
     pub lease_until: Timestamp,
     /// For records leased in [`LeaseMode::Batch`]: the bulk request's idempotency key.
     pub batch_key: Option<String>,
+    /// `Some` iff the record is prepared (validated and mapped with the
+    /// flow's configuration at intake or by an earlier attempt). `None`: the
+    /// lease holder must validate and map `payload` before sending, and
+    /// report the result in [`AttemptReport::prepared`].
+    pub prepared: Option<Prepared>,
 }
 
 /// Which due records a lease takes.
@@ -158,6 +183,11 @@ pub struct AttemptReport {
     /// The connector whose quota this attempt's request used, if it has one.
     /// Counted even when the lease was lost: the request was sent.
     pub quota: Option<String>,
+    /// `Some` when this attempt validated and mapped the record (it was
+    /// leased unprepared): stored with the attempt, in the same transaction
+    /// and only if the report applies, so the record's next lease is
+    /// prepared. `None` leaves the stored preparation as it is.
+    pub prepared: Option<Prepared>,
 }
 
 /// Requests counted against a connector's quota in the windows holding an instant.
@@ -244,13 +274,23 @@ pub struct RecordDetail {
     pub idempotency_key: String,
     pub correlation_id: String,
     pub content_type: Option<String>,
+    /// The raw payload exactly as received.
     #[serde(skip)]
     pub payload: Vec<u8>,
+    /// The mapped body, when the record is prepared by a mapping (`None`
+    /// with `prepared`: the raw payload is sent as is).
+    #[serde(skip)]
+    pub mapped: Option<Vec<u8>>,
+    pub mapping_version: Option<u32>,
+    pub sink_mapping_version: Option<u32>,
+    /// Validated and mapped with the flow's configuration; a record that is
+    /// not is validated and mapped again at its next lease.
+    pub prepared: bool,
     pub received_at: Timestamp,
     pub next_attempt_at: Option<Timestamp>,
     pub lease_until: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
-    /// When retention removed the payload (the record's metadata stays).
+    /// When retention removed the payload and the mapped body (the record's metadata stays).
     pub payload_purged_at: Option<Timestamp>,
     pub dead_class: Option<ErrorClass>,
     pub dead_reason: Option<String>,
@@ -320,8 +360,10 @@ pub trait Journal: Send + Sync + 'static {
 
     /// Moves up to `limit` records that were dead at `now` (dead-lettered at
     /// or before it) back to pending, due at `now`, with their idempotency
-    /// key unchanged and a fresh retry budget. Calling it in chunks with the
-    /// same `now` never picks up a record that died again meanwhile.
+    /// key unchanged and a fresh retry budget. Their preparation is cleared:
+    /// each is validated and mapped again, with the current configuration, at
+    /// its next lease. Calling it in chunks with the same `now` never picks
+    /// up a record that died again meanwhile.
     async fn replay(&self, selector: &Selector, now: Timestamp, limit: usize) -> Result<u64>;
 
     /// Marks up to `limit` records that were dead at `now` discarded (kept, never delivered).
@@ -340,9 +382,10 @@ pub trait Journal: Send + Sync + 'static {
     /// Requests counted for `connector` in the UTC hour and day holding `at`.
     async fn quota_used(&self, connector: &str, at: Timestamp) -> Result<QuotaUsed>;
 
-    /// Removes the payloads of up to `limit` of `flow`'s delivered or
-    /// discarded records that finished before `before`; the records, their
-    /// keys and attempts stay. Dead and waiting records keep their payloads.
+    /// Removes the payloads (raw and mapped) of up to `limit` of `flow`'s
+    /// delivered or discarded records that finished before `before`; the
+    /// records, their keys and attempts stay. Dead and waiting records keep
+    /// their payloads.
     async fn purge_payloads(&self, flow: &str, before: Timestamp, now: Timestamp, limit: usize) -> Result<u64>;
 
     /// Keeps a flow's learned payload shape (serialized by the caller).

@@ -24,11 +24,27 @@ use dovetail_core::shape::{DriftEvent, DriftKind, JsonType};
 
 use crate::{
     AttemptReport, ConnectorHealth, DeadLetter, FlowCounts, Ingested, Journal, JournalError, LeaseMode, LeasedRecord,
-    NewRecord, Outcome, Pause, QuotaUsed, RecordDetail, Result, Selector, StoredDrift,
+    NewRecord, Outcome, Pause, Prepared, QuotaUsed, RecordDetail, Result, Selector, StoredDrift,
 };
 
 /// 1: the first release. 2: `records.external_key`, `batch_key`, `payload_purged_at`.
-const SCHEMA_VERSION: i64 = 2;
+/// 3: `records.mapped`, `mapping_version`, `sink_mapping_version`, `prepared`
+/// (records of older files are not prepared: validated and mapped again at
+/// their next lease).
+const SCHEMA_VERSION: i64 = 3;
+
+/// Columns added to `records` since version 1, with their declarations.
+/// `CREATE TABLE IF NOT EXISTS` leaves an older file's table as it was, so
+/// [`migrate`] adds whichever of these it lacks.
+const ADDED_COLUMNS: [(&str, &str); 7] = [
+    ("external_key", "TEXT"),
+    ("batch_key", "TEXT"),
+    ("payload_purged_at", "INTEGER"),
+    ("mapped", "BLOB"),
+    ("mapping_version", "INTEGER"),
+    ("sink_mapping_version", "INTEGER"),
+    ("prepared", "INTEGER NOT NULL DEFAULT 0"),
+];
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS records (
@@ -38,6 +54,10 @@ CREATE TABLE IF NOT EXISTS records (
     external_key    TEXT,
     batch_key       TEXT,
     payload_purged_at INTEGER,
+    mapped          BLOB,
+    mapping_version INTEGER,
+    sink_mapping_version INTEGER,
+    prepared        INTEGER NOT NULL DEFAULT 0,
     idempotency_key TEXT    NOT NULL,
     correlation_id  TEXT    NOT NULL,
     content_type    TEXT,
@@ -307,13 +327,13 @@ fn migrate(conn: &Connection, location: &str) -> Result<()> {
         });
     }
     conn.execute_batch(SCHEMA).map_err(|e| sql_err(location, e))?;
-    // Version 1 files lack these columns; CREATE TABLE IF NOT EXISTS left them as they were.
-    for column in ["external_key", "batch_key", "payload_purged_at"] {
+    // Older files lack some of these columns; CREATE TABLE IF NOT EXISTS left them as they were.
+    for (column, declaration) in ADDED_COLUMNS {
         let present: i64 = conn
             .query_row("SELECT COUNT(*) FROM pragma_table_info('records') WHERE name = ?1", [column], |r| r.get(0))
             .map_err(|e| sql_err(location, e))?;
         if present == 0 {
-            conn.execute_batch(&format!("ALTER TABLE records ADD COLUMN {column} TEXT"))
+            conn.execute_batch(&format!("ALTER TABLE records ADD COLUMN {column} {declaration}"))
                 .map_err(|e| sql_err(location, e))?;
         }
     }
@@ -427,11 +447,15 @@ fn ingest_tx(conn: &Connection, r: &NewRecord) -> rusqlite::Result<Ingested> {
             (STATE_DEAD, None, Some(r.received_at.as_millis()), Some(class.as_str()), Some(reason.as_str()))
         }
     };
+    // A quarantined record is never prepared, whatever the caller says: a
+    // replay validates and maps it again.
+    let prepared = if r.quarantine.is_some() { None } else { r.prepared.as_ref() };
     let inserted: Option<i64> = conn
         .prepare_cached(
             "INSERT INTO records (flow, delivery_id, idempotency_key, correlation_id, content_type, payload, received_at,
-                                  state, next_attempt_at, finished_at, dead_class, dead_reason, external_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                                  state, next_attempt_at, finished_at, dead_class, dead_reason, external_key,
+                                  mapped, mapping_version, sink_mapping_version, prepared)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
              ON CONFLICT (flow, delivery_id) WHERE delivery_id IS NOT NULL DO NOTHING
              RETURNING id",
         )?
@@ -449,7 +473,11 @@ fn ingest_tx(conn: &Connection, r: &NewRecord) -> rusqlite::Result<Ingested> {
                 finished_at,
                 class,
                 reason,
-                r.external_key
+                r.external_key,
+                prepared.and_then(|p| p.body.as_deref()),
+                prepared.and_then(|p| p.mapping_version),
+                prepared.and_then(|p| p.sink_mapping_version),
+                prepared.is_some()
             ],
             |row| row.get(0),
         )
@@ -463,8 +491,17 @@ fn ingest_tx(conn: &Connection, r: &NewRecord) -> rusqlite::Result<Ingested> {
     Ok(Ingested::Duplicate(id))
 }
 
-/// A row of `RETURNING id, flow, idempotency_key, correlation_id, content_type, payload, attempts, failures`.
+/// What a lease returns of each record, in the order [`leased_row`] reads it.
+const RETURNING_LEASED: &str = "RETURNING id, flow, idempotency_key, correlation_id, content_type, payload, attempts,
+                                          failures, mapped, mapping_version, sink_mapping_version, prepared";
+
+/// A row of [`RETURNING_LEASED`].
 fn leased_row(r: &Row<'_>, lease_until: Timestamp) -> rusqlite::Result<LeasedRecord> {
+    let prepared = if r.get::<_, bool>(11)? {
+        Some(Prepared { body: r.get(8)?, mapping_version: r.get(9)?, sink_mapping_version: r.get(10)? })
+    } else {
+        None
+    };
     Ok(LeasedRecord {
         id: r.get(0)?,
         flow: r.get(1)?,
@@ -476,6 +513,7 @@ fn leased_row(r: &Row<'_>, lease_until: Timestamp) -> rusqlite::Result<LeasedRec
         failures: r.get(7)?,
         lease_until,
         batch_key: None,
+        prepared,
     })
 }
 
@@ -517,7 +555,7 @@ fn lease_tx(
                             attempts = attempts + 1, next_attempt_at = NULL
          WHERE id IN (SELECT r.id FROM records r WHERE r.flow = ?1 AND r.state = 'pending' AND r.next_attempt_at <= ?4 {order}
                       ORDER BY r.next_attempt_at, r.id LIMIT ?5)
-         RETURNING id, flow, idempotency_key, correlation_id, content_type, payload, attempts, failures"
+         {RETURNING_LEASED}"
     ))?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let mut leased: Vec<LeasedRecord> = stmt
@@ -547,7 +585,7 @@ fn lease_batch_tx(
         .optional()?;
     let Some(bound) = oldest else { return Ok(Vec::new()) };
     let until = now.plus(lease_for);
-    let select = "RETURNING id, flow, idempotency_key, correlation_id, content_type, payload, attempts, failures";
+    let select = RETURNING_LEASED;
     let set = "UPDATE records SET state = 'in_flight', lease_owner = ?2, lease_until = ?3, leased_at = ?4,
                                   attempts = attempts + 1, next_attempt_at = NULL";
     let row = |r: &Row<'_>| leased_row(r, until);
@@ -634,6 +672,13 @@ fn complete_tx(conn: &Connection, rep: &AttemptReport) -> rusqlite::Result<bool>
     if changed == 0 {
         return Ok(false);
     }
+    if let Some(p) = &rep.prepared {
+        // This attempt validated and mapped the record: its next lease needn't.
+        conn.prepare_cached(
+            "UPDATE records SET mapped = ?2, mapping_version = ?3, sink_mapping_version = ?4, prepared = 1 WHERE id = ?1",
+        )?
+        .execute(params![rep.id, p.body, p.mapping_version, p.sink_mapping_version])?;
+    }
     conn.prepare_cached(
         "INSERT OR REPLACE INTO attempts (record_id, number, started_at, duration_ms, status, class, error)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -680,7 +725,8 @@ fn record_tx(conn: &Connection, id: RecordId) -> rusqlite::Result<Option<RecordD
     let detail = conn
         .prepare_cached(
             "SELECT id, flow, state, delivery_id, idempotency_key, correlation_id, content_type, payload, received_at,
-                    next_attempt_at, lease_until, finished_at, dead_class, dead_reason, external_key, payload_purged_at
+                    next_attempt_at, lease_until, finished_at, dead_class, dead_reason, external_key,
+                    CAST(payload_purged_at AS INTEGER), mapped, mapping_version, sink_mapping_version, prepared
              FROM records WHERE id = ?1",
         )?
         .query_row([id], |r| {
@@ -695,6 +741,10 @@ fn record_tx(conn: &Connection, id: RecordId) -> rusqlite::Result<Option<RecordD
                 correlation_id: r.get(5)?,
                 content_type: r.get(6)?,
                 payload: r.get(7)?,
+                mapped: r.get(16)?,
+                mapping_version: r.get(17)?,
+                sink_mapping_version: r.get(18)?,
+                prepared: r.get(19)?,
                 received_at: Timestamp::from_millis(r.get(8)?),
                 next_attempt_at: ts(r.get(9)?),
                 lease_until: ts(r.get(10)?),
@@ -859,7 +909,8 @@ impl Journal for SqliteJournal {
         self.write(move |c| {
             let sql = format!(
                 "UPDATE records SET state = 'pending', next_attempt_at = ?2, failures = 0, finished_at = NULL,
-                                    dead_class = NULL, dead_reason = NULL
+                                    dead_class = NULL, dead_reason = NULL, prepared = 0, mapped = NULL,
+                                    mapping_version = NULL, sink_mapping_version = NULL
                  WHERE id IN (SELECT id FROM records WHERE state = 'dead' AND finished_at <= ?2 AND {cond}
                               ORDER BY id LIMIT ?3)"
             );
@@ -975,7 +1026,7 @@ impl Journal for SqliteJournal {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.write(move |c| {
             c.prepare_cached(
-                "UPDATE records SET payload = X'', payload_purged_at = ?3
+                "UPDATE records SET payload = X'', mapped = NULL, payload_purged_at = ?3
                  WHERE id IN (SELECT id FROM records WHERE flow = ?1 AND state IN ('delivered', 'discarded')
                               AND finished_at < ?2 AND payload_purged_at IS NULL LIMIT ?4)",
             )?

@@ -1,8 +1,13 @@
 //! The SQLite journal against the conformance suite, plus what only a file can show.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use dovetail_journal::{Journal, NewRecord, SqliteJournal, SqliteOptions};
+use dovetail_core::clock::Timestamp;
+use dovetail_core::record::Attempt;
+use dovetail_journal::{
+    AttemptReport, Journal, LeaseMode, NewRecord, Outcome, Prepared, RecordDetail, SqliteJournal, SqliteOptions,
+};
 
 async fn fresh() -> Arc<SqliteJournal> {
     let dir = tempfile::tempdir().unwrap();
@@ -30,6 +35,7 @@ async fn acknowledged_records_survive_reopening() {
             payload: b"{}".to_vec(),
             received_at: dovetail_core::clock::Timestamp::from_secs(1),
             quarantine: None,
+            prepared: None,
         };
         j.ingest(r).await.unwrap().id()
     };
@@ -66,6 +72,7 @@ async fn a_full_journal_acknowledges_only_what_it_stored() {
                 payload: vec![b'x'; 2000],
                 received_at: dovetail_core::clock::Timestamp::from_secs(1),
                 quarantine: None,
+                prepared: None,
             };
             (i, j.ingest(r).await)
         });
@@ -90,8 +97,70 @@ async fn a_full_journal_acknowledges_only_what_it_stored() {
     reopened.ping().await.unwrap();
 }
 
-/// A journal written by the first release (schema 1, no key column) opens,
-/// keeps its records and gains the column.
+/// The columns of `records` and the schema version of the file at `path`.
+fn schema_of(path: &std::path::Path) -> (Vec<(String, String)>, i64) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    let columns = c
+        .prepare("SELECT name, type FROM pragma_table_info('records')")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    (columns, c.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap())
+}
+
+/// The columns every migrated file gains, with their declared types.
+const ADDED: [(&str, &str); 7] = [
+    ("external_key", "TEXT"),
+    ("batch_key", "TEXT"),
+    ("payload_purged_at", "INTEGER"),
+    ("mapped", "BLOB"),
+    ("mapping_version", "INTEGER"),
+    ("sink_mapping_version", "INTEGER"),
+    ("prepared", "INTEGER"),
+];
+
+const AT: Timestamp = Timestamp::from_secs(10);
+const LEASE: Duration = Duration::from_secs(30);
+
+/// Leases, delivers and purges the record `id` of flow `orders`, then reads it back.
+async fn deliver_and_purge(j: &SqliteJournal, id: i64) -> RecordDetail {
+    let leased = j.lease_with(LeaseMode::InKeyOrder, "orders", "a", AT, LEASE, 10).await.unwrap();
+    assert_eq!(leased.iter().map(|r| r.id).collect::<Vec<_>>(), [id]);
+    assert_eq!(leased[0].prepared, None, "a record of an older file is validated and mapped again");
+    let attempt = Attempt {
+        number: leased[0].attempt,
+        started_at: AT,
+        duration_ms: 5,
+        status: Some(200),
+        class: None,
+        error: None,
+    };
+    let report = AttemptReport {
+        id,
+        owner: "a".into(),
+        attempt,
+        outcome: Outcome::Delivered,
+        keep_batch: false,
+        quota: None,
+        prepared: Some(Prepared {
+            body: Some(b"{\"m\":1}".to_vec()),
+            mapping_version: Some(1),
+            sink_mapping_version: None,
+        }),
+    };
+    assert!(j.complete(report).await.unwrap());
+    let d = j.record(id).await.unwrap().unwrap();
+    assert_eq!((d.mapped.as_deref(), d.mapping_version, d.prepared), (Some(&b"{\"m\":1}"[..]), Some(1), true));
+    let later = Timestamp::from_secs(100);
+    assert_eq!(j.purge_payloads("orders", later, later, 10).await.unwrap(), 1);
+    j.record(id).await.unwrap().unwrap()
+}
+
+/// A journal written by the first release (schema 1) opens, keeps its
+/// records and gains the columns of every later version; its records are not
+/// prepared.
 #[tokio::test]
 async fn a_version_1_journal_is_migrated() {
     let dir = tempfile::tempdir().unwrap();
@@ -112,18 +181,61 @@ async fn a_version_1_journal_is_migrated() {
         .unwrap();
     }
     let j = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
+    let (columns, version) = schema_of(&path);
+    assert_eq!(version, 3);
+    for (name, declared) in ADDED {
+        assert!(columns.iter().any(|(n, t)| n == name && t.starts_with(declared)), "{name} {declared} in {columns:?}");
+    }
     let old = j.record(1).await.unwrap().unwrap();
     assert_eq!((old.idempotency_key.as_str(), old.external_key), ("k-old", None));
-    let leased = j
-        .lease_with(
-            dovetail_journal::LeaseMode::InKeyOrder,
-            "orders",
-            "a",
-            dovetail_core::clock::Timestamp::from_secs(10),
-            std::time::Duration::from_secs(30),
-            10,
+    assert_eq!((old.prepared, old.mapped, old.mapping_version, old.sink_mapping_version), (false, None, None, None));
+    let purged = deliver_and_purge(&j, 1).await;
+    assert_eq!((purged.mapped.as_deref(), purged.payload_purged_at), (None, Some(Timestamp::from_secs(100))));
+    drop(j);
+    // Opening it again changes nothing.
+    let again = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
+    assert_eq!(again.record(1).await.unwrap().unwrap(), purged);
+    assert_eq!(schema_of(&path), (columns, version));
+}
+
+/// A journal of schema 2 opens, keeps its records and gains the preparation
+/// columns; its records are not prepared. This one was migrated from version
+/// 1 by a release that declared `payload_purged_at` TEXT, so a purge time is
+/// stored as text: it still reads as a time.
+#[tokio::test]
+async fn a_version_2_journal_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE records (
+                id INTEGER PRIMARY KEY, flow TEXT NOT NULL, delivery_id TEXT, idempotency_key TEXT NOT NULL,
+                correlation_id TEXT NOT NULL, content_type TEXT, payload BLOB NOT NULL, received_at INTEGER NOT NULL,
+                state TEXT NOT NULL, next_attempt_at INTEGER, lease_owner TEXT, lease_until INTEGER, leased_at INTEGER,
+                attempts INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0, finished_at INTEGER,
+                dead_class TEXT, dead_reason TEXT, external_key TEXT, batch_key TEXT, payload_purged_at TEXT);
+             INSERT INTO records (flow, idempotency_key, correlation_id, payload, received_at, state, next_attempt_at,
+                                  external_key)
+             VALUES ('orders', 'k-waiting', 'c', x'7b7d', 1000, 'pending', 1000, 'cus_1');
+             INSERT INTO records (flow, idempotency_key, correlation_id, payload, received_at, state, finished_at,
+                                  payload_purged_at)
+             VALUES ('orders', 'k-purged', 'c', x'', 1000, 'delivered', 2000, 5000);
+             PRAGMA user_version = 2;",
         )
-        .await
         .unwrap();
-    assert_eq!(leased.len(), 1);
+    }
+    let j = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
+    let (columns, version) = schema_of(&path);
+    assert_eq!(version, 3);
+    for (name, _) in ADDED {
+        assert_eq!(columns.iter().filter(|(n, _)| n == name).count(), 1, "{name} in {columns:?}");
+    }
+    let old = j.record(2).await.unwrap().unwrap();
+    assert_eq!(old.payload_purged_at, Some(Timestamp::from_secs(5)));
+    assert_eq!((old.prepared, old.mapped, old.mapping_version), (false, None, None));
+    let waiting = j.record(1).await.unwrap().unwrap();
+    assert_eq!((waiting.external_key.as_deref(), waiting.prepared), (Some("cus_1"), false));
+    let purged = deliver_and_purge(&j, 1).await;
+    assert_eq!((purged.mapped.as_deref(), purged.payload_purged_at), (None, Some(Timestamp::from_secs(100))));
 }

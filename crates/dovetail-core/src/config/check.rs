@@ -94,6 +94,21 @@ impl Config {
                     "e.g. \"30d\" (the default)",
                 ));
             }
+            check_mapping_version(&mut out, &["flows", name, "mapping"], flow.mapping.as_ref());
+            if let Some(model) = &flow.model
+                && !self.models.contains_key(model)
+            {
+                let known = self.models.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
+                out.push(Finding::error(
+                    &["flows", name, "model"],
+                    format!("there is no model named `{model}`"),
+                    if known.is_empty() {
+                        format!("declare it under [models.{model}] with schema = \"schemas/{model}.json\"")
+                    } else {
+                        format!("declare [models.{model}] or use one of: {known}")
+                    },
+                ));
+            }
             if flow.ordering == super::Ordering::PerKey && flow.key.is_none() {
                 out.push(Finding::error(
                     &["flows", name, "ordering"],
@@ -102,7 +117,8 @@ impl Config {
                 ));
             }
             match &flow.sink {
-                SinkConfig::Http { connector, method, path, batch } => {
+                SinkConfig::Http { connector, method, path, batch, mapping } => {
+                    check_mapping_version(&mut out, &["flows", name, "sink", "mapping"], mapping.as_ref());
                     if let Some(b) = batch {
                         if b.max_records == 0 || b.max_records > 10_000 {
                             out.push(Finding::error(
@@ -147,6 +163,9 @@ impl Config {
                     }
                 }
             }
+        }
+        for name in self.models.keys() {
+            check_name(&mut out, "models", name);
         }
         for (path, r) in self.secret_refs() {
             if let SecretRef::Invalid { reason } = r {
@@ -228,6 +247,14 @@ fn check_name(out: &mut Vec<Finding>, section: &str, name: &str) {
             format!("`{name}` is not a usable name"),
             "use letters, digits, _ and -",
         ));
+    }
+}
+
+fn check_mapping_version(out: &mut Vec<Finding>, at: &[&str], mapping: Option<&super::MappingConfig>) {
+    if mapping.is_some_and(|m| m.version == 0) {
+        let mut key = at.to_vec();
+        key.push("version");
+        out.push(Finding::error(&key, "mapping versions start at 1", "write version = 1 and bump it on every change"));
     }
 }
 
@@ -451,8 +478,9 @@ pub struct Resolved {
 #[derive(Clone)]
 pub struct ResolvedFlow {
     pub verifier: Option<std::sync::Arc<Verifier>>,
-    /// Set by [`Loaded::attach_schemas`].
-    pub schema: Option<std::sync::Arc<crate::schema::Schema>>,
+    /// The flow's stages. [`Loaded::resolve`] sets the keys;
+    /// [`Loaded::attach_files`] adds the schemas and mappings.
+    pub pipeline: std::sync::Arc<crate::pipeline::Pipeline>,
 }
 
 impl std::fmt::Debug for ResolvedFlow {
@@ -483,57 +511,6 @@ pub struct ResolvedOAuth {
 }
 
 impl Loaded {
-    /// Reads and compiles each flow's `schema` file (relative to the config
-    /// file) with `read`, and attaches it to the flow. Every unreadable,
-    /// non-JSON or invalid schema is reported at its `schema` key.
-    pub fn attach_schemas(
-        &self,
-        resolved: &mut Resolved,
-        read: &dyn Fn(&std::path::Path) -> std::io::Result<String>,
-    ) -> Result<(), ConfigErrors> {
-        let mut findings = Vec::new();
-        for (name, flow) in &self.config.flows {
-            let Some(file) = &flow.schema else { continue };
-            let at = ["flows", name.as_str(), "schema"];
-            let path = self.base_dir().join(file);
-            let text = match read(&path) {
-                Ok(t) => t,
-                Err(e) => {
-                    findings.push(Finding::error(
-                        &at,
-                        format!("cannot read {}: {e}", path.display()),
-                        "give a path relative to the config file",
-                    ));
-                    continue;
-                }
-            };
-            let document: serde_json::Value = match serde_json::from_str(&text) {
-                Ok(d) => d,
-                Err(e) => {
-                    findings.push(Finding::error(
-                        &at,
-                        format!("{} is not JSON: {e}", path.display()),
-                        "a schema is a JSON document",
-                    ));
-                    continue;
-                }
-            };
-            match crate::schema::Schema::compile(&document) {
-                Ok(schema) => {
-                    if let Some(f) = resolved.flows.get_mut(name) {
-                        f.schema = Some(std::sync::Arc::new(schema));
-                    }
-                }
-                Err(e) => findings.push(Finding::error(
-                    &at,
-                    format!("{} is not a valid JSON Schema: {e}", path.display()),
-                    "see https://json-schema.org/draft/2020-12; $refs must stay inside the file",
-                )),
-            }
-        }
-        if findings.is_empty() { Ok(()) } else { Err(ConfigErrors(self.locate(findings))) }
-    }
-
     /// Looks up every secret; every missing one is reported, not just the first.
     pub fn resolve(&self, secrets: &dyn SecretSource) -> Result<Resolved, ConfigErrors> {
         let mut findings = Vec::new();
@@ -633,7 +610,12 @@ impl Loaded {
                     .collect();
                 std::sync::Arc::new(Verifier::new(sig.scheme, keys).with_tolerance(sig.tolerance))
             });
-            flows.insert(name.clone(), ResolvedFlow { verifier, schema: None });
+            let pipeline = crate::pipeline::Pipeline {
+                key: flow.key.clone(),
+                idempotency_key: flow.idempotency_key.clone(),
+                ..Default::default()
+            };
+            flows.insert(name.clone(), ResolvedFlow { verifier, pipeline: std::sync::Arc::new(pipeline) });
         }
         findings.extend(key_errors);
         if findings.is_empty() { Ok(Resolved { flows, connectors }) } else { Err(ConfigErrors(self.locate(findings))) }

@@ -12,6 +12,7 @@
 //! Secrets are never written inline: every secret field is a [`SecretRef`].
 
 mod check;
+mod files;
 mod load;
 mod values;
 
@@ -21,6 +22,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use check::{Resolved, ResolvedAuth, ResolvedFlow, ResolvedOAuth, SecretSource};
+pub use files::ReadFile;
 pub use load::{ConfigError, ConfigErrors, Loaded, Severity, load, render_errors};
 pub use values::{ByteSize, Secret, SecretRef};
 
@@ -37,6 +39,30 @@ pub struct Config {
     pub connectors: BTreeMap<String, ConnectorConfig>,
     #[serde(default)]
     pub flows: BTreeMap<String, FlowConfig>,
+    /// Canonical models, named entity schemas that flows map into.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelConfig>,
+}
+
+/// `[models.NAME]`: a canonical entity (an Order, a Customer) declared once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A JSON Schema (2020-12) file, relative to this config file.
+    pub schema: String,
+    /// Example records of the model (JSON or JSON Lines files) that `dovetail check` validates.
+    #[serde(default)]
+    pub samples: Vec<String>,
+}
+
+/// `mapping = { file = "mappings/order.jq", version = 3 }`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MappingConfig {
+    /// A jq program, relative to this config file.
+    pub file: String,
+    /// Bumped by the operator whenever the program changes; each record keeps the version that mapped it.
+    pub version: u32,
 }
 
 /// `[engine]`: where the journal lives and where the engine listens.
@@ -304,9 +330,24 @@ pub struct FlowConfig {
     /// Dead and waiting records always keep theirs.
     #[serde(default = "default_retention", with = "values::duration")]
     pub retention: Duration,
-    /// The record's stable external key, a jq path into the payload.
+    /// The record's stable external key, a jq expression on the payload.
     #[serde(default)]
-    pub key: Option<crate::keypath::KeyPath>,
+    pub key: Option<crate::keypath::KeyExpr>,
+    /// A jq expression giving the record's de-duplication key, used when
+    /// the source sends no delivery id: a second record with the same key
+    /// is acknowledged and not journalled again.
+    #[serde(default)]
+    pub idempotency_key: Option<crate::keypath::KeyExpr>,
+    /// Source shape → canonical model (or straight to the target's shape).
+    #[serde(default)]
+    pub mapping: Option<MappingConfig>,
+    /// The canonical model (`[models.NAME]`) the mapping's output must match.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Example inbound records (JSON or JSON Lines files) that `dovetail check`
+    /// runs through validation and mapping.
+    #[serde(default)]
+    pub samples: Vec<String>,
     /// `"per_key"`: records with the same key are delivered one at a time, in
     /// order of arrival; different keys in parallel.
     #[serde(default)]
@@ -368,6 +409,9 @@ pub enum SinkConfig {
         /// Many records per request, to a bulk endpoint.
         #[serde(default)]
         batch: Option<BatchConfig>,
+        /// Canonical model → the partner's shape.
+        #[serde(default)]
+        mapping: Option<MappingConfig>,
     },
 }
 
