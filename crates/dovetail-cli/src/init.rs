@@ -21,6 +21,12 @@ auth        = { type = "bearer", token = "env:BILLING_TOKEN" }
 timeout     = "10s"
 retry       = { max_attempts = 6, initial_backoff = "1s", max_backoff = "60s", jitter = 0.5 }
 
+[flows.orders]
+key     = ".id"                                   # the order's id in the shop
+schema  = "schemas/shop-order.json"               # records that break it are quarantined, never sent
+mapping = { file = "mappings/shop_to_billing.jq", version = 1 }   # bump version on every change
+samples = ["samples/order.json", "samples/order-rejected.json"]   # `dovetail check` maps these
+
 [flows.orders.source]
 type      = "webhook"
 path      = "/hooks/orders"
@@ -42,7 +48,8 @@ to a billing API with an Idempotency-Key, retries and a dead-letter queue.
 export ORDERS_WEBHOOK_SECRET=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw   # example secret
 export BILLING_TOKEN=dev-token
 
-dovetail check                                  # config + secrets OK?
+dovetail check                                  # config, secrets, schema, mapping and samples OK?
+dovetail test orders --input samples/order.json # what the mapping makes of it, and the request
 dovetail dev partner --fail-body reject &       # stand-in billing API on :9090 (422s bodies containing "reject")
 dovetail run &                                  # engine on :8080
 dovetail dev send orders samples/order.json     # a signed webhook
@@ -72,17 +79,47 @@ const SAMPLE_REJECTED: &str = r#"{
 }
 "#;
 
+const SHOP_ORDER_SCHEMA: &str = r#"{
+  "$schema": "https://json-schema.org/draft/2020-12/schema",
+  "type": "object",
+  "required": ["id", "customer", "currency", "amount"],
+  "properties": {
+    "id": { "type": "string" },
+    "customer": { "type": "object", "required": ["id"] },
+    "currency": { "type": "string", "pattern": "^[A-Za-z]{3}$" },
+    "amount": { "type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?$" }
+  }
+}
+"#;
+
+const SHOP_TO_BILLING: &str = r#"# Shop order -> billing API. Runs once per record; must give one JSON value.
+# Normalisers (to_minor_units, to_iso8601, ...) are listed in Dovetail's README.
+{
+  order_id: .id,
+  customer_id: .customer.id,
+  email: (.customer.email // null),
+  amount_minor: (.currency as $c | .amount | to_minor_units($c)),
+  currency: (.currency | currency_code),
+  status: .status,
+  ordered_at: (if .created_at then .created_at | to_iso8601 else null end)
+}
+"#;
+
 pub fn init(dir: &Path) -> Result<ExitCode> {
     let config = dir.join("dovetail.toml");
     if config.exists() {
         bail!("{} already exists; choose an empty folder", config.display());
     }
-    std::fs::create_dir_all(dir.join("samples")).with_context(|| format!("cannot create {}", dir.display()))?;
+    for sub in ["samples", "schemas", "mappings"] {
+        std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     let files = [
         (config.clone(), EXAMPLE_CONFIG),
         (dir.join("README.md"), EXAMPLE_README),
         (dir.join("samples/order.json"), SAMPLE_ORDER),
         (dir.join("samples/order-rejected.json"), SAMPLE_REJECTED),
+        (dir.join("schemas/shop-order.json"), SHOP_ORDER_SCHEMA),
+        (dir.join("mappings/shop_to_billing.jq"), SHOP_TO_BILLING),
     ];
     for (path, text) in files {
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
