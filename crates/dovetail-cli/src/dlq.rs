@@ -136,20 +136,58 @@ fn versions(detail: &RecordDetail) -> String {
     parts.join(", ")
 }
 
+/// `dovetail trace NEEDLE`: the whole story of the records a record id,
+/// correlation id, delivery id or external key names, newest first.
+pub async fn trace(path: &Path, needle: &str, limit: usize, json: bool) -> Result<ExitCode> {
+    let loaded = project::load(path)?;
+    let journal = project::open_existing_journal(&loaded)?;
+    let ids = journal.find(needle, limit).await?;
+    if ids.is_empty() {
+        bail!("no record has the id, correlation id, delivery id or key `{needle}`");
+    }
+    if json {
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(detail) = journal.record(id).await? {
+                records.push(detail_json(&loaded, &detail)?);
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&json!({ "records": records }))?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            println!("\n{}\n", "-".repeat(72));
+        }
+        show(&loaded, &journal, *id, false).await?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn last_error(detail: &RecordDetail) -> Option<String> {
+    detail.attempts.iter().rev().find_map(|a| a.error.clone()).or_else(|| detail.dead_reason.clone())
+}
+
+/// A record as `dlq show --json` and `trace --json` print it.
+fn detail_json(loaded: &Loaded, detail: &RecordDetail) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(detail)?;
+    v["payload"] = payload_value(detail);
+    v["payload_is_json"] = json!(serde_json::from_slice::<serde::de::IgnoredAny>(&detail.payload).is_ok());
+    v["mapped"] = match &detail.mapped {
+        Some(m) => serde_json::from_slice(m).unwrap_or_else(|_| json!(String::from_utf8_lossy(m))),
+        None => serde_json::Value::Null,
+    };
+    v["request"] = json!(request_of(loaded, detail));
+    v["last_error"] = json!(last_error(detail));
+    Ok(v)
+}
+
 async fn show(loaded: &Loaded, journal: &SqliteJournal, id: RecordId, json: bool) -> Result<ExitCode> {
     let Some(detail) = journal.record(id).await? else { bail!("there is no record {id}") };
-    let last_error = detail.attempts.iter().rev().find_map(|a| a.error.clone()).or_else(|| detail.dead_reason.clone());
+    let last_error = last_error(&detail);
     let request = request_of(loaded, &detail);
     if json {
-        let mut v = serde_json::to_value(&detail)?;
-        v["payload"] = payload_value(&detail);
-        v["payload_is_json"] = json!(serde_json::from_slice::<serde::de::IgnoredAny>(&detail.payload).is_ok());
-        v["mapped"] = match &detail.mapped {
-            Some(m) => serde_json::from_slice(m).unwrap_or_else(|_| json!(String::from_utf8_lossy(m))),
-            None => serde_json::Value::Null,
-        };
-        v["request"] = json!(request);
-        v["last_error"] = json!(last_error);
+        let v = detail_json(loaded, &detail)?;
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }

@@ -64,6 +64,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A record's whole story: raw, mapped and sent side by side, every attempt, its state.
+    Trace {
+        /// A record id, correlation id, delivery id or external key.
+        id: String,
+        /// Most records shown when a key names many.
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Lift a flow's pause (set after an auth failure) once the cause is fixed.
     Resume { flow: String },
     /// Write a runnable example project into DIR.
@@ -109,6 +119,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Resume { flow } => project::resume(&config, &flow).await,
         Command::Drift { flow, limit, json } => status::drift(&config, flow.as_deref(), limit, json).await,
         Command::Init { dir } => init::init(&dir),
+        Command::Trace { id, limit, json } => dlq::trace(&config, &id, limit, json).await,
         Command::Test { flow, input, json } => trial::test(&config, &flow, &input, json),
         Command::Dev(cmd) => dev::run(&config, cmd).await,
     }

@@ -172,6 +172,20 @@ async fn dlq_list_show_replay_and_discard_through_the_cli() {
     assert_eq!(v["idempotency_key"], "key_0");
     assert_eq!(v["last_error"], "record 0 is unusable");
 
+    // trace finds a record by its correlation id or delivery id too.
+    let by_correlation = dovetail(p, &["trace", "corr_7"], &[]);
+    assert_eq!(by_correlation.code, 0, "{}", by_correlation.stderr);
+    assert!(by_correlation.stdout.starts_with("record 8 of flow orders — dead"), "{}", by_correlation.stdout);
+    assert!(by_correlation.stdout.contains("raw payload (as received):\n{\n  \"id\": \"ord_7\"\n}"));
+    assert!(by_correlation.stdout.contains("mapped: not yet"), "a quarantined record was never mapped");
+    let by_delivery = dovetail(p, &["trace", "msg_9", "--json"], &[]);
+    let v: serde_json::Value = serde_json::from_str(&by_delivery.stdout).unwrap();
+    assert_eq!(v["records"][0]["id"], 10);
+    assert_eq!(v["records"][0]["request"], serde_json::Value::Null, "nothing to send until it is prepared");
+    let unknown = dovetail(p, &["trace", "nope"], &[]);
+    assert_eq!(unknown.code, 1);
+    assert!(unknown.stderr.contains("no record has the id, correlation id, delivery id or key `nope`"));
+
     let none = dovetail(p, &["dlq", "replay"], &[]);
     assert_eq!(none.code, 1, "replay without a selection refuses: {}", none.stderr);
     assert!(none.stderr.contains("say which records"), "{}", none.stderr);
@@ -363,4 +377,33 @@ fn test_prints_each_stage_and_the_request_that_would_go_out() {
     assert_eq!(r.code, 1, "a refused record fails the command");
     assert!(r.stdout.contains("REFUSED at the mapping stage: mapping v7 failed: jq error:"), "{}", r.stdout);
     assert!(!r.stdout.contains("the request that would be sent"), "{}", r.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_shows_raw_mapped_and_sent_side_by_side() {
+    let dir = contract_project(SHOP_TO_ORDER);
+    let journal = SqliteJournal::open(&dir.path().join("journal.db"), SqliteOptions::default()).unwrap();
+    let raw = r#"{"event":"e5","number":"C3","total":"5.00"}"#;
+    let record = NewRecord {
+        external_key: Some("C3".into()),
+        quarantine: None,
+        prepared: Some(dovetail_journal::Prepared {
+            body: Some(br#"{"ref":"C3","cents":500}"#.to_vec()),
+            mapping_version: Some(7),
+            sink_mapping_version: Some(2),
+        }),
+        ..dead_record(5)
+    };
+    journal.ingest(NewRecord { payload: raw.as_bytes().to_vec(), ..record }).await.unwrap();
+    let r = dovetail(dir.path(), &["trace", "C3"], SECRETS);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = &r.stdout;
+    let raw_at = out.find("raw payload (as received):").expect(out);
+    let mapped_at =
+        out.find("mapped (mapping v7, sink mapping v2):\n{\n  \"ref\": \"C3\",\n  \"cents\": 500\n}").expect(out);
+    let sent_at = out.find("sent (the request each attempt makes").expect(out);
+    assert!(raw_at < mapped_at && mapped_at < sent_at, "{out}");
+    assert!(out.contains("POST http://127.0.0.1:9/v1/orders\nAuthorization: Bearer [redacted]\n"), "{out}");
+    assert!(out.contains("Idempotency-Key: key_5\nX-Correlation-ID: corr_5\n"), "{out}");
+    assert!(!out.contains("Bearer t\n"), "the token is never printed: {out}");
 }

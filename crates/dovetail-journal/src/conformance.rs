@@ -34,7 +34,7 @@ macro_rules! journal_conformance {
             sent_requests_count_against_the_quota_even_with_a_lost_lease, one_key_at_a_time_in_key_order,
             a_batch_of_unknown_fate_goes_again_whole_and_alone, a_bound_batch_waits_for_all_its_records,
             drift_events_and_shapes_are_kept, retention_purges_only_finished_payloads,
-            a_prepared_record_leases_with_its_mapped_body, an_unprepared_record_leases_unprepared,
+            records_are_found_by_id_correlation_delivery_id_and_key, a_prepared_record_leases_with_its_mapped_body, an_unprepared_record_leases_unprepared,
             an_attempt_stores_the_preparation_it_made, replay_clears_the_preparation,
             retention_purges_the_mapped_body_too, a_quarantined_record_is_stored_unprepared);
     };
@@ -645,6 +645,22 @@ pub async fn an_attempt_stores_the_preparation_it_made(j: &dyn Journal) {
     let plain = plain_report(id, "b", attempt(3, 503, Some(ErrorClass::Server)), Outcome::Retry { at: retry_at });
     assert!(j.complete(plain).await.unwrap());
     assert_eq!(j.lease("orders", "b", retry_at, LEASE, 10).await.unwrap()[0].prepared.as_ref(), Some(&fresh));
+}
+
+pub async fn records_are_found_by_id_correlation_delivery_id_and_key(j: &dyn Journal) {
+    let first = NewRecord { external_key: Some("ord_1".into()), ..new_record("orders", Some("evt_1"), "{}") };
+    let a = j.ingest(first).await.unwrap().id();
+    let second = NewRecord { external_key: Some("ord_1".into()), ..new_record("orders", Some("evt_2"), "{}") };
+    let b = j.ingest(second).await.unwrap().id();
+    let third = NewRecord { correlation_id: "corr-c".into(), ..new_record("orders", Some("evt_3"), "{}") };
+    let c = j.ingest(third).await.unwrap().id();
+    let corr = j.record(c).await.unwrap().unwrap().correlation_id;
+    assert_eq!(j.find("ord_1", 10).await.unwrap(), [b, a], "every record of a key, newest first");
+    assert_eq!(j.find("ord_1", 1).await.unwrap(), [b]);
+    assert_eq!(j.find("evt_1", 10).await.unwrap(), [a]);
+    assert_eq!(j.find(&corr, 10).await.unwrap(), [c]);
+    assert_eq!(j.find(&a.to_string(), 10).await.unwrap(), [a]);
+    assert!(j.find("nothing", 10).await.unwrap().is_empty());
 }
 
 pub async fn replay_clears_the_preparation(j: &dyn Journal) {

@@ -355,6 +355,11 @@ pub trait Journal: Send + Sync + 'static {
 
     async fn record(&self, id: RecordId) -> Result<Option<RecordDetail>>;
 
+    /// Records named by `needle`: a record id, a correlation id, a delivery
+    /// id or an external key; newest first, at most `limit`. Scans the
+    /// records (an operator lookup, not a hot path).
+    async fn find(&self, needle: &str, limit: usize) -> Result<Vec<RecordId>>;
+
     /// How many dead records `selector` matches.
     async fn count_dead(&self, selector: &Selector) -> Result<u64>;
 

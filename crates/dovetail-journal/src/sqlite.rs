@@ -891,6 +891,21 @@ impl Journal for SqliteJournal {
         self.read(move |c| record_tx(c, id)).await
     }
 
+    async fn find(&self, needle: &str, limit: usize) -> Result<Vec<RecordId>> {
+        let needle = needle.to_string();
+        let id: Option<i64> = needle.parse().ok();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id FROM records
+                 WHERE id IS ?1 OR correlation_id = ?2 OR delivery_id = ?2 OR external_key = ?2
+                 ORDER BY id DESC LIMIT ?3",
+            )?;
+            let ids = stmt.query_map(params![id, needle, limit as i64], |r| r.get(0))?;
+            ids.collect()
+        })
+        .await
+    }
+
     async fn count_dead(&self, selector: &Selector) -> Result<u64> {
         let (cond, param) = selector_sql(selector);
         self.read(move |c| {
