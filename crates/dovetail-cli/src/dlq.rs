@@ -207,6 +207,11 @@ async fn show(loaded: &Loaded, journal: &SqliteJournal, id: RecordId, json: bool
     }
     print_body(&detail.payload)?;
     match (&detail.mapped, detail.prepared) {
+        _ if detail.payload_purged_at.is_some() => {
+            let by = versions(&detail);
+            let by = if by.is_empty() { String::new() } else { format!(" (it was made by {by})") };
+            println!("\nmapped: removed with the raw payload{by}");
+        }
         (Some(m), _) => {
             println!("\nmapped ({}):", versions(&detail));
             print_body(m)?;

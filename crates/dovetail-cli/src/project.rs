@@ -65,8 +65,17 @@ pub fn check(path: &Path) -> Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let resolved = loaded.resolve(&EnvSecrets).and_then(|mut r| loaded.attach_files(&mut r, &read_file).map(|()| r));
-    if let Err(errors) = resolved {
+    // Secrets and files are independent: report the problems of both at once.
+    let mut errors = Vec::new();
+    if let Err(e) = loaded.resolve(&EnvSecrets) {
+        errors.extend(e.0);
+    }
+    if let Err(e) = loaded.pipelines(&read_file) {
+        errors.extend(e.0);
+    }
+    if !errors.is_empty() {
+        errors.sort_by_key(|e| e.line);
+        let errors = config::ConfigErrors(errors);
         println!("{errors}");
         println!("{}: {} error(s)", path.display(), errors.0.len());
         return Ok(ExitCode::FAILURE);

@@ -54,7 +54,7 @@ pub fn test(config: &Path, flow_name: &str, input: &Path, as_json: bool) -> Resu
         let known: Vec<&str> = loaded.config.flows.keys().map(String::as_str).collect();
         bail!("there is no flow named `{flow_name}` (flows: {})", known.join(", "));
     };
-    let pipelines = match loaded.pipelines(&|p| std::fs::read_to_string(p)) {
+    let pipelines = match loaded.pipelines_without_samples(&|p| std::fs::read_to_string(p)) {
         Ok(p) => p,
         Err(errors) => bail!("the flow's files have errors:\n{errors}"),
     };
@@ -72,13 +72,16 @@ pub fn test(config: &Path, flow_name: &str, input: &Path, as_json: bool) -> Resu
         (Some(t), Some(http)) => {
             let body = t.body();
             let dedup = trial.keys.as_ref().and_then(|k| k.dedup.as_deref());
+            // A delivery id from the source (webhook-id, Stripe's event id) wins at intake.
             let key = match dedup {
-                Some(d) => ids::idempotency_key(flow_name, Some(d)),
-                None => "(derived from the delivery id, or new for a record without one)".to_string(),
+                Some(d) => {
+                    format!("{} (unless the source sends a delivery id)", ids::idempotency_key(flow_name, Some(d)))
+                }
+                None => "(derived from the source's delivery id; a new one for a record without)".to_string(),
             };
             let out = Outbound {
                 payload: body.as_deref().unwrap_or(&trial.raw),
-                content_type: Some("application/json"),
+                content_type: Some(if body.is_some() { "application/json" } else { "(the inbound Content-Type)" }),
                 idempotency_key: &key,
                 correlation_id: "(the record's correlation id)",
             };

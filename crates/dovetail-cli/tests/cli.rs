@@ -334,6 +334,10 @@ fn check_runs_the_samples_through_the_mappings_and_the_model() {
     assert_eq!(r.code, 1, "{}", r.stdout);
     assert!(r.stdout.contains("error in `flows.orders.mapping.file`: the jq program does not compile"), "{}", r.stdout);
     assert!(r.stdout.contains("shop_to_order.jq:2:"), "{}", r.stdout);
+    // Missing secrets do not hide the files' problems, nor the reverse.
+    let r = dovetail(dir.path(), &["check"], &[]);
+    assert!(r.stdout.contains("the secret `env:ORDERS_SECRET` is not set"), "{}", r.stdout);
+    assert!(r.stdout.contains("the jq program does not compile"), "{}", r.stdout);
 }
 
 #[test]

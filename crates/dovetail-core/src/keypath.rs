@@ -76,7 +76,7 @@ fn scalar_key(v: &serde_json::Value) -> Result<Option<String>, String> {
         Value::String(s) => Ok(Some(s.clone())),
         Value::Number(n) => Ok(Some(n.to_string())),
         Value::Bool(b) => Ok(Some(b.to_string())),
-        other => Err(format!("the key must be a string or a number, not {other}")),
+        other => Err(format!("the key must be a string, a number or a boolean, not {other}")),
     }
 }
 
@@ -99,7 +99,8 @@ impl fmt::Display for KeyExpr {
 impl KeyExpr {
     /// A plain path if it is one, else a compiled jq expression.
     pub fn parse(source: &str) -> Result<KeyExpr, String> {
-        if let Ok(path) = KeyPath::parse(source) {
+        // A quoted name with an escape (`."a\\b"`) means what jq says it means.
+        if let Some(path) = KeyPath::parse(source).ok().filter(|_| !source.contains('\\')) {
             return Ok(KeyExpr::Path(path));
         }
         if source.trim().is_empty() {
@@ -171,7 +172,10 @@ mod tests {
         assert_eq!(key(".number * 2"), Ok(Some("84".into())));
         assert_eq!(key(".missing // null"), Ok(None));
         assert_eq!(key("empty"), Ok(None));
-        assert!(key(".lines").unwrap_err().contains("string or a number"));
+        assert!(key(".lines").unwrap_err().contains("a string, a number or a boolean"));
+        let escaped = KeyExpr::parse(r#"."caf\u00e9""#).unwrap();
+        assert!(matches!(escaped, KeyExpr::Jq { .. }), "escapes are jq's to read");
+        assert_eq!(escaped.extract(&json!({"café": "x"})), Ok(Some("x".into())));
         assert!(key(".lines[]").is_err(), "two outputs are not one key");
         assert!(key(r#"error("no key")"#).unwrap_err().contains("no key"));
         let e = KeyExpr::parse(".customer.id +").unwrap_err();

@@ -108,6 +108,16 @@ impl Transformed {
     }
 }
 
+/// What the pipeline made of one record's raw bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Processed {
+    /// The parsed input, unless the bytes are not JSON.
+    pub input: Option<Value>,
+    /// The keys; empty when they could not be read.
+    pub keys: Keys,
+    pub result: Result<Transformed, Rejection>,
+}
+
 /// Parses raw bytes as JSON.
 pub fn parse(raw: &[u8]) -> Result<Value, Rejection> {
     serde_json::from_slice(raw)
@@ -118,6 +128,27 @@ impl Pipeline {
     /// True when no stage needs more than well-formed JSON.
     pub fn is_passthrough(&self) -> bool {
         self.schema.is_none() && self.mapping.is_none() && self.model.is_none() && self.sink_mapping.is_none()
+    }
+
+    /// True when a stage runs jq (a mapping, or a key that is not a plain
+    /// path): such a pipeline can take long, and runs off the async workers.
+    pub fn uses_jq(&self) -> bool {
+        let jq = |k: &Option<KeyExpr>| matches!(k, Some(KeyExpr::Jq { .. }));
+        self.mapping.is_some() || self.sink_mapping.is_some() || jq(&self.key) || jq(&self.idempotency_key)
+    }
+
+    /// Every stage, from raw bytes.
+    pub fn run(&self, raw: &[u8]) -> Processed {
+        let input = match parse(raw) {
+            Ok(v) => v,
+            Err(r) => return Processed { input: None, keys: Keys::default(), result: Err(r) },
+        };
+        let keys = match self.keys(&input) {
+            Ok(k) => k,
+            Err(r) => return Processed { input: Some(input), keys: Keys::default(), result: Err(r) },
+        };
+        let result = self.transform(&input);
+        Processed { input: Some(input), keys, result }
     }
 
     /// Reads the record's keys.

@@ -13,7 +13,6 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 use dovetail_connectors::http::{AttemptResult, Outbound};
 use dovetail_core::clock::Timestamp;
 use dovetail_core::config::BatchConfig;
-use dovetail_core::pipeline::{self, Rejection};
 use dovetail_core::policy::{Answer, ErrorClass, Jitter, MAX_RETRY_AFTER, RetryPolicy, Verdict, classify};
 use dovetail_core::record::Attempt;
 use dovetail_journal::{AttemptReport, Journal, LeaseMode, LeasedRecord, Outcome, Prepared};
@@ -197,20 +196,24 @@ async fn attempt(
     probe: bool,
 ) {
     let started_at = options.clock.now();
-    let fresh = match prepare(flow, &mut record) {
-        Ok(fresh) => fresh,
-        Err(why) => {
+    match prepare(flow, journal, options, &mut record).await {
+        Ready::Send => {}
+        Ready::Refused(why) => {
             // Nothing goes out: the token, the quota slot and a breaker probe are returned.
             flow.connector.unused(1, probe);
             settle_unsent(flow, journal, options, &record, started_at, why).await;
             return;
         }
-    };
+        Ready::Abandon => {
+            flow.connector.unused(1, probe);
+            return;
+        }
+    }
     let result = flow.sink.send(outbound(&record), || options.clock.now()).await;
     let now = options.clock.now();
     let (breaker_open_until, change) = flow.connector.observe(&result, now);
     connector::record(change, journal).await;
-    let sent = Sent { started_at, breaker_open_until, quota: flow.connector.quota_name(), keep_batch: false, fresh };
+    let sent = Sent { started_at, breaker_open_until, quota: flow.connector.quota_name(), keep_batch: false };
     let report = conclude(flow, journal, options, &record, &result, sent).await;
     record_outcome(flow, journal, &record, report).await;
 }
@@ -241,14 +244,11 @@ async fn attempt_batch(
 ) {
     let started_at = options.clock.now();
     let mut sendable = Vec::with_capacity(records.len());
-    let mut fresh = Vec::with_capacity(records.len());
     for mut record in records {
-        match prepare(flow, &mut record) {
-            Err(why) => settle_unsent(flow, journal, options, &record, started_at, why).await,
-            Ok(f) => {
-                sendable.push(record);
-                fresh.push(f);
-            }
+        match prepare(flow, journal, options, &mut record).await {
+            Ready::Send => sendable.push(record),
+            Ready::Refused(why) => settle_unsent(flow, journal, options, &record, started_at, why).await,
+            Ready::Abandon => {}
         }
     }
     let records = sendable;
@@ -270,7 +270,7 @@ async fn attempt_batch(
     // The request counts once against the quota.
     let mut quota = flow.connector.quota_name();
     let mut reports = Vec::with_capacity(records.len());
-    for ((i, record), fresh) in records.iter().enumerate().zip(fresh) {
+    for (i, record) in records.iter().enumerate() {
         let own = match &result.items {
             Ok(Some(items)) => AttemptResult {
                 answer: Answer::Status { status: items[i].status, retry_after: None },
@@ -288,7 +288,7 @@ async fn attempt_batch(
                 hint: result.request.hint,
             },
         };
-        let sent = Sent { started_at, breaker_open_until, quota: quota.take(), keep_batch, fresh };
+        let sent = Sent { started_at, breaker_open_until, quota: quota.take(), keep_batch };
         reports.push(conclude(flow, journal, options, record, &own, sent).await);
     }
     // One transaction for the whole batch: a crash cannot leave some of a
@@ -308,8 +308,6 @@ struct Sent {
     /// The connector whose quota the request used (once per request).
     quota: Option<String>,
     keep_batch: bool,
-    /// A preparation made for this attempt, stored with it.
-    fresh: Option<Prepared>,
 }
 
 /// Decides what an attempt's result means for one record; pauses the flow
@@ -322,7 +320,7 @@ async fn conclude(
     result: &AttemptResult,
     sent: Sent,
 ) -> AttemptReport {
-    let Sent { started_at, breaker_open_until, quota, keep_batch, fresh } = sent;
+    let Sent { started_at, breaker_open_until, quota, keep_batch } = sent;
     let now = options.clock.now();
     let (outcome, class) =
         decide(result, record.attempt, record.failures, &flow.retry, &*options.jitter, now, breaker_open_until);
@@ -334,7 +332,6 @@ async fn conclude(
     let mut report = AttemptReport {
         quota,
         keep_batch,
-        prepared: fresh,
         id: record.id,
         owner: options.node_id.clone(),
         attempt: Attempt {
@@ -359,36 +356,63 @@ async fn conclude(
     report
 }
 
+/// Whether a leased record may go out.
+enum Ready {
+    Send,
+    /// Dead-letter it without sending.
+    Refused((ErrorClass, String)),
+    /// The lease was lost (or the journal failed) before the preparation
+    /// was stored: send nothing; the record comes back when the lease expires.
+    Abandon,
+}
+
 /// Makes a leased record ready to send, or says why it must not be sent.
 ///
 /// A record prepared at intake goes as it is. One that is not (replayed
-/// from the DLQ after a fix, or journalled by an older version) goes
-/// through the flow's current schema and mappings again; the preparation
-/// made here is returned so that it is stored with the attempt.
-fn prepare(flow: &FlowRuntime, record: &mut LeasedRecord) -> Result<Option<Prepared>, (ErrorClass, String)> {
+/// from the DLQ after a fix, or quarantined before) goes through the flow's
+/// current keys, schema and mappings again, and the result is stored
+/// *before* anything is sent: whatever goes out under the record's key is
+/// in the journal, and every later attempt sends exactly that.
+async fn prepare(
+    flow: &FlowRuntime,
+    journal: &dyn Journal,
+    options: &EngineOptions,
+    record: &mut LeasedRecord,
+) -> Ready {
     if record.failures >= flow.retry.max_attempts {
         // Interrupted attempts (engine crashes mid-send) spent the budget:
         // a record whose sending keeps killing the engine must stop here.
         let reason =
             format!("gave up after {} transient failures; the last attempts were interrupted", record.failures);
-        return Err((ErrorClass::Interrupted, reason));
+        return Ready::Refused((ErrorClass::Interrupted, reason));
     }
     if record.prepared.is_some() {
-        return Ok(None);
+        return Ready::Send;
     }
-    let refused = |r: Rejection| (ErrorClass::Validation, r.reason);
-    let fresh = if flow.pipeline.is_passthrough() {
-        // Only well-formedness matters: no tree is built.
-        serde_json::from_slice::<serde::de::IgnoredAny>(&record.payload)
-            .map_err(|e| (ErrorClass::Validation, format!("the body is not JSON: {e}")))?;
-        Prepared::default()
-    } else {
-        let input = pipeline::parse(&record.payload).map_err(refused)?;
-        let t = flow.pipeline.transform(&input).map_err(refused)?;
-        Prepared { body: t.body(), mapping_version: t.mapping_version, sink_mapping_version: t.sink_mapping_version }
+    let processed =
+        crate::contract::process(&flow.name, &flow.pipeline, flow.jq_time_limit, record.payload.clone().into()).await;
+    let fresh = match processed.result {
+        Ok(t) => Prepared {
+            body: t.body(),
+            mapping_version: t.mapping_version,
+            sink_mapping_version: t.sink_mapping_version,
+        },
+        Err(r) => return Ready::Refused((ErrorClass::Validation, r.reason)),
     };
-    record.prepared = Some(fresh.clone());
-    Ok(Some(fresh))
+    match journal.prepare(record.id, &options.node_id, record.attempt, fresh.clone()).await {
+        Ok(true) => {
+            record.prepared = Some(fresh);
+            Ready::Send
+        }
+        Ok(false) => {
+            tracing::warn!(flow = %flow.name, record_id = record.id, "the lease expired while the record was being mapped; another dispatcher owns it now");
+            Ready::Abandon
+        }
+        Err(e) => {
+            tracing::error!(flow = %flow.name, record_id = record.id, error = %e, "cannot store a record's mapped body; not sending it");
+            Ready::Abandon
+        }
+    }
 }
 
 /// Dead-letters a record without sending it.
@@ -404,7 +428,6 @@ async fn settle_unsent(
     let report = AttemptReport {
         quota: None,
         keep_batch: false,
-        prepared: None,
         id: record.id,
         owner: options.node_id.clone(),
         attempt: Attempt {

@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 
 use dovetail_core::clock::Clock;
 use dovetail_core::ids;
-use dovetail_core::pipeline::{self, Pipeline, Rejection};
+use dovetail_core::pipeline::{Pipeline, Rejection};
 use dovetail_core::policy::ErrorClass;
 use dovetail_core::signature::{Scheme, Verifier};
 use dovetail_journal::{Ingested, Journal, NewRecord, Prepared};
@@ -34,6 +34,7 @@ pub(crate) struct Intake {
     pub shape: Arc<crate::drift::FlowShape>,
     /// The flow's keys, schema and mappings: a record any of them refuses is quarantined.
     pub pipeline: Arc<Pipeline>,
+    pub jq_time_limit: std::time::Duration,
     pub journal: Arc<dyn Journal>,
     pub clock: Arc<dyn Clock>,
     pub wake: Arc<Notify>,
@@ -64,26 +65,20 @@ impl Intake {
             // Unsigned endpoints may still name their deliveries.
             None => header(&headers, "webhook-id").or(header(&headers, "idempotency-key")).map(str::to_string),
         };
-        let parsed = pipeline::parse(&body);
+        let processed = crate::contract::process(&self.flow, &self.pipeline, self.jq_time_limit, body.clone()).await;
         if delivery_id.is_none()
             && self.verifier.as_ref().is_some_and(|v| v.scheme() == Scheme::Stripe)
-            && let Ok(v) = &parsed
+            && let Some(v) = &processed.input
         {
             // Stripe names its events in the body, not in a header.
             delivery_id = v.get("id").and_then(|id| id.as_str()).map(str::to_string);
         }
         // An empty id would make every later empty-id delivery a "duplicate"
         // of the first, acknowledged and never stored.
-        let mut delivery_id = delivery_id.filter(|id| !id.trim().is_empty());
-        let mut external_key = None;
-        let processed = parsed.as_ref().map_err(Clone::clone).and_then(|v| {
-            let keys = self.pipeline.keys(v)?;
-            external_key = keys.external;
-            // Without a delivery id, the flow's `idempotency_key` names the record.
-            delivery_id = delivery_id.take().or(keys.dedup);
-            self.pipeline.transform(v)
-        });
-        let (prepared, rejection): (Option<Prepared>, Option<Rejection>) = match processed {
+        // Without a delivery id, the flow's `idempotency_key` names the record.
+        let delivery_id = delivery_id.filter(|id| !id.trim().is_empty()).or(processed.keys.dedup);
+        let external_key = processed.keys.external;
+        let (prepared, rejection): (Option<Prepared>, Option<Rejection>) = match processed.result {
             Ok(t) => (
                 Some(Prepared {
                     body: t.body(),
@@ -119,7 +114,7 @@ impl Intake {
                     );
                 }
                 self.wake.notify_one();
-                if let Ok(value) = &parsed {
+                if let Some(value) = &processed.input {
                     self.shape.learn(value, id, now, self.journal.as_ref()).await;
                 }
                 tracing::debug!(flow = %self.flow, record_id = id, correlation_id = %correlation_id, "record journalled");

@@ -11,6 +11,7 @@
 //! acknowledged, and a restart carries on where the journal says.
 
 mod connector;
+mod contract;
 mod dispatch;
 mod drift;
 mod intake;
@@ -74,6 +75,9 @@ pub struct EngineOptions {
     pub idle_poll: Duration,
     /// How often background housekeeping (payload retention) runs.
     pub housekeeping: Duration,
+    /// The longest a flow's jq (mappings, key expressions) may run for one
+    /// record before the record is quarantined.
+    pub jq_time_limit: Duration,
 }
 
 impl Default for EngineOptions {
@@ -84,6 +88,7 @@ impl Default for EngineOptions {
             node_id: format!("node-{}-{:08x}", std::process::id(), fastrand_u32()),
             idle_poll: Duration::from_secs(1),
             housekeeping: Duration::from_secs(600),
+            jq_time_limit: contract::JQ_TIME_LIMIT,
         }
     }
 }
@@ -112,6 +117,7 @@ pub(crate) struct FlowRuntime {
     /// Validation and mapping, run again for a record that is not prepared
     /// (replayed from the DLQ, or journalled by an older version).
     pub pipeline: Arc<dovetail_core::pipeline::Pipeline>,
+    pub jq_time_limit: Duration,
 }
 
 /// A started engine.
@@ -199,6 +205,10 @@ pub async fn start(
         }
         connectors.insert(name.clone(), runtime);
     }
+    if resolved.flows.values().any(|f| f.pipeline.uses_jq()) {
+        // libphonenumber's metadata and the time zones load on first use: not on a webhook's time.
+        let _ = tokio::task::spawn_blocking(dovetail_core::mapping::warm_up).await;
+    }
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let mut intakes = Vec::new();
@@ -228,6 +238,7 @@ pub async fn start(
             in_key_order: flow.ordering == dovetail_core::config::Ordering::PerKey,
             batch: batch.clone(),
             pipeline: pipeline.clone(),
+            jq_time_limit: options.jq_time_limit,
         });
         let SourceConfig::Webhook { path, .. } = &flow.source;
         let verifier = resolved.flows.get(name).and_then(|f| f.verifier.clone());
@@ -239,6 +250,7 @@ pub async fn start(
             path: path.clone(),
             verifier,
             pipeline,
+            jq_time_limit: options.jq_time_limit,
             journal: journal.clone(),
             clock: options.clock.clone(),
             wake,

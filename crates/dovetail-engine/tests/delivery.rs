@@ -31,6 +31,7 @@ struct Harness {
     _dir: tempfile::TempDir,
     /// The config, with every placeholder filled in.
     text: String,
+    jq_time_limit: Duration,
 }
 
 fn config_text(partner: &str, retry: &str, connector_extra: &str) -> String {
@@ -100,6 +101,12 @@ model = "Order"
 key = ".order.number"
 idempotency_key = ".event_id"
 sink = {{ type = "http", connector = "billing", path = "/v1/erp-orders", mapping = {{ file = "{{dir}}/order_to_erp.jq", version = 4 }} }}
+
+# A mapping whose cost depends on the record.
+[flows.counting]
+source = {{ type = "webhook", path = "/hooks/counting" }}
+mapping = {{ file = "{{dir}}/counting.jq", version = 1 }}
+sink = {{ type = "http", connector = "billing", path = "/v1/counts" }}
 "#
     )
 }
@@ -174,9 +181,12 @@ impl Harness {
         let journal = Arc::new(SqliteJournal::open(&dir.path().join("journal.db"), SqliteOptions::default()).unwrap());
         let schema = dir.path().join("order.schema.json");
         std::fs::write(&schema, ORDER_SCHEMA).unwrap();
-        for (file, text) in
-            [("order.model.json", ORDER_MODEL), ("shop_to_order.jq", SHOP_TO_ORDER), ("order_to_erp.jq", ORDER_TO_ERP)]
-        {
+        for (file, text) in [
+            ("order.model.json", ORDER_MODEL),
+            ("shop_to_order.jq", SHOP_TO_ORDER),
+            ("order_to_erp.jq", ORDER_TO_ERP),
+            ("counting.jq", "{id, count: (reduce range(.n) as $i (0; . + 1))}"),
+        ] {
             std::fs::write(dir.path().join(file), text).unwrap();
         }
         let text = config_text(&partner.url(), retry, connector_extra)
@@ -190,6 +200,7 @@ impl Harness {
             http: reqwest::Client::new(),
             _dir: dir,
             text,
+            jq_time_limit: Duration::from_secs(5),
         };
         h.restart().await;
         h
@@ -205,6 +216,7 @@ impl Harness {
         let options = EngineOptions {
             idle_poll: Duration::from_millis(50),
             housekeeping: Duration::from_millis(200),
+            jq_time_limit: self.jq_time_limit,
             ..EngineOptions::default()
         };
         let engine = dovetail_engine::start(&config, &resolved, self.journal.clone(), listener, options).await.unwrap();
@@ -973,5 +985,22 @@ async fn a_mapping_error_quarantines_the_record_and_a_replay_after_the_fix_deliv
     assert_eq!(totals.iter().filter(|t| *t == "20.00").count(), 1, "{totals:?}");
     let d = h.journal.record(id).await.unwrap().unwrap();
     assert_eq!((d.mapping_version, d.prepared), (Some(2), true), "the record keeps the version that mapped it");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mapping_past_its_time_limit_quarantines_the_record_and_the_engine_goes_on() {
+    let mut h = Harness::start(Behaviour::default()).await;
+    // Counting to two million takes jq (debug build) about two seconds: twenty times the limit.
+    h.jq_time_limit = Duration::from_millis(100);
+    h.restart().await;
+    let (status, json) = h.post("/hooks/counting", &[], br#"{"id":"slow","n":2000000}"#).await;
+    assert_eq!((status, json["status"].as_str(), json["stage"].as_str()), (202, Some("quarantined"), Some("mapping")));
+    assert!(json["reason"].as_str().unwrap().contains("did not finish within 100ms"), "{json}");
+    let (status, json) = h.post("/hooks/counting", &[], br#"{"id":"quick","n":3}"#).await;
+    assert_eq!((status, json["status"].as_str()), (202, Some("accepted")), "{json}");
+    h.wait_for("counting", "the quick record", |c| c.delivered == 1).await;
+    let sent: serde_json::Value = serde_json::from_slice(&h.partner.effects()[0].body).unwrap();
+    assert_eq!(sent, serde_json::json!({"id": "quick", "count": 3}));
     h.stop().await;
 }

@@ -35,7 +35,7 @@ macro_rules! journal_conformance {
             a_batch_of_unknown_fate_goes_again_whole_and_alone, a_bound_batch_waits_for_all_its_records,
             drift_events_and_shapes_are_kept, retention_purges_only_finished_payloads,
             records_are_found_by_id_correlation_delivery_id_and_key, a_prepared_record_leases_with_its_mapped_body, an_unprepared_record_leases_unprepared,
-            an_attempt_stores_the_preparation_it_made, replay_clears_the_preparation,
+            only_the_lease_holder_stores_a_preparation, replay_clears_the_preparation,
             retention_purges_the_mapped_body_too, a_quarantined_record_is_stored_unprepared);
     };
     (@tests $make:expr; $($name:ident),*) => {
@@ -75,7 +75,7 @@ fn plain_report(
     attempt: Attempt,
     outcome: Outcome,
 ) -> AttemptReport {
-    AttemptReport { prepared: None, quota: None, keep_batch: false, id, owner: owner.into(), attempt, outcome }
+    AttemptReport { quota: None, keep_batch: false, id, owner: owner.into(), attempt, outcome }
 }
 
 fn attempt(number: u32, status: u16, class: Option<ErrorClass>) -> Attempt {
@@ -173,17 +173,9 @@ pub async fn replay_takes_only_what_was_dead_at_its_start(j: &dyn Journal) {
     let mut a = attempt(1, 422, Some(ErrorClass::Rejected));
     a.started_at = dead_at;
     let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "no".into() };
-    j.complete(AttemptReport {
-        prepared: None,
-        quota: None,
-        keep_batch: false,
-        id,
-        owner: "a".into(),
-        attempt: a,
-        outcome: dead,
-    })
-    .await
-    .unwrap();
+    j.complete(AttemptReport { quota: None, keep_batch: false, id, owner: "a".into(), attempt: a, outcome: dead })
+        .await
+        .unwrap();
     let started = T0.plus(Duration::from_secs(30));
     assert_eq!(j.replay(&Selector::All, started, 10).await.unwrap(), 0, "died after the replay started");
     assert_eq!(j.discard(&Selector::All, started, 10).await.unwrap(), 0);
@@ -215,7 +207,6 @@ pub async fn sent_requests_count_against_the_quota_even_with_a_lost_lease(j: &dy
     j.lease("orders", "b", T0.plus(LEASE), LEASE, 10).await.unwrap();
     let quota = Some("billing".to_string());
     let stale = AttemptReport {
-        prepared: None,
         quota: quota.clone(),
         keep_batch: false,
         id,
@@ -225,7 +216,6 @@ pub async fn sent_requests_count_against_the_quota_even_with_a_lost_lease(j: &dy
     };
     assert!(!j.complete(stale).await.unwrap());
     let fresh = AttemptReport {
-        prepared: None,
         quota,
         keep_batch: false,
         id,
@@ -294,7 +284,6 @@ pub async fn a_batch_of_unknown_fate_goes_again_whole_and_alone(j: &dyn Journal)
     for (r, secs) in first.iter().zip([5, 7]) {
         let at = T0.plus(Duration::from_secs(secs));
         let report = AttemptReport {
-            prepared: None,
             quota: None,
             keep_batch: true,
             id: r.id,
@@ -335,7 +324,6 @@ pub async fn a_bound_batch_waits_for_all_its_records(j: &dyn Journal) {
     // Only the first member's result is written so far (say the engine died
     // between the two): the other is still in flight.
     let report = AttemptReport {
-        prepared: None,
         quota: None,
         keep_batch: true,
         id: batch[0].id,
@@ -615,36 +603,28 @@ pub async fn an_unprepared_record_leases_unprepared(j: &dyn Journal) {
     assert_eq!(leased[0].prepared, None, "validated and mapped by the lease holder");
 }
 
-pub async fn an_attempt_stores_the_preparation_it_made(j: &dyn Journal) {
+pub async fn only_the_lease_holder_stores_a_preparation(j: &dyn Journal) {
     let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
     assert_eq!(j.lease("orders", "a", T0, LEASE, 10).await.unwrap()[0].prepared, None);
     // a stalls past its lease; b takes the record over.
     let taken_at = T0.plus(LEASE);
     assert_eq!(j.lease("orders", "b", taken_at, LEASE, 10).await.unwrap()[0].prepared, None);
-    let stale = AttemptReport {
-        prepared: Some(prepared(Some("{\"stale\":true}"), Some(1), None)),
-        ..plain_report(id, "a", attempt(1, 503, Some(ErrorClass::Server)), Outcome::Retry { at: taken_at })
-    };
-    assert!(!j.complete(stale).await.unwrap());
+    let stale = prepared(Some("{\"stale\":true}"), Some(1), None);
+    assert!(!j.prepare(id, "a", 1, stale.clone()).await.unwrap(), "a lost lease may not prepare");
+    assert!(!j.prepare(id, "b", 1, stale).await.unwrap(), "nor an older attempt of the holder");
     let d = j.record(id).await.unwrap().unwrap();
-    assert_eq!((d.prepared, d.mapped, d.mapping_version), (false, None, None), "a lost lease stores nothing");
+    assert_eq!((d.prepared, d.mapped, d.mapping_version), (false, None, None), "nothing was stored");
     let fresh = prepared(Some("{\"mapped\":true}"), Some(2), Some(5));
-    let retry_at = taken_at.plus(Duration::from_secs(10));
-    let with = AttemptReport {
-        prepared: Some(fresh.clone()),
-        ..plain_report(id, "b", attempt(2, 503, Some(ErrorClass::Server)), Outcome::Retry { at: retry_at })
-    };
-    assert!(j.complete(with).await.unwrap());
+    assert!(j.prepare(id, "b", 2, fresh.clone()).await.unwrap());
     let d = j.record(id).await.unwrap().unwrap();
     assert_eq!(d.mapped.as_deref(), Some(&b"{\"mapped\":true}"[..]));
     assert_eq!((d.mapping_version, d.sink_mapping_version, d.prepared), (Some(2), Some(5), true));
-    let again = j.lease("orders", "b", retry_at, LEASE, 10).await.unwrap();
+    // Whatever the attempt's outcome, the next lease sends exactly this.
+    let retry_at = taken_at.plus(Duration::from_secs(10));
+    let report = plain_report(id, "b", attempt(2, 503, Some(ErrorClass::Server)), Outcome::Retry { at: retry_at });
+    assert!(j.complete(report).await.unwrap());
+    let again = j.lease("orders", "c", retry_at, LEASE, 10).await.unwrap();
     assert_eq!(again[0].prepared.as_ref(), Some(&fresh), "the next lease needn't map it again");
-    // A report without a preparation leaves the stored one as it is.
-    let retry_at = retry_at.plus(Duration::from_secs(10));
-    let plain = plain_report(id, "b", attempt(3, 503, Some(ErrorClass::Server)), Outcome::Retry { at: retry_at });
-    assert!(j.complete(plain).await.unwrap());
-    assert_eq!(j.lease("orders", "b", retry_at, LEASE, 10).await.unwrap()[0].prepared.as_ref(), Some(&fresh));
 }
 
 pub async fn records_are_found_by_id_correlation_delivery_id_and_key(j: &dyn Journal) {

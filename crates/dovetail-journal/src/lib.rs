@@ -119,8 +119,8 @@ pub struct LeasedRecord {
     pub batch_key: Option<String>,
     /// `Some` iff the record is prepared (validated and mapped with the
     /// flow's configuration at intake or by an earlier attempt). `None`: the
-    /// lease holder must validate and map `payload` before sending, and
-    /// report the result in [`AttemptReport::prepared`].
+    /// lease holder must validate and map `payload`, and store the result
+    /// with [`Journal::prepare`], before sending.
     pub prepared: Option<Prepared>,
 }
 
@@ -183,11 +183,6 @@ pub struct AttemptReport {
     /// The connector whose quota this attempt's request used, if it has one.
     /// Counted even when the lease was lost: the request was sent.
     pub quota: Option<String>,
-    /// `Some` when this attempt validated and mapped the record (it was
-    /// leased unprepared): stored with the attempt, in the same transaction
-    /// and only if the report applies, so the record's next lease is
-    /// prepared. `None` leaves the stored preparation as it is.
-    pub prepared: Option<Prepared>,
 }
 
 /// Requests counted against a connector's quota in the windows holding an instant.
@@ -354,6 +349,13 @@ pub trait Journal: Send + Sync + 'static {
     async fn dead_letters(&self, flow: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>>;
 
     async fn record(&self, id: RecordId) -> Result<Option<RecordDetail>>;
+
+    /// Stores the preparation a lease holder made for a record leased
+    /// unprepared, only while `owner` holds the lease for `attempt`. The
+    /// dispatcher calls it *before* sending, so that whatever goes out is
+    /// stored first and every later attempt sends exactly the same body.
+    /// `false`: the lease is lost; nothing was written and nothing may be sent.
+    async fn prepare(&self, id: RecordId, owner: &str, attempt: u32, prepared: Prepared) -> Result<bool>;
 
     /// Records named by `needle`: a record id, a correlation id, a delivery
     /// id or an external key; newest first, at most `limit`. Scans the

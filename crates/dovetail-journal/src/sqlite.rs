@@ -346,6 +346,15 @@ fn migrate(conn: &Connection, location: &str) -> Result<()> {
          WHERE state IN ('pending', 'in_flight') AND external_key IS NOT NULL",
     )
     .map_err(|e| sql_err(location, e))?;
+    if version < 3 {
+        // A record already attempted under an older version went out as its
+        // raw payload, under its key: that is its preparation. Mapping it now
+        // would send a different body under the same key.
+        conn.execute_batch(
+            "UPDATE records SET prepared = 1 WHERE state IN ('pending', 'in_flight') AND attempts > 0 AND prepared = 0",
+        )
+        .map_err(|e| sql_err(location, e))?;
+    }
     conn.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(|e| sql_err(location, e))?;
     Ok(())
 }
@@ -672,13 +681,6 @@ fn complete_tx(conn: &Connection, rep: &AttemptReport) -> rusqlite::Result<bool>
     if changed == 0 {
         return Ok(false);
     }
-    if let Some(p) = &rep.prepared {
-        // This attempt validated and mapped the record: its next lease needn't.
-        conn.prepare_cached(
-            "UPDATE records SET mapped = ?2, mapping_version = ?3, sink_mapping_version = ?4, prepared = 1 WHERE id = ?1",
-        )?
-        .execute(params![rep.id, p.body, p.mapping_version, p.sink_mapping_version])?;
-    }
     conn.prepare_cached(
         "INSERT OR REPLACE INTO attempts (record_id, number, started_at, duration_ms, status, class, error)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -889,6 +891,19 @@ impl Journal for SqliteJournal {
 
     async fn record(&self, id: RecordId) -> Result<Option<RecordDetail>> {
         self.read(move |c| record_tx(c, id)).await
+    }
+
+    async fn prepare(&self, id: RecordId, owner: &str, attempt: u32, prepared: Prepared) -> Result<bool> {
+        let owner = owner.to_string();
+        self.write(move |c| {
+            let changed = c.execute(
+                "UPDATE records SET mapped = ?4, mapping_version = ?5, sink_mapping_version = ?6, prepared = 1
+                 WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3",
+                params![id, owner, attempt, prepared.body, prepared.mapping_version, prepared.sink_mapping_version],
+            )?;
+            Ok(changed == 1)
+        })
+        .await
     }
 
     async fn find(&self, needle: &str, limit: usize) -> Result<Vec<RecordId>> {

@@ -137,19 +137,10 @@ async fn deliver_and_purge(j: &SqliteJournal, id: i64) -> RecordDetail {
         class: None,
         error: None,
     };
-    let report = AttemptReport {
-        id,
-        owner: "a".into(),
-        attempt,
-        outcome: Outcome::Delivered,
-        keep_batch: false,
-        quota: None,
-        prepared: Some(Prepared {
-            body: Some(b"{\"m\":1}".to_vec()),
-            mapping_version: Some(1),
-            sink_mapping_version: None,
-        }),
-    };
+    let mapped = Prepared { body: Some(b"{\"m\":1}".to_vec()), mapping_version: Some(1), sink_mapping_version: None };
+    assert!(j.prepare(id, "a", leased[0].attempt, mapped).await.unwrap());
+    let report =
+        AttemptReport { id, owner: "a".into(), attempt, outcome: Outcome::Delivered, keep_batch: false, quota: None };
     assert!(j.complete(report).await.unwrap());
     let d = j.record(id).await.unwrap().unwrap();
     assert_eq!((d.mapped.as_deref(), d.mapping_version, d.prepared), (Some(&b"{\"m\":1}"[..]), Some(1), true));
@@ -221,6 +212,9 @@ async fn a_version_2_journal_is_migrated() {
              INSERT INTO records (flow, idempotency_key, correlation_id, payload, received_at, state, finished_at,
                                   payload_purged_at)
              VALUES ('orders', 'k-purged', 'c', x'', 1000, 'delivered', 2000, 5000);
+             INSERT INTO records (flow, idempotency_key, correlation_id, payload, received_at, state, next_attempt_at,
+                                  attempts, failures)
+             VALUES ('orders', 'k-retrying', 'c', x'7b7d', 1000, 'pending', 9000000000000, 1, 1);
              PRAGMA user_version = 2;",
         )
         .unwrap();
@@ -236,6 +230,9 @@ async fn a_version_2_journal_is_migrated() {
     assert_eq!((old.prepared, old.mapped, old.mapping_version), (false, None, None));
     let waiting = j.record(1).await.unwrap().unwrap();
     assert_eq!((waiting.external_key.as_deref(), waiting.prepared), (Some("cus_1"), false));
+    // Already sent once, as its raw payload under its key: that is what it sends again.
+    let retrying = j.record(3).await.unwrap().unwrap();
+    assert_eq!((retrying.prepared, retrying.mapped), (true, None));
     let purged = deliver_and_purge(&j, 1).await;
     assert_eq!((purged.mapped.as_deref(), purged.payload_purged_at), (None, Some(Timestamp::from_secs(100))));
 }

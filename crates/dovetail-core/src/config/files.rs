@@ -131,13 +131,30 @@ impl Loaded {
     /// pipeline, and runs the samples through it. Every problem is reported
     /// at the key that names the file. Needs no secrets.
     pub fn pipelines(&self, read: ReadFile<'_>) -> Result<BTreeMap<String, Arc<Pipeline>>, ConfigErrors> {
+        self.build_pipelines(read, true)
+    }
+
+    /// The pipelines without running the samples: for `dovetail test`,
+    /// which is how one finds out why a sample is refused.
+    pub fn pipelines_without_samples(
+        &self,
+        read: ReadFile<'_>,
+    ) -> Result<BTreeMap<String, Arc<Pipeline>>, ConfigErrors> {
+        self.build_pipelines(read, false)
+    }
+
+    fn build_pipelines(
+        &self,
+        read: ReadFile<'_>,
+        run_samples: bool,
+    ) -> Result<BTreeMap<String, Arc<Pipeline>>, ConfigErrors> {
         let mut pipelines = BTreeMap::new();
         let mut files = Files { base: self.base_dir(), read, findings: Vec::new() };
         let mut models = BTreeMap::new();
         for (name, m) in &self.config.models {
             let Some(schema) = files.schema(&["models", name, "schema"], &m.schema) else { continue };
             let at = ["models", name.as_str(), "samples"];
-            for sample in &m.samples {
+            for sample in m.samples.iter().filter(|_| run_samples) {
                 for (label, value) in files.samples(&at, sample) {
                     let violations = schema.violations(&value);
                     if !violations.is_empty() {
@@ -171,7 +188,7 @@ impl Loaded {
                 sink_mapping,
             };
             // Samples prove a whole pipeline; a broken part was reported already.
-            if files.findings.len() == before {
+            if run_samples && files.findings.len() == before {
                 let at = ["flows", name.as_str(), "samples"];
                 for sample in &flow.samples {
                     for (label, value) in files.samples(&at, sample) {

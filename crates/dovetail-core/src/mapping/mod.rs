@@ -72,6 +72,9 @@ impl Program {
         let loader = Loader::new(defs);
         let arena = Arena::default();
         let modules = loader.load(&arena, File { code, path: () }).map_err(|errs| load_errors(code, errs))?;
+        // A data import (`import "file" as $x`) would read a file at run time: refused.
+        jaq_core::load::import(&modules, |_| Err("imports are not available to mappings".to_string()))
+            .map_err(|errs| load_errors(code, errs))?;
         let filter = jaq_core::Compiler::default()
             .with_funs(natives::all())
             .compile(modules)
@@ -129,6 +132,14 @@ fn error_text(e: jaq_core::Error<Val>) -> String {
     }
 }
 
+/// Loads what the normalisers load on first use (libphonenumber's metadata,
+/// the time zone database), so that the first record a mapping sees is not
+/// the one that pays for it. Takes a moment; call it once at start-up.
+pub fn warm_up() {
+    let _ = normalise::to_e164("020 7946 0000", Some("GB"));
+    let _ = normalise::parse_datetime("23/11/2026 09:30", "%d/%m/%Y %H:%M", "Europe/Paris");
+}
+
 /// A mapping: a program and the version the operator declared for it.
 #[derive(Debug)]
 pub struct Mapping {
@@ -148,24 +159,39 @@ fn to_val(v: &serde_json::Value) -> Result<Val, MapError> {
     Val::deserialize(v).map_err(|e| MapError::BadInput(e.to_string()))
 }
 
+/// How deep a mapping's output may nest: what `serde_json` reads back.
+pub const MAX_DEPTH: usize = 128;
+
 /// Converts jq's value to JSON. Like jq, NaN becomes `null` and the
-/// infinities the largest finite doubles.
+/// infinities the largest finite doubles; what JSON cannot hold exactly
+/// (byte strings, invalid UTF-8, non-string keys, integers beyond 64 bits,
+/// nesting deeper than [`MAX_DEPTH`]) is an error, never altered.
 fn to_json(v: &Val) -> Result<serde_json::Value, MapError> {
+    to_json_at(v, 0)
+}
+
+fn to_json_at(v: &Val, depth: usize) -> Result<serde_json::Value, MapError> {
     use serde_json::Value;
+    let text = |b: &[u8]| {
+        String::from_utf8(b.to_vec()).map_err(|_| MapError::NotJson("a string is not valid UTF-8".to_string()))
+    };
+    if depth > MAX_DEPTH {
+        return Err(MapError::NotJson(format!("it nests deeper than {MAX_DEPTH} levels")));
+    }
     Ok(match v {
         Val::Null => Value::Null,
         Val::Bool(b) => Value::Bool(*b),
         Val::Num(n) => number(n)?,
-        Val::TStr(b) => Value::String(String::from_utf8_lossy(b).into_owned()),
+        Val::TStr(b) => Value::String(text(b)?),
         Val::BStr(_) => return Err(MapError::NotJson(format!("{v} is a byte string"))),
-        Val::Arr(items) => Value::Array(items.iter().map(to_json).collect::<Result<_, _>>()?),
+        Val::Arr(items) => Value::Array(items.iter().map(|i| to_json_at(i, depth + 1)).collect::<Result<_, _>>()?),
         Val::Obj(map) => {
             let mut obj = serde_json::Map::with_capacity(map.len());
             for (k, v) in map.iter() {
                 let Val::TStr(key) = k else {
                     return Err(MapError::NotJson(format!("the object key {k} is not a string")));
                 };
-                obj.insert(String::from_utf8_lossy(key).into_owned(), to_json(v)?);
+                obj.insert(text(key)?, to_json_at(v, depth + 1)?);
             }
             Value::Object(obj)
         }
@@ -181,7 +207,12 @@ fn number(n: &jaq_json::Num) -> Result<serde_json::Value, MapError> {
     Ok(match n {
         Num::Int(i) => Value::from(*i as i64),
         Num::Float(f) => float(*f),
-        Num::BigInt(_) | Num::Dec(_) => {
+        Num::BigInt(i) => {
+            let exact =
+                i64::try_from(i.as_ref()).map(Value::from).or_else(|_| u64::try_from(i.as_ref()).map(Value::from));
+            exact.map_err(|_| MapError::NotJson(format!("the integer {n} does not fit in 64 bits")))?
+        }
+        Num::Dec(_) => {
             let text = n.to_string();
             match text.parse::<serde_json::Number>() {
                 Ok(num) => Value::Number(num),
@@ -210,9 +241,7 @@ fn load_errors(code: &str, errs: jaq_core::load::Errors<&str, ()>) -> Vec<Compil
     let mut out = Vec::new();
     for (_file, err) in errs {
         match err {
-            Error::Io(items) => {
-                out.extend(items.into_iter().map(|(part, why)| error_at(code, part, format!("cannot import: {why}"))))
-            }
+            Error::Io(items) => out.extend(items.into_iter().map(|(part, why)| error_at(code, part, why))),
             Error::Lex(items) => out.extend(
                 items.into_iter().map(|(expect, part)| error_at(code, part, format!("expected {}", expect.as_str()))),
             ),

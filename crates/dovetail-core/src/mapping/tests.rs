@@ -43,6 +43,12 @@ fn outputs_that_json_cannot_hold_are_refused() {
     assert!(matches!(p.run_one(&json!(null)), Err(MapError::NotJson(_)) | Err(MapError::Jq(_))));
     assert_eq!(program("nan").run_one(&json!(null)), Ok(json!(null)));
     assert_eq!(program("infinite").run_one(&json!(null)), Ok(json!(f64::MAX)));
+    let deep = program("reduce range(200) as $i (0; [.])");
+    assert!(matches!(deep.run_one(&json!(null)), Err(MapError::NotJson(m)) if m.contains("deeper than 128")));
+    assert!(program("reduce range(100) as $i (0; [.])").run_one(&json!(null)).is_ok());
+    let huge = program("9223372036854775807 * 4");
+    let err = MapError::NotJson("the integer 36893488147419103228 does not fit in 64 bits".into());
+    assert_eq!(huge.run_one(&json!(null)), Err(err), "never rounded to a float");
 }
 
 #[test]
@@ -61,6 +67,16 @@ fn compile_errors_carry_positions() {
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert_eq!((errs[0].line, errs[0].column), (1, 6));
     assert!(errs[0].message.contains("no_such_filter/1"), "{}", errs[0].message);
+}
+
+#[test]
+fn mappings_cannot_import_files() {
+    for code in [r#"import "data" as $d; $d"#, r#"include "lib"; ."#, r#"import "lib" as lib; ."#] {
+        let errs = Program::compile(code).unwrap_err();
+        assert!(!errs.is_empty(), "{code}");
+    }
+    let errs = Program::compile(r#"import "data" as $d; $d"#).unwrap_err();
+    assert_eq!(errs[0].message, "imports are not available to mappings");
 }
 
 #[test]
