@@ -39,8 +39,11 @@ struct FlowStatus {
     in_flight: u64,
     delivered: u64,
     dead: u64,
-    /// Of `dead`, records quarantined as unusable (not JSON, breaking the schema).
+    /// Of `dead`, records quarantined as unusable (not JSON, breaking the
+    /// schema or the model, refused by a mapping).
     quarantined: u64,
+    /// `quarantined` over every record the flow has received (0 with none).
+    rejection_rate: f64,
     discarded: u64,
     oldest_pending_at: Option<Timestamp>,
     oldest_pending_age_seconds: Option<f64>,
@@ -72,6 +75,10 @@ pub async fn status(path: &Path, json: bool) -> Result<ExitCode> {
             delivered: c.delivered,
             dead: c.dead,
             quarantined: c.quarantined,
+            rejection_rate: {
+                let received = c.pending + c.in_flight + c.delivered + c.dead + c.discarded;
+                if received == 0 { 0.0 } else { c.quarantined as f64 / received as f64 }
+            },
             discarded: c.discarded,
             oldest_pending_at: c.oldest_pending_at,
             paused: c.paused,
@@ -118,7 +125,11 @@ fn print_table(report: &StatusReport, now: Timestamp) {
             f.in_flight.to_string(),
             f.delivered.to_string(),
             f.dead.to_string(),
-            f.quarantined.to_string(),
+            if f.quarantined == 0 {
+                "0".to_string()
+            } else {
+                format!("{} ({:.1}%)", f.quarantined, f.rejection_rate * 100.0)
+            },
             age.unwrap_or_else(|| "-".into()),
         ]);
     }

@@ -172,6 +172,9 @@ async fn dlq_list_show_replay_and_discard_through_the_cli() {
     assert_eq!(v["idempotency_key"], "key_0");
     assert_eq!(v["last_error"], "record 0 is unusable");
 
+    let before: serde_json::Value = serde_json::from_str(&dovetail(p, &["status", "--json"], &[]).stdout).unwrap();
+    assert_eq!(before["flows"][0]["rejection_rate"].as_f64(), Some(1.0), "every record so far was quarantined");
+
     // trace finds a record by its correlation id or delivery id too.
     let by_correlation = dovetail(p, &["trace", "corr_7"], &[]);
     assert_eq!(by_correlation.code, 0, "{}", by_correlation.stderr);
@@ -211,6 +214,7 @@ async fn dlq_list_show_replay_and_discard_through_the_cli() {
         (Some("orders"), Some(2501), Some(0), Some(2))
     );
     assert_eq!(orders["state"], "running");
+    assert_eq!(orders["rejection_rate"].as_f64(), Some(0.0), "the replayed quarantined records are pending now");
     assert!(orders["oldest_pending_age_seconds"].as_f64().unwrap() > 0.0);
 
     let human = dovetail(p, &["status"], &[]);
