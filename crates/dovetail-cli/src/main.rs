@@ -27,8 +27,17 @@ struct Cli {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, global = true, env = "DOVETAIL_LOG", default_value = "info")]
     log_level: tracing::Level,
+    /// Log lines as human-readable text or as JSON objects (one per line).
+    #[arg(long, global = true, env = "DOVETAIL_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -86,12 +95,13 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     use std::io::IsTerminal as _;
-    tracing_subscriber::fmt()
-        .with_max_level(cli.log_level)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    let logs = tracing_subscriber::fmt().with_max_level(cli.log_level).with_target(false).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        // One JSON object per line: timestamp, level, message and every field
+        // (flow, record_id, correlation_id, ...) at the top level.
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).init(),
+    }
     dovetail_connectors::http::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,

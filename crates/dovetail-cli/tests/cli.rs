@@ -415,3 +415,38 @@ async fn trace_shows_raw_mapped_and_sent_side_by_side() {
     assert!(out.contains("Idempotency-Key: key_5\nX-Correlation-ID: corr_5\n"), "{out}");
     assert!(!out.contains("Bearer t\n"), "the token is never printed: {out}");
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_with_their_fields() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dovetail.toml"), GOOD).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dovetail"))
+        .current_dir(dir.path())
+        .args(["--log-format", "json", "run"])
+        .envs(SECRETS.iter().copied())
+        .env_remove("DOVETAIL_CONFIG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut started = None;
+    for line in stderr.lines().take(20) {
+        let line = line.unwrap();
+        if line.starts_with("dovetail: listening") {
+            continue; // the banner for people, not a log line
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        if v["message"] == "engine started" {
+            started = Some(v);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let v = started.expect("the engine logged its start");
+    assert_eq!(v["level"], "INFO");
+    assert_eq!(v["flows"], 1);
+    assert!(v["addr"].as_str().unwrap().starts_with("127.0.0.1:"), "{v}");
+    assert!(v["timestamp"].is_string(), "{v}");
+}

@@ -45,7 +45,28 @@ pub(crate) enum Admit {
     /// Send up to `n` records; `probe` when this is the breaker's half-open probe.
     Send { n: usize, probe: bool },
     /// Nothing may go out for this long.
-    Wait(Duration),
+    Wait(Duration, WaitReason),
+}
+
+/// Why a connector holds its sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WaitReason {
+    /// The circuit breaker is open.
+    Breaker,
+    /// The quota of the hour or day is spent.
+    Quota,
+    /// The token bucket is empty, or the partner said to wait (Retry-After, RateLimit-Reset).
+    RateLimit,
+}
+
+impl WaitReason {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            WaitReason::Breaker => "breaker_open",
+            WaitReason::Quota => "quota_spent",
+            WaitReason::RateLimit => "rate_limit",
+        }
+    }
 }
 
 /// A change worth recording: a breaker transition or a slowdown.
@@ -94,7 +115,7 @@ impl ConnectorRuntime {
             match admission {
                 Admission::Allow => {}
                 Admission::Probe => probe = true,
-                Admission::WaitUntil(until) => return (Admit::Wait(until.since(now)), None),
+                Admission::WaitUntil(until) => return (Admit::Wait(until.since(now), WaitReason::Breaker), None),
             }
         }
         let mut wanted = if probe { 1 } else { wanted };
@@ -110,7 +131,7 @@ impl ConnectorRuntime {
                     // Spent until the next window, or all that is left is in flight.
                     let wait = waiting.err().unwrap_or(Duration::from_millis(100));
                     let change = transition.map(|t| g.change(self, Some(t), now));
-                    return (Admit::Wait(wait), change);
+                    return (Admit::Wait(wait, WaitReason::Quota), change);
                 }
             }
         }
@@ -128,7 +149,7 @@ impl ConnectorRuntime {
                 if probe && let Some(b) = g.breaker.as_mut() {
                     b.probe_unused();
                 }
-                Admit::Wait(wait)
+                Admit::Wait(wait, WaitReason::RateLimit)
             }
         };
         let change = transition.map(|t| g.change(self, Some(t), now));

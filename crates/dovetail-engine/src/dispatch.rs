@@ -61,7 +61,8 @@ pub(crate) async fn run(
         connector::record(change, journal.as_ref()).await;
         let (n, probe) = match admit {
             Admit::Send { n, probe } => (n, probe),
-            Admit::Wait(wait) => {
+            Admit::Wait(wait, reason) => {
+                flow.metrics.waited(&flow.connector.name, reason);
                 drop(permits);
                 tokio::select! {
                     _ = tokio::time::sleep(wait.min(options.idle_poll)) => {}
@@ -325,6 +326,13 @@ async fn conclude(
     let (outcome, class) =
         decide(result, record.attempt, record.failures, &flow.retry, &*options.jitter, now, breaker_open_until);
     log_attempt(flow, record, result, &outcome);
+    let connector = flow.sink.connector();
+    flow.metrics.attempt(&flow.name, connector, result.duration.as_secs_f64(), class);
+    match &outcome {
+        Outcome::Dead { class, .. } => flow.metrics.dead_lettered(&flow.name, connector, *class),
+        Outcome::Retry { .. } => flow.metrics.retried(&flow.name, connector),
+        Outcome::Delivered | Outcome::Hold { .. } => {}
+    }
     let status = match result.answer {
         Answer::Status { status, .. } => Some(status),
         _ => None,
@@ -424,7 +432,8 @@ async fn settle_unsent(
     now: Timestamp,
     (class, reason): (ErrorClass, String),
 ) {
-    tracing::warn!(flow = %flow.name, record_id = record.id, class = class.as_str(), %reason, "dead-lettered without sending");
+    tracing::warn!(flow = %flow.name, record_id = record.id, correlation_id = %record.correlation_id, class = class.as_str(), %reason, "dead-lettered without sending");
+    flow.metrics.dead_lettered(&flow.name, flow.sink.connector(), class);
     let report = AttemptReport {
         quota: None,
         keep_batch: false,

@@ -35,6 +35,7 @@ pub(crate) struct Intake {
     /// The flow's keys, schema and mappings: a record any of them refuses is quarantined.
     pub pipeline: Arc<Pipeline>,
     pub jq_time_limit: std::time::Duration,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub journal: Arc<dyn Journal>,
     pub clock: Arc<dyn Clock>,
     pub wake: Arc<Notify>,
@@ -50,6 +51,7 @@ fn answer(status: StatusCode, correlation_id: &str, body: serde_json::Value) -> 
 
 impl Intake {
     pub async fn receive(&self, headers: HeaderMap, body: Bytes) -> Response {
+        let started = std::time::Instant::now();
         let now = self.clock.now();
         let correlation_id =
             ids::inbound_correlation_id(header(&headers, "traceparent"), header(&headers, "x-correlation-id"))
@@ -104,8 +106,10 @@ impl Intake {
         };
         match self.journal.ingest(record).await {
             Ok(Ingested::New(id)) => {
+                self.metrics.received(&self.flow, started.elapsed());
                 if let Some(Rejection { stage, reason }) = rejection {
                     let stage = stage.as_str();
+                    self.metrics.quarantined(&self.flow, stage);
                     tracing::warn!(flow = %self.flow, record_id = id, correlation_id = %correlation_id, stage, %reason, "record quarantined at intake");
                     return answer(
                         StatusCode::ACCEPTED,
@@ -121,6 +125,7 @@ impl Intake {
                 answer(StatusCode::ACCEPTED, &correlation_id, json!({ "status": "accepted", "record_id": id }))
             }
             Ok(Ingested::Duplicate(id)) => {
+                self.metrics.duplicate(&self.flow);
                 tracing::debug!(flow = %self.flow, record_id = id, "duplicate delivery acknowledged, not journalled again");
                 answer(StatusCode::OK, &correlation_id, json!({ "status": "duplicate", "record_id": id }))
             }

@@ -15,6 +15,7 @@ mod contract;
 mod dispatch;
 mod drift;
 mod intake;
+mod metrics;
 mod retention;
 mod server;
 
@@ -112,6 +113,7 @@ pub(crate) struct FlowRuntime {
     pub auth_failed: std::sync::atomic::AtomicBool,
     /// `ordering = "per_key"`.
     pub in_key_order: bool,
+    pub metrics: Arc<metrics::Metrics>,
     /// Bulk requests, when the sink sends many records at once.
     pub batch: Option<dovetail_core::config::BatchConfig>,
     /// Validation and mapping, run again for a record that is not prepared
@@ -209,6 +211,7 @@ pub async fn start(
         // libphonenumber's metadata and the time zones load on first use: not on a webhook's time.
         let _ = tokio::task::spawn_blocking(dovetail_core::mapping::warm_up).await;
     }
+    let metrics = Arc::new(metrics::Metrics::new());
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let mut intakes = Vec::new();
@@ -239,6 +242,7 @@ pub async fn start(
             batch: batch.clone(),
             pipeline: pipeline.clone(),
             jq_time_limit: options.jq_time_limit,
+            metrics: metrics.clone(),
         });
         let SourceConfig::Webhook { path, .. } = &flow.source;
         let verifier = resolved.flows.get(name).and_then(|f| f.verifier.clone());
@@ -251,6 +255,7 @@ pub async fn start(
             verifier,
             pipeline,
             jq_time_limit: options.jq_time_limit,
+            metrics: metrics.clone(),
             journal: journal.clone(),
             clock: options.clock.clone(),
             wake,
@@ -270,7 +275,22 @@ pub async fn start(
         options.housekeeping,
         shutdown_rx.clone(),
     ));
-    let app = server::router(intakes, journal.clone(), config.engine.max_body.0);
+    let quotas = config
+        .connectors
+        .iter()
+        .filter_map(|(name, c)| {
+            let ConnectorConfig::Http(h) = c;
+            h.quota.map(|q| (name.clone(), q.per_hour, q.per_day))
+        })
+        .collect();
+    let scrape = server::Scrape {
+        metrics,
+        journal: journal.clone(),
+        connectors: connectors.values().cloned().collect(),
+        quotas,
+        clock: options.clock.clone(),
+    };
+    let app = server::router(intakes, journal.clone(), scrape, config.engine.max_body.0);
     let mut stop = shutdown_rx.clone();
     tasks.spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {

@@ -13,12 +13,27 @@ use serde_json::json;
 
 use dovetail_journal::Journal;
 
-use crate::intake::Intake;
+use dovetail_core::clock::Clock;
 
-pub(crate) fn router(intakes: Vec<Intake>, journal: Arc<dyn Journal>, max_body: usize) -> Router {
+use crate::connector::ConnectorRuntime;
+use crate::intake::Intake;
+use crate::metrics::Metrics;
+
+/// What `/metrics` reads at scrape time.
+pub(crate) struct Scrape {
+    pub metrics: Arc<Metrics>,
+    pub journal: Arc<dyn Journal>,
+    pub connectors: Vec<Arc<ConnectorRuntime>>,
+    /// Each connector with a quota: its hourly and daily limits.
+    pub quotas: Vec<(String, Option<u64>, Option<u64>)>,
+    pub clock: Arc<dyn Clock>,
+}
+
+pub(crate) fn router(intakes: Vec<Intake>, journal: Arc<dyn Journal>, scrape: Scrape, max_body: usize) -> Router {
     let mut app = Router::new()
         .route("/healthz", get(|| async { axum::Json(json!({ "status": "alive" })) }))
-        .route("/readyz", get(readyz).with_state(journal));
+        .route("/readyz", get(readyz).with_state(journal))
+        .route("/metrics", get(metrics).with_state(Arc::new(scrape)));
     for intake in intakes {
         let path = intake.path.clone();
         let route = post(
@@ -54,6 +69,16 @@ async fn readyz(State(journal): State<Arc<dyn Journal>>) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({ "status": "not_ready", "journal": e.to_string() })))
                 .into_response()
         }
+    }
+}
+
+async fn metrics(State(s): State<Arc<Scrape>>) -> Response {
+    match s.metrics.render(s.journal.as_ref(), &s.connectors, &s.quotas, s.clock.now()).await {
+        Ok(text) => {
+            ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+                .into_response()
+        }
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("# the journal cannot be read: {e}\n")).into_response(),
     }
 }
 

@@ -1004,3 +1004,40 @@ async fn a_mapping_past_its_time_limit_quarantines_the_record_and_the_engine_goe
     assert_eq!(sent, serde_json::json!({"id": "quick", "count": 3}));
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happened_and_read_the_levels() {
+    let h = Harness::start(Behaviour::default().fail_body("reject", Reply::Status { status: 422, body: "no".into() }))
+        .await;
+    h.send_order("m1", &order("ord_m1")).await;
+    h.send_order("m2", r#"{"id":"ord_m2","status":"reject"}"#).await;
+    h.send_order("m3", "not json").await;
+    h.send_order("m1", &order("ord_m1")).await;
+    h.wait_for("orders", "delivery and dead letters", |c| c.delivered == 1 && c.dead == 2).await;
+    let resp = h.http.get(format!("{}/metrics", h.base)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let content_type = resp.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(content_type.starts_with("application/openmetrics-text"), "{content_type}");
+    let text = resp.text().await.unwrap();
+    for line in [
+        r#"dovetail_records_received_total{flow="orders"} 3"#,
+        r#"dovetail_duplicate_deliveries_total{flow="orders"} 1"#,
+        r#"dovetail_records_quarantined_total{flow="orders",stage="parse"} 1"#,
+        r#"dovetail_records_delivered_total{flow="orders",connector="billing"} 1"#,
+        r#"dovetail_attempt_failures_total{flow="orders",connector="billing",class="rejected"} 1"#,
+        r#"dovetail_records_dead_lettered_total{flow="orders",connector="billing",class="rejected"} 1"#,
+        r#"dovetail_attempt_duration_seconds_count{flow="orders",connector="billing"} 2"#,
+        r#"dovetail_ingest_duration_seconds_count{flow="orders"} 3"#,
+        r#"dovetail_dlq_depth{flow="orders"} 2"#,
+        r#"dovetail_records_pending{flow="orders"} 0"#,
+        r#"dovetail_flow_paused{flow="orders"} 0"#,
+        r#"dovetail_circuit_breaker_state{connector="billing",state="closed"} 1"#,
+        r#"dovetail_circuit_breaker_state{connector="billing",state="open"} 0"#,
+        "# TYPE dovetail_attempt_duration_seconds histogram",
+        "# UNIT dovetail_attempt_duration_seconds seconds",
+        "# EOF",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+    }
+    h.stop().await;
+}
