@@ -7,12 +7,11 @@ use anyhow::{Result, bail};
 use clap::Subcommand;
 use serde_json::json;
 
-use dovetail_connectors::http::Outbound;
-use dovetail_connectors::preview::RequestPreview;
 use dovetail_core::clock::{Clock, SystemClock};
-use dovetail_core::config::{Loaded, SinkConfig};
+use dovetail_core::config::Loaded;
 use dovetail_core::record::RecordId;
-use dovetail_journal::{Journal, RecordDetail, Selector, SqliteJournal};
+use dovetail_engine::views::{last_error, record_json, request_of, versions};
+use dovetail_journal::{Journal, Selector, SqliteJournal};
 
 use crate::project;
 
@@ -103,39 +102,6 @@ async fn list(journal: &SqliteJournal, flow: Option<&str>, limit: usize, json: b
     Ok(ExitCode::SUCCESS)
 }
 
-/// The payload as JSON when it is JSON, else as text (lossy), so output is always valid JSON.
-fn payload_value(detail: &RecordDetail) -> serde_json::Value {
-    serde_json::from_slice(&detail.payload).unwrap_or_else(|_| json!(String::from_utf8_lossy(&detail.payload)))
-}
-
-/// The request a record makes (or made) through its flow's sink, from the
-/// current config; `None` when the record is not prepared (nothing is
-/// known to send until it is validated and mapped again) or its flow is gone.
-fn request_of(loaded: &Loaded, detail: &RecordDetail) -> Option<RequestPreview> {
-    if !detail.prepared || detail.payload_purged_at.is_some() {
-        return None;
-    }
-    let flow = loaded.config.flows.get(&detail.flow)?;
-    let SinkConfig::Http { connector, method, path, .. } = &flow.sink;
-    let http = loaded.config.http_connector(connector)?;
-    let out = Outbound {
-        payload: detail.mapped.as_deref().unwrap_or(&detail.payload),
-        content_type: if detail.mapped.is_some() { Some("application/json") } else { detail.content_type.as_deref() },
-        idempotency_key: &detail.idempotency_key,
-        correlation_id: &detail.correlation_id,
-    };
-    Some(RequestPreview::new(http, method, path, &out))
-}
-
-/// Which mappings produced a record's body, e.g. `mapping v3, sink mapping v1`.
-fn versions(detail: &RecordDetail) -> String {
-    let parts: Vec<String> = [("mapping", detail.mapping_version), ("sink mapping", detail.sink_mapping_version)]
-        .into_iter()
-        .filter_map(|(what, v)| v.map(|v| format!("{what} v{v}")))
-        .collect();
-    parts.join(", ")
-}
-
 /// `dovetail trace NEEDLE`: the whole story of the records a record id,
 /// correlation id, delivery id or external key names, newest first.
 pub async fn trace(path: &Path, needle: &str, limit: usize, json: bool) -> Result<ExitCode> {
@@ -149,7 +115,7 @@ pub async fn trace(path: &Path, needle: &str, limit: usize, json: bool) -> Resul
         let mut records = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(detail) = journal.record(id).await? {
-                records.push(detail_json(&loaded, &detail)?);
+                records.push(record_json(&loaded.config, &detail));
             }
         }
         println!("{}", serde_json::to_string_pretty(&json!({ "records": records }))?);
@@ -164,30 +130,12 @@ pub async fn trace(path: &Path, needle: &str, limit: usize, json: bool) -> Resul
     Ok(ExitCode::SUCCESS)
 }
 
-fn last_error(detail: &RecordDetail) -> Option<String> {
-    detail.attempts.iter().rev().find_map(|a| a.error.clone()).or_else(|| detail.dead_reason.clone())
-}
-
-/// A record as `dlq show --json` and `trace --json` print it.
-fn detail_json(loaded: &Loaded, detail: &RecordDetail) -> Result<serde_json::Value> {
-    let mut v = serde_json::to_value(detail)?;
-    v["payload"] = payload_value(detail);
-    v["payload_is_json"] = json!(serde_json::from_slice::<serde::de::IgnoredAny>(&detail.payload).is_ok());
-    v["mapped"] = match &detail.mapped {
-        Some(m) => serde_json::from_slice(m).unwrap_or_else(|_| json!(String::from_utf8_lossy(m))),
-        None => serde_json::Value::Null,
-    };
-    v["request"] = json!(request_of(loaded, detail));
-    v["last_error"] = json!(last_error(detail));
-    Ok(v)
-}
-
 async fn show(loaded: &Loaded, journal: &SqliteJournal, id: RecordId, json: bool) -> Result<ExitCode> {
     let Some(detail) = journal.record(id).await? else { bail!("there is no record {id}") };
     let last_error = last_error(&detail);
-    let request = request_of(loaded, &detail);
+    let request = request_of(&loaded.config, &detail);
     if json {
-        let v = detail_json(loaded, &detail)?;
+        let v = record_json(&loaded.config, &detail);
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }

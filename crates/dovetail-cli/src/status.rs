@@ -4,103 +4,19 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use serde::Serialize;
 
 use dovetail_core::clock::{Clock, SystemClock, Timestamp};
 use dovetail_core::duration::format_duration;
-use dovetail_journal::{ConnectorHealth, FlowCounts, Journal, Pause};
+use dovetail_engine::views::{StatusReport, status_report};
+use dovetail_journal::Journal;
 
 use crate::project;
-
-/// The stable JSON shape of `dovetail status --json` (documented in the README).
-#[derive(Serialize)]
-struct StatusReport {
-    generated_at: Timestamp,
-    flows: Vec<FlowStatus>,
-    connectors: Vec<ConnectorHealth>,
-    quotas: Vec<QuotaStatus>,
-}
-
-#[derive(Serialize)]
-struct QuotaStatus {
-    connector: String,
-    per_hour: Option<u64>,
-    used_this_hour: u64,
-    per_day: Option<u64>,
-    used_today: u64,
-}
-
-#[derive(Serialize)]
-struct FlowStatus {
-    flow: String,
-    /// "running" or "paused".
-    state: &'static str,
-    pending: u64,
-    in_flight: u64,
-    delivered: u64,
-    dead: u64,
-    /// Of `dead`, records quarantined as unusable (not JSON, breaking the
-    /// schema or the model, refused by a mapping).
-    quarantined: u64,
-    /// `quarantined` over every record the flow has received (0 with none).
-    rejection_rate: f64,
-    discarded: u64,
-    oldest_pending_at: Option<Timestamp>,
-    oldest_pending_age_seconds: Option<f64>,
-    paused: Option<Pause>,
-    /// False for a flow that has records in the journal but is no longer in the config.
-    configured: bool,
-}
 
 pub async fn status(path: &Path, json: bool) -> Result<ExitCode> {
     let loaded = project::load(path)?;
     let journal = project::open_existing_journal(&loaded)?;
     let now = SystemClock.now();
-    let mut counts = journal.counts().await?;
-    for name in loaded.config.flows.keys() {
-        if !counts.iter().any(|c| &c.flow == name) {
-            counts.push(FlowCounts { flow: name.clone(), ..Default::default() });
-        }
-    }
-    counts.sort_by(|a, b| a.flow.cmp(&b.flow));
-    let flows: Vec<FlowStatus> = counts
-        .into_iter()
-        .map(|c| FlowStatus {
-            configured: loaded.config.flows.contains_key(&c.flow),
-            state: if c.paused.is_some() { "paused" } else { "running" },
-            oldest_pending_age_seconds: c.oldest_pending_at.map(|t| now.since(t).as_secs_f64()),
-            flow: c.flow,
-            pending: c.pending,
-            in_flight: c.in_flight,
-            delivered: c.delivered,
-            dead: c.dead,
-            quarantined: c.quarantined,
-            rejection_rate: {
-                let received = c.pending + c.in_flight + c.delivered + c.dead + c.discarded;
-                if received == 0 { 0.0 } else { c.quarantined as f64 / received as f64 }
-            },
-            discarded: c.discarded,
-            oldest_pending_at: c.oldest_pending_at,
-            paused: c.paused,
-        })
-        .collect();
-    let mut connectors: Vec<ConnectorHealth> = journal.connector_health().await?;
-    connectors.retain(|c| loaded.config.connectors.contains_key(&c.connector));
-    let mut quotas = Vec::new();
-    for (name, c) in &loaded.config.connectors {
-        let dovetail_core::config::ConnectorConfig::Http(h) = c;
-        if let Some(q) = &h.quota {
-            let used = journal.quota_used(name, now).await?;
-            quotas.push(QuotaStatus {
-                connector: name.clone(),
-                per_hour: q.per_hour,
-                used_this_hour: used.this_hour,
-                per_day: q.per_day,
-                used_today: used.today,
-            });
-        }
-    }
-    let report = StatusReport { generated_at: now, flows, connectors, quotas };
+    let report = status_report(&loaded.config, journal.as_ref(), now).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -11,6 +11,7 @@
 //! This crate must not depend on any other Dovetail crate, on an async
 //! runtime, or on a network or database library.
 
+pub mod alert;
 pub mod clock;
 pub mod config;
 pub mod duration;

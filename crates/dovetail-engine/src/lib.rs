@@ -10,14 +10,17 @@
 //! is in the journal, so a crash at any point loses nothing that was
 //! acknowledged, and a restart carries on where the journal says.
 
+mod admin;
 mod connector;
 mod contract;
 mod dispatch;
 mod drift;
 mod intake;
 mod metrics;
+mod openapi;
 mod retention;
 mod server;
+pub mod views;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -290,7 +293,13 @@ pub async fn start(
         quotas,
         clock: options.clock.clone(),
     };
-    let app = server::router(intakes, journal.clone(), scrape, config.engine.max_body.0);
+    let admin = admin::router(admin::Admin {
+        config: Arc::new(config.clone()),
+        journal: journal.clone(),
+        clock: options.clock.clone(),
+        token: resolved.admin_token.clone(),
+    });
+    let app = server::router(intakes, journal.clone(), scrape, admin, config.engine.max_body.0);
     let mut stop = shutdown_rx.clone();
     tasks.spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {

@@ -29,8 +29,14 @@ pub(crate) struct Scrape {
     pub clock: Arc<dyn Clock>,
 }
 
-pub(crate) fn router(intakes: Vec<Intake>, journal: Arc<dyn Journal>, scrape: Scrape, max_body: usize) -> Router {
-    let mut app = Router::new()
+pub(crate) fn router(
+    intakes: Vec<Intake>,
+    journal: Arc<dyn Journal>,
+    scrape: Scrape,
+    admin: Router,
+    max_body: usize,
+) -> Router {
+    let mut app = admin
         .route("/healthz", get(|| async { axum::Json(json!({ "status": "alive" })) }))
         .route("/readyz", get(readyz).with_state(journal))
         .route("/metrics", get(metrics).with_state(Arc::new(scrape)));

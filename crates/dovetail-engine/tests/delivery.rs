@@ -18,6 +18,7 @@ use dovetail_testkit::partner::{Behaviour, OAuth, Partner, Reply};
 const SW_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const STRIPE_SECRET: &str = "whsec_stripe_test_secret";
 const GITHUB_SECRET: &str = "It's a Secret to Everybody";
+const ADMIN_TOKEN: &str = "admin-token-for-tests";
 type Headers = Vec<(&'static str, String)>;
 
 const FAST_RETRY: &str = r#"{ max_attempts = 4, initial_backoff = "50ms", max_backoff = "200ms", jitter = 0.0 }"#;
@@ -48,6 +49,7 @@ fn config_text(partner: &str, retry: &str, connector_extra: &str) -> String {
 store = "sqlite://journal.db"
 listen = "127.0.0.1:0"
 max_body = "4KiB"
+admin_token = "env:ADMIN_TOKEN"
 
 [connectors.billing]
 type = "http"
@@ -118,6 +120,7 @@ fn secrets() -> BTreeMap<String, String> {
         ("ORDERS_SECRET", SW_SECRET),
         ("STRIPE_SECRET", STRIPE_SECRET),
         ("GITHUB_SECRET", GITHUB_SECRET),
+        ("ADMIN_TOKEN", ADMIN_TOKEN),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -1038,6 +1041,87 @@ async fn metrics_count_what_happened_and_read_the_levels() {
         "# EOF",
     ] {
         assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+    }
+    h.stop().await;
+}
+
+impl Harness {
+    async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self.http.request(method.parse().unwrap(), format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(serde_json::to_vec(&b).unwrap());
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap_or(serde_json::Value::Null))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_reads_and_acts_with_the_token() {
+    let h = Harness::start(Behaviour::default()).await;
+    let t = Some(ADMIN_TOKEN);
+    let (status, json) = h.api("GET", "/api/v1/status", None, None).await;
+    assert_eq!(status, 401, "{json}");
+    assert!(json["error"].as_str().unwrap().contains("Bearer"));
+
+    let (_, sent) = h.send_order("api_1", "not json").await;
+    let id = sent["record_id"].as_i64().unwrap();
+    h.wait_for("orders", "the quarantine", |c| c.dead == 1).await;
+    let (status, json) = h.api("GET", "/api/v1/status", t, None).await;
+    assert_eq!(status, 200);
+    let orders = json["flows"].as_array().unwrap().iter().find(|f| f["flow"] == "orders").unwrap().clone();
+    assert_eq!((orders["dead"].as_u64(), orders["quarantined"].as_u64()), (Some(1), Some(1)), "{orders}");
+    let (_, json) = h.api("GET", "/api/v1/dlq?flow=orders", t, None).await;
+    assert_eq!(json["dead_letters"][0]["id"].as_i64(), Some(id));
+    let (_, record) = h.api("GET", &format!("/api/v1/records/{id}"), t, None).await;
+    assert_eq!(record["payload"], "not json");
+    let corr = record["correlation_id"].as_str().unwrap().to_string();
+    let (_, json) = h.api("GET", &format!("/api/v1/trace/{corr}"), t, None).await;
+    assert_eq!(json["records"][0]["id"].as_i64(), Some(id));
+    assert_eq!(h.api("GET", "/api/v1/records/999999", t, None).await.0, 404);
+
+    let which = serde_json::json!({ "ids": [id] });
+    assert_eq!(h.api("POST", "/api/v1/dlq/replay", Some("wrong"), Some(which.clone())).await.0, 401);
+    let (status, json) =
+        h.api("POST", "/api/v1/dlq/replay", t, Some(serde_json::json!({ "ids": [id], "all": true }))).await;
+    assert_eq!(status, 400, "ids and all together are ambiguous: {json}");
+    let (status, json) = h.api("POST", "/api/v1/dlq/replay", t, Some(which)).await;
+    assert_eq!((status, json["replayed"].as_u64()), (200, Some(1)), "{json}");
+    h.wait_for("orders", "the replayed record back in the DLQ", |c| c.dead == 1 && c.pending == 0 && c.in_flight == 0)
+        .await;
+    let (status, json) = h.api("POST", "/api/v1/dlq/discard", t, Some(serde_json::json!({ "flow": "orders" }))).await;
+    assert_eq!((status, json["discarded"].as_u64()), (200, Some(1)), "{json}");
+    let (status, json) = h.api("POST", "/api/v1/flows/orders/resume", t, None).await;
+    assert_eq!((status, json["resumed"].as_bool()), (200, Some(false)), "it was not paused: {json}");
+    assert_eq!(h.api("POST", "/api/v1/flows/nope/resume", t, None).await.0, 404);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_describes_every_route_the_api_serves() {
+    let h = Harness::start(Behaviour::default()).await;
+    let (status, doc) = h.api("GET", "/api/v1/openapi.json", None, None).await;
+    assert_eq!((status, doc["openapi"].as_str()), (200, Some("3.1.0")));
+    let paths = doc["paths"].as_object().unwrap();
+    assert_eq!(paths.len(), 9, "{:?}", paths.keys().collect::<Vec<_>>());
+    for (path, item) in paths {
+        let concrete = path.replace("{id}", "1").replace("{needle}", "x").replace("{flow}", "orders");
+        for method in item.as_object().unwrap().keys().filter(|m| *m == "get" || *m == "post") {
+            let body = (method == "post").then(|| serde_json::json!({ "ids": [1] }));
+            let (status, json) = h.api(&method.to_uppercase(), &concrete, Some(ADMIN_TOKEN), body).await;
+            assert_ne!(json["error"], "no flow receives webhooks on this path", "{method} {path} is not served");
+            assert!(status != 405, "{method} {path}: {status}");
+        }
     }
     h.stop().await;
 }

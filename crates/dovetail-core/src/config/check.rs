@@ -28,7 +28,7 @@ impl SecretSource for BTreeMap<String, String> {
 }
 
 /// Paths the engine serves itself; a webhook may not take them.
-const RESERVED_PATHS: [&str; 3] = ["/healthz", "/readyz", "/api"];
+const RESERVED_PATHS: [&str; 6] = ["/", "/healthz", "/readyz", "/metrics", "/api", "/ui"];
 
 impl Config {
     /// Every meaning error and best-practice warning, with key paths.
@@ -187,6 +187,9 @@ impl Config {
     fn secret_refs(&self) -> Vec<(Vec<String>, &SecretRef)> {
         let p = |parts: &[&str]| parts.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let mut out = Vec::new();
+        if let Some(r) = &self.engine.admin_token {
+            out.push((p(&["engine", "admin_token"]), r));
+        }
         for (name, c) in &self.connectors {
             let ConnectorConfig::Http(h) = c;
             match &h.auth {
@@ -473,6 +476,8 @@ fn is_loopback_url(url: &str) -> bool {
 pub struct Resolved {
     pub flows: BTreeMap<String, ResolvedFlow>,
     pub connectors: BTreeMap<String, ResolvedAuth>,
+    /// `[engine] admin_token`.
+    pub admin_token: Option<Secret>,
 }
 
 #[derive(Clone)]
@@ -617,8 +622,13 @@ impl Loaded {
             };
             flows.insert(name.clone(), ResolvedFlow { verifier, pipeline: std::sync::Arc::new(pipeline) });
         }
+        let admin_token = self.config.engine.admin_token.as_ref().and_then(|r| fetch(&["engine", "admin_token"], r));
         findings.extend(key_errors);
-        if findings.is_empty() { Ok(Resolved { flows, connectors }) } else { Err(ConfigErrors(self.locate(findings))) }
+        if findings.is_empty() {
+            Ok(Resolved { flows, connectors, admin_token })
+        } else {
+            Err(ConfigErrors(self.locate(findings)))
+        }
     }
 }
 

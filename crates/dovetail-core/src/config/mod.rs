@@ -78,11 +78,20 @@ pub struct EngineConfig {
     /// Largest accepted webhook body; larger requests get 413.
     #[serde(default = "default_max_body")]
     pub max_body: ByteSize,
+    /// The bearer token the admin API (`/api/v1`) and the dashboard's
+    /// actions require, as `env:NAME`. Without it the API is read-only.
+    #[serde(default)]
+    pub admin_token: Option<SecretRef>,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { store: default_store(), listen: default_listen(), max_body: default_max_body() }
+        EngineConfig {
+            store: default_store(),
+            listen: default_listen(),
+            max_body: default_max_body(),
+            admin_token: None,
+        }
     }
 }
 

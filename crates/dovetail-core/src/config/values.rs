@@ -121,6 +121,12 @@ impl Secret {
         Secret(value)
     }
 
+    /// Whether `candidate` is this secret, compared in constant time.
+    pub fn matches(&self, candidate: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.len() == candidate.len() && bool::from(self.0.as_bytes().ct_eq(candidate.as_bytes()))
+    }
+
     /// The value, for the one place that must put it on the wire.
     pub fn expose(&self) -> &str {
         &self.0
