@@ -83,6 +83,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Active alerts and the recently resolved ones.
+    Alerts {
+        #[arg(long)]
+        json: bool,
+    },
     /// Lift a flow's pause (set after an auth failure) once the cause is fixed.
     Resume { flow: String },
     /// Write a runnable example project into DIR.
@@ -132,6 +137,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Resume { flow } => project::resume(&config, &flow).await,
         Command::Drift { flow, limit, json } => status::drift(&config, flow.as_deref(), limit, json).await,
         Command::Init { dir } => init::init(&dir),
+        Command::Alerts { json } => status::alerts(&config, json).await,
         Command::Trace { id, limit, json } => dlq::trace(&config, &id, limit, json).await,
         Command::Test { flow, input, json } => trial::test(&config, &flow, &input, json),
         Command::Dev(cmd) => dev::run(&config, cmd).await,

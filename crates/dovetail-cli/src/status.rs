@@ -50,6 +50,48 @@ fn print_table(report: &StatusReport, now: Timestamp) {
         ]);
     }
     print!("{}", crate::dlq::table(&rows));
+    let pct = |r: Option<f64>| r.map_or_else(|| "-".to_string(), |r| format!("{:.1}%", r * 100.0));
+    let mut rows = vec![
+        [
+            "LAST 24H",
+            "RECEIVED",
+            "DELIVERED",
+            "SUCCESS",
+            "ERRORS",
+            "AVG/P95 MS",
+            "LAST DELIVERY",
+            "7D DELIVERED",
+            "7D SUCCESS",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for f in &report.flows {
+        let (d, w) = (&f.last_24h, &f.last_7d);
+        let errors: Vec<String> = d.errors_by_class.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        let latency = match (d.avg_latency_ms, d.p95_latency_ms) {
+            (Some(a), Some(p)) if p == u64::MAX => format!("{a:.0}/>60000"),
+            (Some(a), Some(p)) => format!("{a:.0}/{p}"),
+            _ => "-".to_string(),
+        };
+        let last = w.last_delivered_at.map_or_else(
+            || "never".to_string(),
+            |t| format!("{} ago", format_duration(std::time::Duration::from_secs(now.since(t).as_secs()))),
+        );
+        rows.push(vec![
+            f.flow.clone(),
+            d.received.to_string(),
+            d.delivered.to_string(),
+            pct(d.success_rate),
+            if errors.is_empty() { "-".to_string() } else { errors.join(", ") },
+            latency,
+            last,
+            w.delivered.to_string(),
+            pct(w.success_rate),
+        ]);
+    }
+    println!();
+    print!("{}", crate::dlq::table(&rows));
     if !report.connectors.is_empty() {
         let mut rows = vec![["CONNECTOR", "BREAKER", "SINCE", "PACE", "BLOCKED UNTIL"].map(String::from).to_vec()];
         for c in &report.connectors {
@@ -122,5 +164,55 @@ pub async fn drift(path: &Path, flow: Option<&str>, limit: usize, json: bool) ->
         ]);
     }
     print!("{}", crate::dlq::table(&rows));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dovetail alerts`: the active alerts and the recently resolved ones, as
+/// the engine last saved them in the journal. JSON: `{"active": [alert],
+/// "recent": [{"alert", "resolved_at"}]}`, where an alert is `{key: {flow,
+/// rule, connector}, severity, summary, value, threshold, started_at,
+/// last_notified_at}`; recent ones newest first.
+pub async fn alerts(path: &Path, json: bool) -> Result<ExitCode> {
+    let loaded = project::load(path)?;
+    let journal = project::open_existing_journal(&loaded)?;
+    let book: dovetail_core::alert::AlertBook = match journal.load_state(dovetail_engine::ALERT_BOOK_KEY).await? {
+        Some(text) => serde_json::from_str(&text)?,
+        None => Default::default(),
+    };
+    let active: Vec<_> = book.active().collect();
+    let recent: Vec<_> = book.recent().rev().collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "active": active, "recent": recent }))?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if active.is_empty() {
+        println!("no active alerts");
+    } else {
+        let mut rows = vec![["FLOW", "RULE", "SEVERITY", "SINCE", "WHAT"].map(String::from).to_vec()];
+        for a in &active {
+            rows.push(vec![
+                a.key.flow.clone(),
+                a.key.rule.as_str().to_string(),
+                a.severity.as_str().to_string(),
+                a.started_at.to_string(),
+                crate::dlq::printable(&a.summary),
+            ]);
+        }
+        print!("{}", crate::dlq::table(&rows));
+    }
+    if !recent.is_empty() {
+        println!("\nrecently resolved:");
+        let mut rows = vec![["FLOW", "RULE", "FROM", "RESOLVED", "WHAT"].map(String::from).to_vec()];
+        for r in recent.iter().take(20) {
+            rows.push(vec![
+                r.alert.key.flow.clone(),
+                r.alert.key.rule.as_str().to_string(),
+                r.alert.started_at.to_string(),
+                r.resolved_at.to_string(),
+                crate::dlq::printable(&r.alert.summary),
+            ]);
+        }
+        print!("{}", crate::dlq::table(&rows));
+    }
     Ok(ExitCode::SUCCESS)
 }

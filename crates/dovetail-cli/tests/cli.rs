@@ -450,3 +450,44 @@ fn json_logs_are_one_object_per_line_with_their_fields() {
     assert!(v["addr"].as_str().unwrap().starts_with("127.0.0.1:"), "{v}");
     assert!(v["timestamp"].is_string(), "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_lists_what_the_engine_saved() {
+    use dovetail_core::alert::{AlertBook, AlertKey, Condition, RuleKind, Severity};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dovetail.toml"), GOOD).unwrap();
+    let journal = SqliteJournal::open(&dir.path().join("journal.db"), SqliteOptions::default()).unwrap();
+    let r = dovetail(dir.path(), &["alerts"], &[]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "no active alerts\n"), "{}", r.stderr);
+
+    let mut book = AlertBook::new();
+    let t0 = Timestamp::from_secs(1_700_000_000);
+    let condition = |rule, summary: &str| Condition {
+        key: AlertKey::new("orders", rule),
+        severity: Severity::Warning,
+        summary: summary.into(),
+        value: 3.0,
+        threshold: 1.0,
+    };
+    let hour = std::time::Duration::from_secs(3600);
+    book.observe(t0, "orders", vec![condition(RuleKind::DlqDepth, "orders: 3 records in the DLQ")], hour);
+    book.observe(
+        t0,
+        "orders",
+        vec![
+            condition(RuleKind::DlqDepth, "orders: 3 records in the DLQ"),
+            condition(RuleKind::Drift, "orders: drift"),
+        ],
+        hour,
+    );
+    book.observe(t0.plus(hour), "orders", vec![condition(RuleKind::DlqDepth, "orders: 3 records in the DLQ")], hour);
+    journal.save_state("alert_book", serde_json::to_string(&book).unwrap(), t0).await.unwrap();
+
+    let r = dovetail(dir.path(), &["alerts", "--json"], &[]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["active"][0]["key"]["rule"], "dlq_depth", "{v}");
+    assert_eq!(v["recent"][0]["alert"]["key"]["rule"], "drift", "{v}");
+    let r = dovetail(dir.path(), &["alerts"], &[]);
+    assert!(r.stdout.contains("orders  dlq_depth  warning"), "{}", r.stdout);
+    assert!(r.stdout.contains("recently resolved:"), "{}", r.stdout);
+}

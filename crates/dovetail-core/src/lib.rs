@@ -21,6 +21,7 @@ pub mod mapping;
 pub mod pipeline;
 pub mod policy;
 pub mod record;
+pub mod rollup;
 pub mod schema;
 pub mod shape;
 pub mod signature;

@@ -11,8 +11,10 @@
 //! acknowledged, and a restart carries on where the journal says.
 
 mod admin;
+mod alerting;
 mod connector;
 mod contract;
+mod dashboard;
 mod dispatch;
 mod drift;
 mod intake;
@@ -82,6 +84,8 @@ pub struct EngineOptions {
     /// The longest a flow's jq (mappings, key expressions) may run for one
     /// record before the record is quarantined.
     pub jq_time_limit: Duration,
+    /// How often the alert rules are evaluated.
+    pub alert_every: Duration,
 }
 
 impl Default for EngineOptions {
@@ -93,7 +97,20 @@ impl Default for EngineOptions {
             idle_poll: Duration::from_secs(1),
             housekeeping: Duration::from_secs(600),
             jq_time_limit: contract::JQ_TIME_LIMIT,
+            alert_every: Duration::from_secs(30),
         }
+    }
+}
+
+/// The journal key of the saved alert book (for `dovetail alerts`).
+pub const ALERT_BOOK_KEY: &str = alerting::BOOK_KEY;
+
+/// `https://host:port/path?q` → (`https://host:port`, `/path?q`).
+fn split_url(url: &str) -> (String, String) {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    match url[after_scheme..].find('/') {
+        Some(i) => (url[..after_scheme + i].to_string(), url[after_scheme + i..].to_string()),
+        None => (url.to_string(), String::new()),
     }
 }
 
@@ -270,6 +287,51 @@ pub async fn start(
         tasks.spawn(dispatch::run(runtime, journal.clone(), options.clone(), shutdown_rx.clone()));
     }
     tasks.spawn(drift::run(shapes, journal.clone(), options.clock.clone(), shutdown_rx.clone()));
+    let mut notifiers = Vec::new();
+    for (name, n) in &config.notify {
+        let Some(url) = resolved.notify.get(name) else { continue };
+        let flow = format!("{}{name}", alerting::NOTIFY_PREFIX);
+        let (origin, path) = split_url(url.expose());
+        let http: dovetail_core::config::HttpConnector =
+            serde_json::from_value(serde_json::json!({ "base_url": origin }))
+                .map_err(|e| EngineError::Flow { flow: flow.clone(), reason: e.to_string() })?;
+        let client = client_for(&flow, &http)?;
+        let sink = HttpSink::new(&flow, &http, &Default::default(), None, client, "POST", &path)?;
+        let connector = Arc::new(connector::ConnectorRuntime::new(
+            &flow,
+            http.max_in_flight,
+            None,
+            http.breaker.policy(),
+            None,
+            now,
+        ));
+        let wake = Arc::new(Notify::new());
+        let runtime = Arc::new(FlowRuntime {
+            name: flow,
+            sink,
+            retry: http.retry.policy(),
+            lease_for: http.timeout * 2 + Duration::from_secs(5),
+            connector,
+            wake: wake.clone(),
+            auth_failed: Default::default(),
+            in_key_order: false,
+            batch: None,
+            pipeline: Default::default(),
+            jq_time_limit: options.jq_time_limit,
+            metrics: metrics.clone(),
+        });
+        tasks.spawn(dispatch::run(runtime, journal.clone(), options.clone(), shutdown_rx.clone()));
+        notifiers.push(alerting::Notifier { name: name.clone(), format: n.format, min_severity: n.min_severity, wake });
+    }
+    let book = alerting::load_book(journal.as_ref()).await;
+    let alerting = Arc::new(alerting::Alerting::new(config, notifiers, book, now));
+    tasks.spawn(alerting::run(
+        alerting.clone(),
+        journal.clone(),
+        options.clock.clone(),
+        options.alert_every,
+        shutdown_rx.clone(),
+    ));
     let retention = config.flows.iter().map(|(name, f)| (name.clone(), f.retention)).collect();
     tasks.spawn(retention::run(
         retention,
@@ -293,12 +355,20 @@ pub async fn start(
         quotas,
         clock: options.clock.clone(),
     };
+    let shared_config = Arc::new(config.clone());
+    let dashboard = dashboard::Dashboard {
+        config: shared_config.clone(),
+        journal: journal.clone(),
+        clock: options.clock.clone(),
+        alerts: Arc::new(move || alerting.active()),
+    };
     let admin = admin::router(admin::Admin {
-        config: Arc::new(config.clone()),
+        config: shared_config,
         journal: journal.clone(),
         clock: options.clock.clone(),
         token: resolved.admin_token.clone(),
-    });
+    })
+    .merge(axum::Router::new().route("/", axum::routing::get(dashboard::page)).with_state(Arc::new(dashboard)));
     let app = server::router(intakes, journal.clone(), scrape, admin, config.engine.max_body.0);
     let mut stop = shutdown_rx.clone();
     tasks.spawn(async move {

@@ -1,7 +1,8 @@
 //! Raw payload retention: a background job removes the payloads of records
 //! that finished (delivered or discarded) longer ago than their flow's
 //! `retention`. The records themselves, their keys and attempts stay;
-//! dead and waiting records always keep their payloads.
+//! dead and waiting records always keep their payloads. The same job drops
+//! minute roll-ups older than [`ROLLUP_RETENTION`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,9 @@ use dovetail_journal::Journal;
 
 /// Records cleared per transaction.
 const CHUNK: usize = 10_000;
+
+/// How long minute roll-ups are kept: the dashboard's 7 days and a margin.
+pub(crate) const ROLLUP_RETENTION: Duration = Duration::from_secs(8 * 86_400);
 
 pub(crate) async fn run(
     flows: Vec<(String, Duration)>,
@@ -49,6 +53,9 @@ pub(crate) async fn run(
             if purged > 0 {
                 tracing::info!(%flow, purged, "removed payloads past their retention");
             }
+        }
+        if let Err(e) = journal.prune_minutes(clock.now().minus(ROLLUP_RETENTION)).await {
+            tracing::warn!(error = %e, "cannot drop old minute roll-ups; trying again later");
         }
     }
 }

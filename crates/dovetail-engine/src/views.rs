@@ -10,6 +10,7 @@ use dovetail_connectors::http::Outbound;
 use dovetail_connectors::preview::RequestPreview;
 use dovetail_core::clock::Timestamp;
 use dovetail_core::config::{Config, SinkConfig};
+use dovetail_core::rollup::{MinuteRollup, Summary, summarise};
 use dovetail_journal::{ConnectorHealth, FlowCounts, Journal, JournalError, Pause, RecordDetail};
 
 /// The stable JSON shape of `dovetail status --json` and `GET /api/v1/status`.
@@ -50,6 +51,55 @@ pub struct FlowStatus {
     pub paused: Option<Pause>,
     /// False for a flow that has records in the journal but is no longer in the config.
     pub configured: bool,
+    /// From the journal's minute roll-ups.
+    pub last_24h: WindowStats,
+    pub last_7d: WindowStats,
+}
+
+/// What a flow did over a window, from the minute roll-ups.
+#[derive(Debug, Serialize)]
+pub struct WindowStats {
+    pub received: u64,
+    pub quarantined: u64,
+    pub delivered: u64,
+    pub dead: u64,
+    /// Delivery attempts, delivered or failed.
+    pub attempts: u64,
+    pub success_rate: Option<f64>,
+    pub error_rate: Option<f64>,
+    pub errors_by_class: std::collections::BTreeMap<String, u64>,
+    pub avg_latency_ms: Option<f64>,
+    /// The upper bound of the latency bucket holding the 95th percentile
+    /// (`null` without deliveries; above 60 s it is reported as `u64::MAX`).
+    pub p95_latency_ms: Option<u64>,
+    /// Freshness: the last successful delivery in the window.
+    pub last_delivered_at: Option<Timestamp>,
+}
+
+impl From<&Summary> for WindowStats {
+    fn from(s: &Summary) -> Self {
+        WindowStats {
+            received: s.received,
+            quarantined: s.quarantined,
+            delivered: s.delivered,
+            dead: s.dead,
+            attempts: s.attempts,
+            success_rate: s.success_rate,
+            error_rate: s.error_rate,
+            errors_by_class: s.errors_by_class.clone(),
+            avg_latency_ms: s.avg_latency_ms,
+            p95_latency_ms: s.p95_latency_ms,
+            last_delivered_at: s.last_delivered_at,
+        }
+    }
+}
+
+const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// A flow's roll-ups summarised over `(now - span, now]`.
+pub fn summary_of(minutes: &[MinuteRollup], flow: &str, span: std::time::Duration, now: Timestamp) -> Summary {
+    let own: Vec<MinuteRollup> = minutes.iter().filter(|m| m.flow == flow).cloned().collect();
+    summarise(&own, now.minus(span), now)
 }
 
 /// Every flow of the config and the journal, the connectors' health and the quotas' use.
@@ -65,12 +115,16 @@ pub async fn status_report(
         }
     }
     counts.sort_by(|a, b| a.flow.cmp(&b.flow));
+    let minutes = journal.minutes(None, now.minus(7 * DAY), now).await?;
     let flows = counts
         .into_iter()
         .map(|c| {
             let received = c.pending + c.in_flight + c.delivered + c.dead + c.discarded;
             FlowStatus {
-                configured: config.flows.contains_key(&c.flow),
+                last_24h: (&summary_of(&minutes, &c.flow, DAY, now)).into(),
+                last_7d: (&summary_of(&minutes, &c.flow, 7 * DAY, now)).into(),
+                configured: config.flows.contains_key(&c.flow)
+                    || c.flow.strip_prefix("notify.").is_some_and(|n| config.notify.contains_key(n)),
                 state: if c.paused.is_some() { "paused" } else { "running" },
                 oldest_pending_age_seconds: c.oldest_pending_at.map(|t| now.since(t).as_secs_f64()),
                 rejection_rate: if received == 0 { 0.0 } else { c.quarantined as f64 / received as f64 },

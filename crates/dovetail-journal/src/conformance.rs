@@ -7,12 +7,13 @@
 //! dovetail_journal::journal_conformance!(async { MyJournal::open_fresh().await });
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use dovetail_core::clock::Timestamp;
 use dovetail_core::policy::ErrorClass;
 use dovetail_core::record::{Attempt, StateName};
+use dovetail_core::rollup::{MinuteRollup, bucket_of, minute_of};
 
 use crate::{AttemptReport, Ingested, Journal, LeaseMode, NewRecord, Outcome, Prepared, Selector};
 
@@ -34,9 +35,13 @@ macro_rules! journal_conformance {
             sent_requests_count_against_the_quota_even_with_a_lost_lease, one_key_at_a_time_in_key_order,
             a_batch_of_unknown_fate_goes_again_whole_and_alone, a_bound_batch_waits_for_all_its_records,
             drift_events_and_shapes_are_kept, retention_purges_only_finished_payloads,
-            records_are_found_by_id_correlation_delivery_id_and_key, a_prepared_record_leases_with_its_mapped_body, an_unprepared_record_leases_unprepared,
+            records_are_found_by_id_correlation_delivery_id_and_key, engine_state_is_kept_by_key, a_prepared_record_leases_with_its_mapped_body, an_unprepared_record_leases_unprepared,
             only_the_lease_holder_stores_a_preparation, replay_clears_the_preparation,
-            retention_purges_the_mapped_body_too, a_quarantined_record_is_stored_unprepared);
+            retention_purges_the_mapped_body_too, a_quarantined_record_is_stored_unprepared,
+            rollups_count_intake_but_not_duplicates, rollups_count_outcomes_latency_and_freshness,
+            a_lost_lease_counts_nothing_in_the_rollups, an_expired_lease_counts_one_interrupted_attempt,
+            complete_many_counts_every_applied_report, rollups_are_per_minute, minutes_filter_by_flow_and_time,
+            prune_minutes_deletes_only_older_minutes);
     };
     (@tests $make:expr; $($name:ident),*) => {
         $(
@@ -627,6 +632,15 @@ pub async fn only_the_lease_holder_stores_a_preparation(j: &dyn Journal) {
     assert_eq!(again[0].prepared.as_ref(), Some(&fresh), "the next lease needn't map it again");
 }
 
+pub async fn engine_state_is_kept_by_key(j: &dyn Journal) {
+    assert_eq!(j.load_state("alert_book").await.unwrap(), None);
+    j.save_state("alert_book", "{\"v\":1}".into(), T0).await.unwrap();
+    j.save_state("other", "x".into(), T0).await.unwrap();
+    j.save_state("alert_book", "{\"v\":2}".into(), T0).await.unwrap();
+    assert_eq!(j.load_state("alert_book").await.unwrap().as_deref(), Some("{\"v\":2}"), "the latest replaces");
+    assert_eq!(j.load_state("other").await.unwrap().as_deref(), Some("x"));
+}
+
 pub async fn records_are_found_by_id_correlation_delivery_id_and_key(j: &dyn Journal) {
     let first = NewRecord { external_key: Some("ord_1".into()), ..new_record("orders", Some("evt_1"), "{}") };
     let a = j.ingest(first).await.unwrap().id();
@@ -695,4 +709,236 @@ pub async fn a_quarantined_record_is_stored_unprepared(j: &dyn Journal) {
     assert_eq!((d.prepared, d.mapped, d.mapping_version, d.sink_mapping_version), (false, None, None, None));
     assert_eq!(j.replay(&Selector::Ids(vec![id]), T0, 10).await.unwrap(), 1);
     assert_eq!(j.lease("orders", "a", T0, LEASE, 10).await.unwrap()[0].prepared, None);
+}
+
+/// `secs` seconds after [`T0`] (which starts a minute).
+fn at(secs: u64) -> Timestamp {
+    T0.plus(Duration::from_secs(secs))
+}
+
+/// An empty roll-up of `flow` for the minute `offset` minutes after [`T0`]'s.
+fn rollup(flow: &str, offset: i64) -> MinuteRollup {
+    MinuteRollup { flow: flow.to_string(), minute: minute_of(T0) + offset, ..MinuteRollup::default() }
+}
+
+/// Every roll-up of `flow`, a day either side of [`T0`].
+async fn rollups(j: &dyn Journal, flow: &str) -> Vec<MinuteRollup> {
+    let day = Duration::from_secs(86_400);
+    j.minutes(Some(flow), Timestamp::from_millis(T0.as_millis() - 86_400_000), T0.plus(day)).await.unwrap()
+}
+
+fn by_class(pairs: &[(ErrorClass, u64)]) -> BTreeMap<String, u64> {
+    pairs.iter().map(|(c, n)| (c.as_str().to_string(), *n)).collect()
+}
+
+/// `attempt` started at `started_at`, lasting `ms`.
+fn timed(mut a: Attempt, started_at: Timestamp, ms: u64) -> Attempt {
+    a.started_at = started_at;
+    a.duration_ms = ms;
+    a
+}
+
+pub async fn rollups_count_intake_but_not_duplicates(j: &dyn Journal) {
+    assert!(matches!(j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap(), Ingested::New(_)));
+    assert!(matches!(j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap(), Ingested::Duplicate(_)));
+    j.ingest(new_record("orders", None, "{}")).await.unwrap();
+    let mut bad = new_record("orders", Some("bad"), "not json");
+    bad.quarantine = Some((ErrorClass::Validation, "body is not JSON".into()));
+    j.ingest(bad.clone()).await.unwrap();
+    j.ingest(bad).await.unwrap();
+    j.ingest(new_record("refunds", Some("d1"), "{}")).await.unwrap();
+    assert_eq!(
+        rollups(j, "orders").await,
+        [MinuteRollup { received: 3, quarantined: 1, ..rollup("orders", 0) }],
+        "duplicates are not counted, a quarantined record is received and quarantined"
+    );
+    assert_eq!(rollups(j, "refunds").await, [MinuteRollup { received: 1, ..rollup("refunds", 0) }]);
+    // Operator actions are not traffic.
+    assert_eq!(j.replay(&Selector::All, T0, 10).await.unwrap(), 1);
+    j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
+    assert_eq!(rollups(j, "orders").await, [MinuteRollup { received: 3, quarantined: 1, ..rollup("orders", 0) }]);
+}
+
+pub async fn rollups_count_outcomes_latency_and_freshness(j: &dyn Journal) {
+    let mut ids = Vec::new();
+    for d in ["d1", "d2", "d3", "d4"] {
+        ids.push(j.ingest(new_record("orders", Some(d), "{}")).await.unwrap().id());
+    }
+    assert_eq!(j.lease("orders", "a", T0, LEASE, 10).await.unwrap().len(), 4);
+    // Slow, but the latest delivery to end.
+    let slow = timed(attempt(1, 200, None), T0, 40_000);
+    assert!(j.complete(plain_report(ids[0], "a", slow, Outcome::Delivered)).await.unwrap());
+    let retry = Outcome::Retry { at: at(5) };
+    assert!(j.complete(plain_report(ids[1], "a", attempt(1, 503, Some(ErrorClass::Server)), retry)).await.unwrap());
+    let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "422".into() };
+    assert!(j.complete(plain_report(ids[2], "a", attempt(1, 422, Some(ErrorClass::Rejected)), dead)).await.unwrap());
+    let hold = Outcome::Hold { at: at(10) };
+    assert!(j.complete(plain_report(ids[3], "a", attempt(1, 401, Some(ErrorClass::Auth)), hold)).await.unwrap());
+    // The retried record goes again and delivers fast, ending before the slow one.
+    assert_eq!(j.lease("orders", "a", at(5), LEASE, 1).await.unwrap()[0].id, ids[1]);
+    let fast = timed(attempt(2, 200, None), at(5), 12);
+    assert!(j.complete(plain_report(ids[1], "a", fast, Outcome::Delivered)).await.unwrap());
+    let mut latency_buckets = rollup("orders", 0).latency_buckets;
+    latency_buckets[bucket_of(40_000)] += 1;
+    latency_buckets[bucket_of(12)] += 1;
+    assert_eq!(
+        rollups(j, "orders").await,
+        [MinuteRollup {
+            received: 4,
+            delivered: 2,
+            dead: 1,
+            retried: 1,
+            failures_by_class: by_class(&[(ErrorClass::Server, 1), (ErrorClass::Rejected, 1), (ErrorClass::Auth, 1)]),
+            latency_count: 2,
+            latency_sum_ms: 40_012,
+            latency_buckets,
+            last_delivered_at: Some(at(40)),
+            ..rollup("orders", 0)
+        }],
+        "a hold counts only its class; latency is of deliveries; freshness is the latest end"
+    );
+}
+
+pub async fn a_lost_lease_counts_nothing_in_the_rollups(j: &dyn Journal) {
+    let id = j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap().id();
+    j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
+    j.lease("orders", "b", T0.plus(LEASE), LEASE, 10).await.unwrap();
+    let taken_over = [MinuteRollup {
+        received: 1,
+        failures_by_class: by_class(&[(ErrorClass::Interrupted, 1)]),
+        ..rollup("orders", 0)
+    }];
+    assert_eq!(rollups(j, "orders").await, taken_over, "the takeover counts the lost attempt as interrupted");
+    let stale = |outcome| plain_report(id, "a", attempt(1, 503, Some(ErrorClass::Server)), outcome);
+    assert!(!j.complete(plain_report(id, "a", attempt(1, 200, None), Outcome::Delivered)).await.unwrap());
+    assert!(!j.complete(stale(Outcome::Retry { at: T0 })).await.unwrap());
+    assert!(!j.complete(stale(Outcome::Hold { at: T0 })).await.unwrap());
+    let dead = Outcome::Dead { class: ErrorClass::Server, reason: "gave up".into() };
+    assert_eq!(j.complete_many(vec![stale(dead)]).await.unwrap(), [false]);
+    assert_eq!(rollups(j, "orders").await, taken_over, "reports of a lost lease count nothing");
+}
+
+pub async fn an_expired_lease_counts_one_interrupted_attempt(j: &dyn Journal) {
+    j.ingest(new_record("orders", Some("d1"), "{}")).await.unwrap();
+    j.lease("orders", "a", at(90), LEASE, 10).await.unwrap();
+    assert!(j.lease("orders", "a", at(100), LEASE, 10).await.unwrap().is_empty());
+    assert_eq!(rollups(j, "orders").await, [MinuteRollup { received: 1, ..rollup("orders", 0) }]);
+    assert_eq!(j.lease("orders", "b", at(125), LEASE, 10).await.unwrap().len(), 1);
+    assert!(j.lease("orders", "b", at(130), LEASE, 10).await.unwrap().is_empty());
+    let interrupted =
+        MinuteRollup { failures_by_class: by_class(&[(ErrorClass::Interrupted, 1)]), ..rollup("orders", 1) };
+    assert_eq!(
+        rollups(j, "orders").await,
+        [MinuteRollup { received: 1, ..rollup("orders", 0) }, interrupted],
+        "once, in the minute the lost attempt was leased"
+    );
+}
+
+pub async fn complete_many_counts_every_applied_report(j: &dyn Journal) {
+    let mut ids = Vec::new();
+    for d in ["d1", "d2", "d3", "d4"] {
+        ids.push(j.ingest(new_record("orders", Some(d), "{}")).await.unwrap().id());
+    }
+    j.lease("orders", "a", T0, LEASE, 10).await.unwrap();
+    let dead = Outcome::Dead { class: ErrorClass::Rejected, reason: "422".into() };
+    let reports = vec![
+        plain_report(ids[0], "a", timed(attempt(1, 200, None), T0, 300), Outcome::Delivered),
+        plain_report(ids[1], "a", timed(attempt(1, 200, None), T0, 700), Outcome::Delivered),
+        plain_report(ids[2], "a", attempt(1, 422, Some(ErrorClass::Rejected)), dead),
+        // Not this owner's lease: ignored, and not counted.
+        plain_report(ids[3], "z", attempt(1, 200, None), Outcome::Delivered),
+    ];
+    assert_eq!(j.complete_many(reports).await.unwrap(), [true, true, true, false]);
+    let mut latency_buckets = rollup("orders", 0).latency_buckets;
+    latency_buckets[bucket_of(300)] += 1;
+    latency_buckets[bucket_of(700)] += 1;
+    assert_eq!(
+        rollups(j, "orders").await,
+        [MinuteRollup {
+            received: 4,
+            delivered: 2,
+            dead: 1,
+            failures_by_class: by_class(&[(ErrorClass::Rejected, 1)]),
+            latency_count: 2,
+            latency_sum_ms: 1_000,
+            latency_buckets,
+            last_delivered_at: Some(T0.plus(Duration::from_millis(700))),
+            ..rollup("orders", 0)
+        }]
+    );
+}
+
+pub async fn rollups_are_per_minute(j: &dyn Journal) {
+    let received = |d: &str, ms: u64| NewRecord {
+        received_at: T0.plus(Duration::from_millis(ms)),
+        ..new_record("orders", Some(d), "{}")
+    };
+    let first = j.ingest(received("d1", 0)).await.unwrap().id();
+    j.ingest(received("d2", 59_999)).await.unwrap();
+    let third = j.ingest(received("d3", 60_000)).await.unwrap().id();
+    assert_eq!(j.lease("orders", "a", at(60), LEASE, 10).await.unwrap().len(), 3);
+    // Counted in the minute the attempt started, though it ends in the next.
+    let late = timed(attempt(1, 200, None), T0.plus(Duration::from_millis(119_999)), 1_000);
+    assert!(j.complete(plain_report(first, "a", late, Outcome::Delivered)).await.unwrap());
+    let retry = timed(attempt(1, 503, Some(ErrorClass::Server)), at(120), 10);
+    assert!(j.complete(plain_report(third, "a", retry, Outcome::Retry { at: at(130) })).await.unwrap());
+    let mut latency_buckets = rollup("orders", 0).latency_buckets;
+    latency_buckets[bucket_of(1_000)] += 1;
+    assert_eq!(
+        rollups(j, "orders").await,
+        [
+            MinuteRollup { received: 2, ..rollup("orders", 0) },
+            MinuteRollup {
+                received: 1,
+                delivered: 1,
+                latency_count: 1,
+                latency_sum_ms: 1_000,
+                latency_buckets,
+                last_delivered_at: Some(T0.plus(Duration::from_millis(120_999))),
+                ..rollup("orders", 1)
+            },
+            MinuteRollup { retried: 1, failures_by_class: by_class(&[(ErrorClass::Server, 1)]), ..rollup("orders", 2) },
+        ]
+    );
+}
+
+pub async fn minutes_filter_by_flow_and_time(j: &dyn Journal) {
+    for (flow, d, secs) in [("orders", "o0", 0), ("orders", "o1", 60), ("orders", "o2", 120), ("refunds", "r1", 60)] {
+        j.ingest(NewRecord { received_at: at(secs), ..new_record(flow, Some(d), "{}") }).await.unwrap();
+    }
+    let keys =
+        |rows: Vec<MinuteRollup>| rows.into_iter().map(|r| (r.flow, r.minute - minute_of(T0))).collect::<Vec<_>>();
+    let pairs = |p: &[(&str, i64)]| p.iter().map(|(f, m)| (f.to_string(), *m)).collect::<Vec<_>>();
+    assert_eq!(
+        keys(j.minutes(Some("orders"), T0, at(180)).await.unwrap()),
+        pairs(&[("orders", 0), ("orders", 1), ("orders", 2)])
+    );
+    assert_eq!(keys(j.minutes(None, at(60), at(120)).await.unwrap()), pairs(&[("orders", 1), ("refunds", 1)]));
+    assert_eq!(
+        keys(j.minutes(None, at(30), at(61)).await.unwrap()),
+        pairs(&[("orders", 0), ("orders", 1), ("refunds", 1)]),
+        "every minute that overlaps the window, by flow then minute"
+    );
+    assert_eq!(keys(j.minutes(None, at(121), at(600)).await.unwrap()), pairs(&[("orders", 2)]));
+    assert!(j.minutes(Some("refunds"), T0, at(60)).await.unwrap().is_empty());
+    assert!(j.minutes(Some("nothing"), T0, at(180)).await.unwrap().is_empty());
+    assert!(j.minutes(None, at(60), at(60)).await.unwrap().is_empty());
+    assert!(j.minutes(None, at(180), T0).await.unwrap().is_empty());
+}
+
+pub async fn prune_minutes_deletes_only_older_minutes(j: &dyn Journal) {
+    for (flow, d, secs) in [("orders", "o0", 0), ("orders", "o1", 60), ("orders", "o2", 120), ("refunds", "r0", 0)] {
+        j.ingest(NewRecord { received_at: at(secs), ..new_record(flow, Some(d), "{}") }).await.unwrap();
+    }
+    assert_eq!(j.prune_minutes(T0).await.unwrap(), 0, "the minute holding `before` stays");
+    assert_eq!(j.prune_minutes(at(90)).await.unwrap(), 2, "minute 0 of both flows");
+    let left = j.minutes(None, T0, at(180)).await.unwrap();
+    assert_eq!(
+        left,
+        [MinuteRollup { received: 1, ..rollup("orders", 1) }, MinuteRollup { received: 1, ..rollup("orders", 2) }]
+    );
+    assert_eq!(j.prune_minutes(at(90)).await.unwrap(), 0);
+    // Counting goes on in a kept minute.
+    j.ingest(NewRecord { received_at: at(150), ..new_record("orders", Some("o3"), "{}") }).await.unwrap();
+    assert_eq!(rollups(j, "orders").await[1], MinuteRollup { received: 2, ..rollup("orders", 2) });
 }

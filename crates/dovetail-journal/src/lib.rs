@@ -6,8 +6,8 @@
 //! one transaction, one fsync.
 //!
 //! Backends implement [`Journal`] and must pass [`conformance`], the suite
-//! that pins down the semantics (leases, de-duplication, retries, the DLQ).
-//! [`SqliteJournal`] is the embedded default.
+//! that pins down the semantics (leases, de-duplication, retries, the DLQ,
+//! the minute roll-ups). [`SqliteJournal`] is the embedded default.
 //!
 //! This crate depends only on `dovetail-core`; it knows nothing of HTTP,
 //! flows' configuration or the engine.
@@ -23,6 +23,7 @@ use serde::Serialize;
 use dovetail_core::clock::Timestamp;
 use dovetail_core::policy::ErrorClass;
 use dovetail_core::record::{Attempt, RecordId, StateName};
+use dovetail_core::rollup::MinuteRollup;
 
 pub use sqlite::{SqliteJournal, SqliteOptions, WriterStats};
 
@@ -298,7 +299,8 @@ pub struct RecordDetail {
 /// under test.
 #[async_trait]
 pub trait Journal: Send + Sync + 'static {
-    /// Stores a record durably (or finds its duplicate) before returning.
+    /// Stores a record durably (or finds its duplicate) before returning; a
+    /// new record is counted in its minute's roll-up ([`Journal::minutes`]).
     async fn ingest(&self, record: NewRecord) -> Result<Ingested>;
 
     /// Leases up to `limit` records of `flow` that are due at `now`: pending
@@ -327,7 +329,9 @@ pub trait Journal: Send + Sync + 'static {
         self.lease_with(LeaseMode::Oldest, flow, owner, now, lease_for, limit).await
     }
 
-    /// Records an attempt and moves the record on; `false` if `owner` no longer holds the lease.
+    /// Records an attempt and moves the record on, and counts it in the
+    /// roll-up of the minute it started ([`Journal::minutes`]); `false` (and
+    /// nothing counted) if `owner` no longer holds the lease.
     async fn complete(&self, report: AttemptReport) -> Result<bool>;
 
     /// Records several attempts in one transaction (a bulk request's records).
@@ -399,11 +403,35 @@ pub trait Journal: Send + Sync + 'static {
     async fn save_shape(&self, flow: &str, shape: String, now: Timestamp) -> Result<()>;
     async fn load_shape(&self, flow: &str) -> Result<Option<String>>;
 
+    /// Keeps a piece of the engine's own state (the alert book) under `key`,
+    /// replacing what was there; serialized by the caller.
+    async fn save_state(&self, key: &str, value: String, now: Timestamp) -> Result<()>;
+    async fn load_state(&self, key: &str) -> Result<Option<String>>;
+
     /// Records drift events of a flow.
     async fn record_drift(&self, flow: &str, events: Vec<dovetail_core::shape::DriftEvent>) -> Result<()>;
 
     /// Drift events, newest first.
     async fn drift_events(&self, flow: Option<&str>, limit: usize) -> Result<Vec<StoredDrift>>;
+
+    /// The minute roll-ups of `flow` (of every flow: `None`) for the minutes
+    /// that overlap `[since, until)` ([`dovetail_core::rollup::minute_range`]),
+    /// ordered by flow, then minute; a minute without traffic has none.
+    ///
+    /// A backend writes them in the same transaction as what they count, by
+    /// the rules of [`dovetail_core::rollup`]: [`Journal::ingest`] counts a
+    /// new record (received, quarantined) in the minute of its `received_at`;
+    /// [`Journal::complete`] and [`Journal::complete_many`] count each report
+    /// that applies (delivered with its latency and end, failed by class,
+    /// dead, retried) in the minute its attempt started; a lease that takes
+    /// back an expired one counts its lost attempt as an `interrupted`
+    /// failure in the minute it was leased. Operator actions (replay,
+    /// discard) count nothing.
+    async fn minutes(&self, flow: Option<&str>, since: Timestamp, until: Timestamp) -> Result<Vec<MinuteRollup>>;
+
+    /// Deletes the roll-ups of every minute that ended at or before `before`
+    /// (the minute holding `before` stays), for retention; returns how many.
+    async fn prune_minutes(&self, before: Timestamp) -> Result<u64>;
 
     /// Succeeds when the store can take writes.
     async fn ping(&self) -> Result<()>;

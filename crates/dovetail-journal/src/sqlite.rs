@@ -10,7 +10,7 @@
 //! writer.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,6 +20,9 @@ use tokio::sync::{mpsc, oneshot};
 use dovetail_core::clock::Timestamp;
 use dovetail_core::policy::{ErrorClass, Window};
 use dovetail_core::record::{Attempt, RecordId, StateName};
+use dovetail_core::rollup::{
+    LATENCY_BUCKET_COUNT, LATENCY_BUCKETS_MS, MinuteRollup, bucket_of, minute_of, minute_range,
+};
 use dovetail_core::shape::{DriftEvent, DriftKind, JsonType};
 
 use crate::{
@@ -30,8 +33,9 @@ use crate::{
 /// 1: the first release. 2: `records.external_key`, `batch_key`, `payload_purged_at`.
 /// 3: `records.mapped`, `mapping_version`, `sink_mapping_version`, `prepared`
 /// (records of older files are not prepared: validated and mapped again at
-/// their next lease).
-const SCHEMA_VERSION: i64 = 3;
+/// their next lease). 4: the `flow_minutes` roll-ups (an older file starts
+/// with none).
+const SCHEMA_VERSION: i64 = 4;
 
 /// Columns added to `records` since version 1, with their declarations.
 /// `CREATE TABLE IF NOT EXISTS` leaves an older file's table as it was, so
@@ -127,7 +131,177 @@ CREATE TABLE IF NOT EXISTS flow_pauses (
     since  INTEGER NOT NULL,
     reason TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS engine_state (
+    key        TEXT PRIMARY KEY,
+    value      TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
 "#;
+
+// `flow_minutes`: one row per flow and Unix minute, the counters of a
+// `MinuteRollup`, PRIMARY KEY (flow, minute). Every counter, each failure
+// class and each latency bucket included, is its own INTEGER column, so the
+// UPSERT that counts an event adds to it in SQL (`x = x + excluded.x`)
+// without reading the row back, as a TEXT or BLOB of counts would need (read,
+// parse, add, write back). The cost is small: SQLite stores 0 and 1 in the
+// record header alone and small counts in one or two bytes, so a row of ~35
+// mostly-zero counters takes about what a comma-separated list would. The
+// columns are generated from `ErrorClass` and `LATENCY_BUCKETS_MS`, and
+// `migrate` adds whichever a file lacks: a new class or bound gets a column
+// (starting at zero) with no other migration.
+
+/// The failure classes counted in `flow_minutes`, one column (`fail_<class>`)
+/// each, in the order of [`class_slot`].
+const CLASSES: [ErrorClass; 9] = [
+    ErrorClass::Rejected,
+    ErrorClass::Auth,
+    ErrorClass::RateLimited,
+    ErrorClass::Server,
+    ErrorClass::Timeout,
+    ErrorClass::Connection,
+    ErrorClass::Interrupted,
+    ErrorClass::InProgress,
+    ErrorClass::Validation,
+];
+
+/// Where a class is in [`CLASSES`]. Exhaustive, so that a new class cannot
+/// go uncounted: it fails to compile here until it has a column.
+const fn class_slot(class: ErrorClass) -> usize {
+    match class {
+        ErrorClass::Rejected => 0,
+        ErrorClass::Auth => 1,
+        ErrorClass::RateLimited => 2,
+        ErrorClass::Server => 3,
+        ErrorClass::Timeout => 4,
+        ErrorClass::Connection => 5,
+        ErrorClass::Interrupted => 6,
+        ErrorClass::InProgress => 7,
+        ErrorClass::Validation => 8,
+    }
+}
+
+// Positions in a [`Tally`] and in [`COUNTER_COLUMNS`].
+const RECEIVED: usize = 0;
+const QUARANTINED: usize = 1;
+const DELIVERED: usize = 2;
+const DEAD: usize = 3;
+const RETRIED: usize = 4;
+const LATENCY_COUNT: usize = 5;
+const LATENCY_SUM: usize = 6;
+const FIRST_CLASS: usize = 7;
+const FIRST_BUCKET: usize = FIRST_CLASS + CLASSES.len();
+const COUNTERS: usize = FIRST_BUCKET + LATENCY_BUCKET_COUNT;
+
+/// The counter columns of `flow_minutes`, in [`Tally`] order: `received`,
+/// `quarantined`, `delivered`, `dead`, `retried`, `latency_count`,
+/// `latency_sum_ms`, `fail_<class>` per [`CLASSES`], `latency_le_<bound>` per
+/// bound and `latency_over` (slower than the last bound).
+static COUNTER_COLUMNS: LazyLock<Vec<String>> = LazyLock::new(|| {
+    let fixed = ["received", "quarantined", "delivered", "dead", "retried", "latency_count", "latency_sum_ms"];
+    let columns: Vec<String> = fixed
+        .into_iter()
+        .map(str::to_string)
+        .chain(CLASSES.iter().map(|c| format!("fail_{}", c.as_str())))
+        .chain(LATENCY_BUCKETS_MS.iter().map(|b| format!("latency_le_{b}")))
+        .chain(["latency_over".to_string()])
+        .collect();
+    debug_assert_eq!(columns.len(), COUNTERS);
+    columns
+});
+
+/// Adds a [`Tally`] to its flow and minute: `?1` flow, `?2` minute, then the
+/// counters, then the latest delivery's end.
+static ADD_TALLY: LazyLock<String> = LazyLock::new(|| {
+    let columns = COUNTER_COLUMNS.join(", ");
+    let values: Vec<String> = (3..3 + COUNTERS).map(|i| format!("?{i}")).collect();
+    let sums: Vec<String> = COUNTER_COLUMNS.iter().map(|c| format!("{c} = {c} + excluded.{c}")).collect();
+    format!(
+        "INSERT INTO flow_minutes (flow, minute, {columns}, last_delivered_at) VALUES (?1, ?2, {}, ?{})
+         ON CONFLICT (flow, minute) DO UPDATE SET {},
+             last_delivered_at = COALESCE(MAX(last_delivered_at, excluded.last_delivered_at),
+                                          last_delivered_at, excluded.last_delivered_at)",
+        values.join(", "),
+        3 + COUNTERS,
+        sums.join(", ")
+    )
+});
+
+/// What one event adds to its minute's roll-up.
+struct Tally {
+    counters: [i64; COUNTERS],
+    last_delivered_at: Option<i64>,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally { counters: [0; COUNTERS], last_delivered_at: None }
+    }
+}
+
+/// Adds `tally` to the roll-up of `flow`'s `minute`, in the caller's transaction.
+fn add_tally(conn: &Connection, flow: &str, minute: i64, tally: &Tally) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(&ADD_TALLY)?;
+    stmt.raw_bind_parameter(1, flow)?;
+    stmt.raw_bind_parameter(2, minute)?;
+    for (i, n) in tally.counters.iter().enumerate() {
+        stmt.raw_bind_parameter(3 + i, n)?;
+    }
+    stmt.raw_bind_parameter(3 + COUNTERS, tally.last_delivered_at)?;
+    stmt.raw_execute().map(|_| ())
+}
+
+/// A row of `SELECT flow, minute, <COUNTER_COLUMNS>, last_delivered_at FROM flow_minutes`.
+fn rollup_row(r: &Row<'_>) -> rusqlite::Result<MinuteRollup> {
+    let count = |i: usize| -> rusqlite::Result<u64> { Ok(u64::try_from(r.get::<_, i64>(2 + i)?).unwrap_or(0)) };
+    let mut failures_by_class = std::collections::BTreeMap::new();
+    for (slot, class) in CLASSES.iter().enumerate() {
+        let n = count(FIRST_CLASS + slot)?;
+        if n > 0 {
+            failures_by_class.insert(class.as_str().to_string(), n);
+        }
+    }
+    Ok(MinuteRollup {
+        flow: r.get(0)?,
+        minute: r.get(1)?,
+        received: count(RECEIVED)?,
+        quarantined: count(QUARANTINED)?,
+        delivered: count(DELIVERED)?,
+        dead: count(DEAD)?,
+        retried: count(RETRIED)?,
+        failures_by_class,
+        latency_count: count(LATENCY_COUNT)?,
+        latency_sum_ms: count(LATENCY_SUM)?,
+        latency_buckets: (0..LATENCY_BUCKET_COUNT).map(|b| count(FIRST_BUCKET + b)).collect::<rusqlite::Result<_>>()?,
+        last_delivered_at: ts(r.get(2 + COUNTERS)?),
+    })
+}
+
+/// Creates `flow_minutes` if missing, and adds whichever counter columns an
+/// existing one lacks.
+fn migrate_minutes(conn: &Connection) -> rusqlite::Result<()> {
+    let columns: Vec<String> =
+        COUNTER_COLUMNS.iter().map(|c| format!("    {c} INTEGER NOT NULL DEFAULT 0,\n")).collect();
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS flow_minutes (
+    flow   TEXT    NOT NULL,
+    minute INTEGER NOT NULL,
+{}    last_delivered_at INTEGER,
+    PRIMARY KEY (flow, minute)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS flow_minutes_by_minute ON flow_minutes (minute);",
+        columns.concat()
+    ))?;
+    for column in COUNTER_COLUMNS.iter() {
+        let present: i64 =
+            conn.query_row("SELECT COUNT(*) FROM pragma_table_info('flow_minutes') WHERE name = ?1", [column], |r| {
+                r.get(0)
+            })?;
+        if present == 0 {
+            conn.execute_batch(&format!("ALTER TABLE flow_minutes ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0"))?;
+        }
+    }
+    Ok(())
+}
 
 /// Tuning for [`SqliteJournal`].
 #[derive(Debug, Clone)]
@@ -327,6 +501,7 @@ fn migrate(conn: &Connection, location: &str) -> Result<()> {
         });
     }
     conn.execute_batch(SCHEMA).map_err(|e| sql_err(location, e))?;
+    migrate_minutes(conn).map_err(|e| sql_err(location, e))?;
     // Older files lack some of these columns; CREATE TABLE IF NOT EXISTS left them as they were.
     for (column, declaration) in ADDED_COLUMNS {
         let present: i64 = conn
@@ -492,6 +667,12 @@ fn ingest_tx(conn: &Connection, r: &NewRecord) -> rusqlite::Result<Ingested> {
         )
         .optional()?;
     if let Some(id) = inserted {
+        conn.prepare_cached(
+            "INSERT INTO flow_minutes (flow, minute, received, quarantined) VALUES (?1, ?2, 1, ?3)
+             ON CONFLICT (flow, minute) DO UPDATE SET received = received + 1,
+                                                      quarantined = quarantined + excluded.quarantined",
+        )?
+        .execute(params![r.flow, minute_of(r.received_at), r.quarantine.is_some()])?;
         return Ok(Ingested::New(id));
     }
     let id = conn
@@ -544,13 +725,25 @@ fn lease_tx(
     // A lease that ran out means the holder died or hung mid-attempt: the
     // attempt is recorded as interrupted and counts against the budget, so a
     // record that crashes the engine cannot loop forever.
-    conn.prepare_cached(
-        "INSERT OR IGNORE INTO attempts (record_id, number, started_at, duration_ms, status, class, error)
-         SELECT id, attempts, COALESCE(leased_at, lease_until), lease_until - COALESCE(leased_at, lease_until), NULL, 'interrupted',
-                'the lease expired before a result was recorded (the engine stopped or hung mid-attempt)'
-         FROM records WHERE flow = ?1 AND state = 'in_flight' AND lease_until <= ?2",
-    )?
-    .execute(params![flow, now_ms])?;
+    let interrupted = conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO attempts (record_id, number, started_at, duration_ms, status, class, error)
+             SELECT id, attempts, COALESCE(leased_at, lease_until), lease_until - COALESCE(leased_at, lease_until), NULL, 'interrupted',
+                    'the lease expired before a result was recorded (the engine stopped or hung mid-attempt)'
+             FROM records WHERE flow = ?1 AND state = 'in_flight' AND lease_until <= ?2",
+        )?
+        .execute(params![flow, now_ms])?;
+    if interrupted > 0 {
+        // The lost attempts are failures too, counted in the minute they
+        // started (times are after 1970: SQLite's `/` floors, as `minute_of`).
+        conn.prepare_cached(
+            "INSERT INTO flow_minutes (flow, minute, fail_interrupted)
+             SELECT ?1, COALESCE(leased_at, lease_until) / 60000, COUNT(*)
+             FROM records WHERE flow = ?1 AND state = 'in_flight' AND lease_until <= ?2 GROUP BY 2
+             ON CONFLICT (flow, minute) DO UPDATE SET fail_interrupted = fail_interrupted + excluded.fail_interrupted",
+        )?
+        .execute(params![flow, now_ms])?;
+    }
     conn.prepare_cached(
         "UPDATE records SET state = 'pending', next_attempt_at = ?2, failures = failures + 1,
                             lease_owner = NULL, lease_until = NULL, leased_at = NULL
@@ -650,37 +843,40 @@ fn complete_tx(conn: &Connection, rep: &AttemptReport) -> rusqlite::Result<bool>
         count_quota(conn, connector, a.started_at)?;
     }
     let n = a.number;
-    let changed = match &rep.outcome {
+    // `RETURNING flow`: the record's flow, for its roll-up; `None`: the lease is lost.
+    let flow: Option<String> = match &rep.outcome {
         Outcome::Delivered => conn
             .prepare_cached(&format!(
                 "UPDATE records SET state = 'delivered', finished_at = ?4, lease_owner = NULL, lease_until = NULL, leased_at = NULL {unbind}
-                 WHERE {held}"
+                 WHERE {held} RETURNING flow"
             ))?
-            .execute(params![rep.id, rep.owner, n, end])?,
+            .query_row(params![rep.id, rep.owner, n, end], |r| r.get(0))
+            .optional()?,
         Outcome::Retry { at } => conn
             .prepare_cached(&format!(
                 "UPDATE records SET state = 'pending', next_attempt_at = ?4, failures = failures + 1,
                                     lease_owner = NULL, lease_until = NULL, leased_at = NULL {unbind}
-                 WHERE {held}"
+                 WHERE {held} RETURNING flow"
             ))?
-            .execute(params![rep.id, rep.owner, n, at.as_millis()])?,
+            .query_row(params![rep.id, rep.owner, n, at.as_millis()], |r| r.get(0))
+            .optional()?,
         Outcome::Hold { at } => conn
             .prepare_cached(&format!(
                 "UPDATE records SET state = 'pending', next_attempt_at = ?4, lease_owner = NULL, lease_until = NULL, leased_at = NULL {unbind}
-                 WHERE {held}"
+                 WHERE {held} RETURNING flow"
             ))?
-            .execute(params![rep.id, rep.owner, n, at.as_millis()])?,
+            .query_row(params![rep.id, rep.owner, n, at.as_millis()], |r| r.get(0))
+            .optional()?,
         Outcome::Dead { class, reason } => conn
             .prepare_cached(&format!(
                 "UPDATE records SET state = 'dead', finished_at = ?4, dead_class = ?5, dead_reason = ?6,
                                     lease_owner = NULL, lease_until = NULL, leased_at = NULL, batch_key = NULL
-                 WHERE {held}"
+                 WHERE {held} RETURNING flow"
             ))?
-            .execute(params![rep.id, rep.owner, n, end, class.as_str(), reason])?,
+            .query_row(params![rep.id, rep.owner, n, end, class.as_str(), reason], |r| r.get(0))
+            .optional()?,
     };
-    if changed == 0 {
-        return Ok(false);
-    }
+    let Some(flow) = flow else { return Ok(false) };
     conn.prepare_cached(
         "INSERT OR REPLACE INTO attempts (record_id, number, started_at, duration_ms, status, class, error)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -694,7 +890,33 @@ fn complete_tx(conn: &Connection, rep: &AttemptReport) -> rusqlite::Result<bool>
         a.class.map(ErrorClass::as_str),
         a.error
     ])?;
+    add_tally(conn, &flow, minute_of(a.started_at), &attempt_tally(rep, end))?;
     Ok(true)
+}
+
+/// What an applied report adds to its minute: a delivery with its latency and
+/// end, or a failure by its attempt's class (an attempt without a class is
+/// not a failure) and, for `Dead` and `Retry`, where the record went.
+fn attempt_tally(rep: &AttemptReport, end: i64) -> Tally {
+    let mut t = Tally::new();
+    let ms = rep.attempt.duration_ms;
+    match &rep.outcome {
+        Outcome::Delivered => {
+            t.counters[DELIVERED] = 1;
+            t.counters[LATENCY_COUNT] = 1;
+            t.counters[LATENCY_SUM] = i64::try_from(ms).unwrap_or(i64::MAX);
+            t.counters[FIRST_BUCKET + bucket_of(ms)] = 1;
+            t.last_delivered_at = Some(end);
+            return t;
+        }
+        Outcome::Dead { .. } => t.counters[DEAD] = 1,
+        Outcome::Retry { .. } => t.counters[RETRIED] = 1,
+        Outcome::Hold { .. } => {}
+    }
+    if let Some(class) = rep.attempt.class {
+        t.counters[FIRST_CLASS + class_slot(class)] = 1;
+    }
+    t
 }
 
 fn count_quota(conn: &Connection, connector: &str, at: Timestamp) -> rusqlite::Result<()> {
@@ -1076,6 +1298,24 @@ impl Journal for SqliteJournal {
         .await
     }
 
+    async fn save_state(&self, key: &str, value: String, now: Timestamp) -> Result<()> {
+        let key = key.to_string();
+        self.write(move |c| {
+            c.prepare_cached("INSERT OR REPLACE INTO engine_state (key, value, updated_at) VALUES (?1, ?2, ?3)")?
+                .execute(params![key, value, now.as_millis()])
+                .map(|_| ())
+        })
+        .await
+    }
+
+    async fn load_state(&self, key: &str) -> Result<Option<String>> {
+        let key = key.to_string();
+        self.read(move |c| {
+            c.prepare_cached("SELECT value FROM engine_state WHERE key = ?1")?.query_row([key], |r| r.get(0)).optional()
+        })
+        .await
+    }
+
     async fn load_shape(&self, flow: &str) -> Result<Option<String>> {
         let flow = flow.to_string();
         self.read(move |c| {
@@ -1138,9 +1378,60 @@ impl Journal for SqliteJournal {
         .await
     }
 
+    async fn minutes(&self, flow: Option<&str>, since: Timestamp, until: Timestamp) -> Result<Vec<MinuteRollup>> {
+        let flow = flow.map(str::to_string);
+        let window = minute_range(since, until);
+        if window.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.read(move |c| {
+            let columns = COUNTER_COLUMNS.join(", ");
+            let select = format!("SELECT flow, minute, {columns}, last_delivered_at FROM flow_minutes");
+            match flow {
+                Some(flow) => c
+                    .prepare_cached(&format!(
+                        "{select} WHERE flow = ?1 AND minute >= ?2 AND minute < ?3 ORDER BY minute"
+                    ))?
+                    .query_map(params![flow, window.start, window.end], rollup_row)?
+                    .collect(),
+                None => c
+                    .prepare_cached(&format!("{select} WHERE minute >= ?1 AND minute < ?2 ORDER BY flow, minute"))?
+                    .query_map(params![window.start, window.end], rollup_row)?
+                    .collect(),
+            }
+        })
+        .await
+    }
+
+    async fn prune_minutes(&self, before: Timestamp) -> Result<u64> {
+        self.write(move |c| {
+            c.prepare_cached("DELETE FROM flow_minutes WHERE minute < ?1")?
+                .execute([minute_of(before)])
+                .map(|n| n as u64)
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<()> {
         // Through the writer: a journal whose writer is gone cannot store
         // anything, so it must not look ready.
         self.write(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_class_and_bucket_has_its_own_column() {
+        for (slot, class) in CLASSES.iter().enumerate() {
+            assert_eq!(class_slot(*class), slot, "{class:?}");
+        }
+        let distinct: std::collections::BTreeSet<&String> = COUNTER_COLUMNS.iter().collect();
+        assert_eq!((COUNTER_COLUMNS.len(), distinct.len()), (COUNTERS, COUNTERS));
+        assert_eq!(COUNTER_COLUMNS[FIRST_CLASS + class_slot(ErrorClass::InProgress)], "fail_in_progress");
+        assert_eq!(COUNTER_COLUMNS[FIRST_BUCKET], "latency_le_5");
+        assert_eq!(COUNTER_COLUMNS[COUNTERS - 1], "latency_over");
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use dovetail_core::clock::Timestamp;
 use dovetail_core::record::Attempt;
+use dovetail_core::rollup::MinuteRollup;
 use dovetail_journal::{
     AttemptReport, Journal, LeaseMode, NewRecord, Outcome, Prepared, RecordDetail, SqliteJournal, SqliteOptions,
 };
@@ -124,6 +125,11 @@ const ADDED: [(&str, &str); 7] = [
 const AT: Timestamp = Timestamp::from_secs(10);
 const LEASE: Duration = Duration::from_secs(30);
 
+/// The roll-ups of flow `orders`, minute 0 on.
+async fn orders_minutes(j: &SqliteJournal) -> Vec<MinuteRollup> {
+    j.minutes(Some("orders"), Timestamp::from_millis(0), Timestamp::from_secs(86_400)).await.unwrap()
+}
+
 /// Leases, delivers and purges the record `id` of flow `orders`, then reads it back.
 async fn deliver_and_purge(j: &SqliteJournal, id: i64) -> RecordDetail {
     let leased = j.lease_with(LeaseMode::InKeyOrder, "orders", "a", AT, LEASE, 10).await.unwrap();
@@ -173,15 +179,18 @@ async fn a_version_1_journal_is_migrated() {
     }
     let j = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
     let (columns, version) = schema_of(&path);
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     for (name, declared) in ADDED {
         assert!(columns.iter().any(|(n, t)| n == name && t.starts_with(declared)), "{name} {declared} in {columns:?}");
     }
     let old = j.record(1).await.unwrap().unwrap();
     assert_eq!((old.idempotency_key.as_str(), old.external_key), ("k-old", None));
     assert_eq!((old.prepared, old.mapped, old.mapping_version, old.sink_mapping_version), (false, None, None, None));
+    assert!(orders_minutes(&j).await.is_empty(), "an older file starts without roll-ups");
     let purged = deliver_and_purge(&j, 1).await;
     assert_eq!((purged.mapped.as_deref(), purged.payload_purged_at), (None, Some(Timestamp::from_secs(100))));
+    let counted = orders_minutes(&j).await;
+    assert_eq!((counted.len(), counted[0].delivered, counted[0].latency_sum_ms), (1, 1, 5));
     drop(j);
     // Opening it again changes nothing.
     let again = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
@@ -221,7 +230,7 @@ async fn a_version_2_journal_is_migrated() {
     }
     let j = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
     let (columns, version) = schema_of(&path);
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     for (name, _) in ADDED {
         assert_eq!(columns.iter().filter(|(n, _)| n == name).count(), 1, "{name} in {columns:?}");
     }
@@ -235,4 +244,97 @@ async fn a_version_2_journal_is_migrated() {
     assert_eq!((retrying.prepared, retrying.mapped), (true, None));
     let purged = deliver_and_purge(&j, 1).await;
     assert_eq!((purged.mapped.as_deref(), purged.payload_purged_at), (None, Some(Timestamp::from_secs(100))));
+    assert_eq!(orders_minutes(&j).await.iter().map(|m| m.delivered).sum::<u64>(), 1);
+}
+
+/// A journal of schema 3 (everything but the roll-ups) opens as version 4
+/// with an empty `flow_minutes`, and counts from then on; reopening keeps
+/// the counts.
+#[tokio::test]
+async fn a_version_3_journal_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v3.db");
+    let record = |d: &str| NewRecord {
+        flow: "orders".into(),
+        external_key: None,
+        delivery_id: Some(d.into()),
+        idempotency_key: format!("k-{d}"),
+        correlation_id: "c".into(),
+        content_type: None,
+        payload: b"{}".to_vec(),
+        received_at: AT,
+        quarantine: None,
+        prepared: None,
+    };
+    {
+        let j = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
+        j.ingest(record("old")).await.unwrap();
+    }
+    {
+        // What a version 3 file is: the same tables, without the roll-ups.
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch("DROP TABLE flow_minutes; PRAGMA user_version = 3;").unwrap();
+    }
+    let j = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
+    assert_eq!(schema_of(&path).1, 4);
+    assert!(orders_minutes(&j).await.is_empty(), "records from before version 4 are not counted");
+    let id = j.find("old", 1).await.unwrap()[0];
+    deliver_and_purge(&j, id).await;
+    j.ingest(record("new")).await.unwrap();
+    let mut latency_buckets = MinuteRollup::default().latency_buckets;
+    latency_buckets[dovetail_core::rollup::bucket_of(5)] = 1;
+    let expected = MinuteRollup {
+        flow: "orders".into(),
+        minute: 0,
+        received: 1,
+        delivered: 1,
+        latency_count: 1,
+        latency_sum_ms: 5,
+        latency_buckets,
+        last_delivered_at: Some(AT.plus(Duration::from_millis(5))),
+        ..MinuteRollup::default()
+    };
+    assert_eq!(orders_minutes(&j).await, std::slice::from_ref(&expected));
+    drop(j);
+    let again = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
+    assert_eq!(orders_minutes(&again).await, [expected]);
+}
+
+/// A file whose `flow_minutes` lacks a counter column (one added by a later
+/// class or latency bound) gains it on open, at zero.
+#[tokio::test]
+async fn missing_rollup_columns_are_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j.db");
+    drop(SqliteJournal::open(&path, SqliteOptions::default()).unwrap());
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch("ALTER TABLE flow_minutes DROP COLUMN fail_in_progress; ALTER TABLE flow_minutes DROP COLUMN latency_le_60000;")
+            .unwrap();
+    }
+    let j = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let has = |column: &str| -> bool {
+        c.query_row("SELECT COUNT(*) FROM pragma_table_info('flow_minutes') WHERE name = ?1", [column], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap()
+            == 1
+    };
+    assert!(has("fail_in_progress") && has("latency_le_60000"));
+    j.ingest(NewRecord {
+        flow: "orders".into(),
+        external_key: None,
+        delivery_id: None,
+        idempotency_key: "k".into(),
+        correlation_id: "c".into(),
+        content_type: None,
+        payload: b"{}".to_vec(),
+        received_at: AT,
+        quarantine: None,
+        prepared: None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(orders_minutes(&j).await.len(), 1);
 }

@@ -167,6 +167,18 @@ impl Config {
         for name in self.models.keys() {
             check_name(&mut out, "models", name);
         }
+        for (name, n) in &self.notify {
+            check_name(&mut out, "notify", name);
+            let literal = !n.url.starts_with("env:");
+            let url_ok = ["http://", "https://"].iter().any(|p| n.url.strip_prefix(p).is_some_and(|r| !r.is_empty()));
+            if literal && !url_ok {
+                out.push(Finding::error(
+                    &["notify", name, "url"],
+                    format!("`{}` is not an http(s) URL", n.url),
+                    "write e.g. \"https://alerts.example.com/hooks/dovetail\", or \"env:NAME\" for a secret URL",
+                ));
+            }
+        }
         for (path, r) in self.secret_refs() {
             if let SecretRef::Invalid { reason } = r {
                 let path: Vec<&str> = path.iter().map(String::as_str).collect();
@@ -478,6 +490,8 @@ pub struct Resolved {
     pub connectors: BTreeMap<String, ResolvedAuth>,
     /// `[engine] admin_token`.
     pub admin_token: Option<Secret>,
+    /// Each `[notify.NAME]`'s URL, looked up when it is `env:NAME`.
+    pub notify: BTreeMap<String, Secret>,
 }
 
 #[derive(Clone)]
@@ -623,9 +637,19 @@ impl Loaded {
             flows.insert(name.clone(), ResolvedFlow { verifier, pipeline: std::sync::Arc::new(pipeline) });
         }
         let admin_token = self.config.engine.admin_token.as_ref().and_then(|r| fetch(&["engine", "admin_token"], r));
+        let mut notify = BTreeMap::new();
+        for (name, n) in &self.config.notify {
+            let url = match SecretRef::parse(&n.url) {
+                Ok(r) => fetch(&["notify", name, "url"], &r),
+                Err(_) => Some(Secret::new(n.url.clone())),
+            };
+            if let Some(url) = url {
+                notify.insert(name.clone(), url);
+            }
+        }
         findings.extend(key_errors);
         if findings.is_empty() {
-            Ok(Resolved { flows, connectors, admin_token })
+            Ok(Resolved { flows, connectors, admin_token, notify })
         } else {
             Err(ConfigErrors(self.locate(findings)))
         }

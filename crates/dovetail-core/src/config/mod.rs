@@ -42,6 +42,40 @@ pub struct Config {
     /// Canonical models, named entity schemas that flows map into.
     #[serde(default)]
     pub models: BTreeMap<String, ModelConfig>,
+    /// Alert rules for every flow (each flow may override them with its own `alerts`).
+    #[serde(default)]
+    pub alerts: crate::alert::AlertRules,
+    /// Where alert notices go besides the log.
+    #[serde(default)]
+    pub notify: BTreeMap<String, NotifyConfig>,
+}
+
+/// `[notify.NAME]`: a webhook that receives alert notices, delivered like
+/// any record (journalled, retried with backoff, dead-lettered).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// `https://...`, or `env:NAME` when the URL itself is a secret (a Slack
+    /// incoming-webhook URL is).
+    pub url: String,
+    /// `json` (Dovetail's generic body) or `slack` (Slack-compatible).
+    #[serde(default)]
+    pub format: NotifyFormat,
+    /// Notices below this severity are only logged.
+    #[serde(default = "default_min_severity")]
+    pub min_severity: crate::alert::Severity,
+}
+
+fn default_min_severity() -> crate::alert::Severity {
+    crate::alert::Severity::Warning
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyFormat {
+    #[default]
+    Json,
+    Slack,
 }
 
 /// `[models.NAME]`: a canonical entity (an Order, a Customer) declared once.
@@ -357,6 +391,9 @@ pub struct FlowConfig {
     /// runs through validation and mapping.
     #[serde(default)]
     pub samples: Vec<String>,
+    /// This flow's alert thresholds over the engine-wide `[alerts]`.
+    #[serde(default)]
+    pub alerts: crate::alert::AlertOverrides,
     /// `"per_key"`: records with the same key are delivered one at a time, in
     /// order of arrival; different keys in parallel.
     #[serde(default)]
