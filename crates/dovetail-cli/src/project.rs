@@ -130,7 +130,8 @@ fn read_file(path: &Path) -> std::io::Result<String> {
 
 pub async fn resume(path: &Path, flow: &str) -> Result<ExitCode> {
     let loaded = load(path)?;
-    if !loaded.config.flows.contains_key(flow) {
+    let notifier = flow.strip_prefix("notify.").is_some_and(|n| loaded.config.notify.contains_key(n));
+    if !loaded.config.flows.contains_key(flow) && !notifier {
         bail!("there is no flow named `{flow}` in {}", path.display());
     }
     let journal = open_existing_journal(&loaded)?;

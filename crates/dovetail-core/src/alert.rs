@@ -792,6 +792,10 @@ pub struct Alert {
     pub threshold: f64,
     #[serde(deserialize_with = "de_timestamp")]
     pub started_at: Timestamp,
+    /// The highest severity the alert reached: a notifier that took its
+    /// firing (by severity) takes its resolution too.
+    #[serde(default)]
+    pub peak: Option<Severity>,
     /// When the last Fired or Repeated notice went out.
     #[serde(deserialize_with = "de_timestamp")]
     pub last_notified_at: Timestamp,
@@ -869,6 +873,7 @@ impl AlertBook {
             match self.active.get_mut(&c.key) {
                 Some(alert) if !c.key.rule.is_event() => {
                     let escalated = c.severity > alert.severity;
+                    alert.peak = alert.peak.max(Some(c.severity));
                     alert.severity = c.severity;
                     alert.summary = c.summary;
                     alert.value = c.value;
@@ -886,6 +891,7 @@ impl AlertBook {
                         value: c.value,
                         threshold: c.threshold,
                         started_at: now,
+                        peak: Some(c.severity),
                         last_notified_at: now,
                     };
                     notices.push(Notice { kind: NoticeKind::Fired, alert: alert.clone(), at: now });
@@ -1052,6 +1058,12 @@ fn factor(x: f64) -> String {
 
 /// Milliseconds: `850ms`, `2s`, `2.04s`.
 fn ms(n: u64) -> String {
+    if n == crate::rollup::OVERFLOW_MS {
+        return format!(
+            "over {}s",
+            crate::rollup::LATENCY_BUCKETS_MS[crate::rollup::LATENCY_BUCKETS_MS.len() - 1] / 1000
+        );
+    }
     if n < 1000 {
         return format!("{n}ms");
     }
@@ -1674,6 +1686,7 @@ mod tests {
             json!([{
                 "key": {"flow": "orders", "rule": "error_rate"},
                 "severity": "critical",
+                "peak": "critical",
                 "summary": "orders: error rate",
                 "value": 1.0,
                 "threshold": 0.0,
@@ -1714,10 +1727,29 @@ mod tests {
                 value: 0.25,
                 threshold: 0.2,
                 started_at: T0,
+                peak: Some(Severity::Critical),
                 last_notified_at: if kind == NoticeKind::Resolved { T0 } else { now },
             },
             at: now,
         }
+    }
+
+    #[test]
+    fn the_peak_severity_is_kept_when_severity_falls() {
+        let mut book = AlertBook::new();
+        let cond = |severity| Condition {
+            key: AlertKey::new("orders", RuleKind::ErrorRate),
+            severity,
+            summary: "s".into(),
+            value: 1.0,
+            threshold: 0.5,
+        };
+        book.observe(T0, "orders", vec![cond(Severity::Critical)], Duration::from_secs(3600));
+        book.observe(T0, "orders", vec![cond(Severity::Warning)], Duration::from_secs(3600));
+        let resolved = book.observe(T0, "orders", vec![], Duration::from_secs(3600));
+        assert_eq!(resolved[0].alert.severity, Severity::Warning);
+        assert_eq!(resolved[0].alert.peak, Some(Severity::Critical), "a critical-only notifier hears the resolution");
+        assert_eq!(ms(crate::rollup::OVERFLOW_MS), "over 60s");
     }
 
     #[test]

@@ -74,11 +74,35 @@ fn refuse_with(token: Option<&Secret>, headers: &HeaderMap, action: bool) -> Opt
             )
         });
     };
-    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(t) if token.matches(t) => None,
-        _ => Some(error(StatusCode::UNAUTHORIZED, "send Authorization: Bearer TOKEN with the engine's admin_token")),
+    if authorized(token, headers) {
+        None
+    } else {
+        Some(error(StatusCode::UNAUTHORIZED, "send Authorization: Bearer TOKEN with the engine's admin_token"))
     }
+}
+
+/// `Authorization: Bearer TOKEN`, or HTTP Basic with the token as the
+/// password (what a browser sends for the dashboard), any user name.
+pub(crate) fn authorized(token: &Secret, headers: &HeaderMap) -> bool {
+    use base64::Engine as _;
+    let Some(value) = headers.get("authorization").and_then(|v| v.to_str().ok()) else { return false };
+    if let Some(t) = value.strip_prefix("Bearer ") {
+        return token.matches(t);
+    }
+    let Some(encoded) = value.strip_prefix("Basic ") else { return false };
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else { return false };
+    let Ok(text) = String::from_utf8(decoded) else { return false };
+    text.split_once(':').is_some_and(|(_, password)| token.matches(password))
+}
+
+/// The answer to a browser without the token: ask for it (HTTP Basic).
+pub(crate) fn challenge() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(axum::http::header::WWW_AUTHENTICATE, "Basic realm=\"Dovetail\", charset=\"UTF-8\"")],
+        "the dashboard needs the engine's admin_token as the password (any user name)",
+    )
+        .into_response()
 }
 
 async fn status(State(a): Shared, headers: HeaderMap) -> Response {
@@ -252,7 +276,8 @@ async fn resume(State(a): Shared, headers: HeaderMap, Path(flow): Path<String>) 
     if let Some(r) = refuse(&a, &headers, true) {
         return r;
     }
-    if !a.config.flows.contains_key(&flow) {
+    let notifier = flow.strip_prefix("notify.").is_some_and(|n| a.config.notify.contains_key(n));
+    if !a.config.flows.contains_key(&flow) && !notifier {
         return error(StatusCode::NOT_FOUND, format!("there is no flow named `{flow}`"));
     }
     match a.journal.resume_flow(&flow).await {
@@ -289,5 +314,10 @@ mod tests {
             assert_eq!(refuse_with(Some(&token), &bearer("s3cre"), action).unwrap().status(), StatusCode::UNAUTHORIZED);
             assert!(refuse_with(Some(&token), &bearer("s3cret"), action).is_none());
         }
+        let mut basic = HeaderMap::new();
+        basic.insert("authorization", "Basic b3BzOnMzY3JldA==".parse().unwrap()); // ops:s3cret
+        assert!(authorized(&token, &basic));
+        basic.insert("authorization", "Basic b3BzOnMzY3JldHg=".parse().unwrap()); // ops:s3cretx
+        assert!(!authorized(&token, &basic));
     }
 }

@@ -25,6 +25,13 @@ use dovetail_journal::{FlowCounts, Journal, JournalError, NewRecord, Prepared};
 
 /// The journal key the book is saved under.
 pub(crate) const BOOK_KEY: &str = "alert_book";
+/// The newest drift event already reported.
+const DRIFT_SEEN_KEY: &str = "alert_drift_seen";
+/// When alerting first ran on this journal: silence is counted from here
+/// at the earliest, and a restart does not reset it.
+const SINCE_KEY: &str = "alerting_since";
+/// The longest look back: roll-ups are kept this long.
+const MAX_LOOKBACK: Duration = crate::retention::ROLLUP_RETENTION;
 /// The prefix of the internal flows that carry notices.
 pub(crate) const NOTIFY_PREFIX: &str = "notify.";
 
@@ -66,7 +73,7 @@ pub(crate) struct Alerting {
 }
 
 impl Alerting {
-    pub fn new(config: &Config, notifiers: Vec<Notifier>, book: AlertBook, started_at: Timestamp) -> Alerting {
+    pub fn new(config: &Config, notifiers: Vec<Notifier>, saved: Saved) -> Alerting {
         let rules = config.flows.iter().map(|(name, f)| (name.clone(), config.alerts.merged(&f.alerts))).collect();
         let quotas = config
             .flows
@@ -78,7 +85,14 @@ impl Alerting {
                 Some((name.clone(), (connector.clone(), q.per_hour, q.per_day)))
             })
             .collect();
-        Alerting { rules, quotas, notifiers, book: Mutex::new(book), started_at, drift_seen: Mutex::new(i64::MAX) }
+        Alerting {
+            rules,
+            quotas,
+            notifiers,
+            book: Mutex::new(saved.book),
+            started_at: saved.since,
+            drift_seen: Mutex::new(saved.drift_seen),
+        }
     }
 
     fn book(&self) -> std::sync::MutexGuard<'_, AlertBook> {
@@ -99,17 +113,20 @@ impl Alerting {
     }
 
     /// One evaluation of every flow; returns the notices it produced.
+    /// Every figure is read first: a journal error changes nothing.
     pub async fn evaluate(&self, journal: &dyn Journal, now: Timestamp) -> Result<Vec<Notice>, JournalError> {
         let counts = journal.counts().await?;
         let longest = self.rules.values().map(longest_window).max().unwrap_or_default();
         let minutes = journal.minutes(None, now.minus(longest), now).await?;
-        let drift = journal.drift_events(None, 200).await?;
+        let drift = journal.drift_events(None, 1000).await?;
+        let mut quota_used = BTreeMap::new();
+        for (connector, ..) in self.quotas.values() {
+            if !quota_used.contains_key(connector) {
+                quota_used.insert(connector.clone(), journal.quota_used(connector, now).await?);
+            }
+        }
         let seen = {
             let mut seen = self.drift_seen.lock().unwrap_or_else(|p| p.into_inner());
-            // At start, what is already recorded is not news.
-            if *seen == i64::MAX {
-                *seen = drift.iter().map(|d| d.id).max().unwrap_or(0);
-            }
             let before = *seen;
             *seen = drift.iter().map(|d| d.id).max().unwrap_or(before).max(before);
             before
@@ -124,8 +141,9 @@ impl Alerting {
                 .filter(|d| &d.flow == flow && d.id > seen)
                 .map(|d| format!("{} `{}` ({})", d.event.kind.as_str(), d.event.path, d.event.json_type.as_str()))
                 .collect();
-            if let Some((connector, per_hour, per_day)) = self.quotas.get(flow) {
-                let used = journal.quota_used(connector, now).await?;
+            if let Some((connector, per_hour, per_day)) = self.quotas.get(flow)
+                && let Some(used) = quota_used.get(connector)
+            {
                 for (window, limit, used) in
                     [(Window::Hour, per_hour, used.this_hour), (Window::Day, per_day, used.today)]
                 {
@@ -137,6 +155,12 @@ impl Alerting {
             }
             let conditions = alert::evaluate(rules, &snapshot);
             notices.extend(self.book().observe(now, flow, conditions, rules.repeat_every));
+        }
+        // The alerts of flows no longer in the config resolve.
+        let gone: std::collections::BTreeSet<String> =
+            self.book().active().map(|a| a.key.flow.clone()).filter(|f| !self.rules.contains_key(f)).collect();
+        for flow in gone {
+            notices.extend(self.book().observe(now, &flow, Vec::new(), Duration::MAX));
         }
         Ok(notices)
     }
@@ -154,10 +178,16 @@ impl Alerting {
         let errors = over(windows.error_rate);
         let rejections = over(windows.rejection_rate);
         let latency = over(windows.latency);
-        let baseline = windows.latency.zip(windows.latency_baseline).map(|(l, b)| {
-            let end = now.minus(l);
-            summarise(minutes, end.minus(b), end)
-        });
+        let min_samples = rules.p95_latency.as_ref().map_or(1, |r| r.min_samples.max(1));
+        let baseline = windows
+            .latency
+            .zip(windows.latency_baseline)
+            .map(|(l, b)| {
+                let end = now.minus(l);
+                summarise(minutes, end.minus(b), end)
+            })
+            // Too few deliveries tell nothing about what is normal.
+            .filter(|s| s.delivered >= min_samples);
         let last_received_at =
             minutes.iter().filter(|m| m.received > 0).map(|m| Timestamp::from_millis(m.minute * 60_000)).max();
         FlowSnapshot {
@@ -191,7 +221,12 @@ impl Alerting {
             }
             NoticeKind::Resolved => tracing::info!(flow = %flow, rule, "alert resolved: {}", a.summary),
         }
-        for n in self.notifiers.iter().filter(|n| a.severity >= n.min_severity) {
+        // A resolution goes wherever the firing went: by the highest severity reached.
+        let severity = match notice.kind {
+            NoticeKind::Resolved => a.peak.unwrap_or(a.severity).max(a.severity),
+            NoticeKind::Fired | NoticeKind::Repeated => a.severity,
+        };
+        for n in self.notifiers.iter().filter(|n| severity >= n.min_severity) {
             let body = match n.format {
                 NotifyFormat::Json => alert::generic_json(notice),
                 NotifyFormat::Slack => alert::slack_json(notice),
@@ -223,8 +258,14 @@ impl Alerting {
         }
     }
 
-    /// Saves the book, so that a restart neither forgets nor re-fires.
+    /// Saves the book and the drift mark, so that a restart neither forgets
+    /// nor re-fires (a crash between journalling a notice and this save
+    /// sends that notice again: notices are at least once).
     pub async fn save(&self, journal: &dyn Journal, now: Timestamp) {
+        let seen = *self.drift_seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = journal.save_state(DRIFT_SEEN_KEY, seen.to_string(), now).await {
+            tracing::error!(error = %e, "cannot save the alerts' drift mark");
+        }
         let text = match serde_json::to_string(&*self.book()) {
             Ok(t) => t,
             Err(e) => {
@@ -239,18 +280,48 @@ impl Alerting {
 }
 
 /// The longest span of roll-ups a flow's rules need (the latency baseline
-/// sits before the latency window; silence looks back a day at most).
+/// sits before the latency window; silence looks back `max_silence`, at
+/// least a day), at most as long as roll-ups are kept.
 fn longest_window(rules: &AlertRules) -> Duration {
     let w = rules.windows();
     let latency = w.latency.unwrap_or_default() + w.latency_baseline.unwrap_or_default();
-    [w.error_rate.unwrap_or_default(), w.rejection_rate.unwrap_or_default(), latency, Duration::from_secs(86_400)]
+    let silence = rules.max_silence.unwrap_or_default().max(Duration::from_secs(86_400));
+    [w.error_rate.unwrap_or_default(), w.rejection_rate.unwrap_or_default(), latency, silence]
         .into_iter()
         .max()
         .unwrap_or_default()
+        .min(MAX_LOOKBACK)
+}
+
+/// What alerting keeps in the journal between runs.
+pub(crate) struct Saved {
+    pub book: AlertBook,
+    pub drift_seen: i64,
+    pub since: Timestamp,
+}
+
+/// Loads what alerting saved; on a first run, marks the drift events
+/// already recorded as seen and records when alerting started.
+pub(crate) async fn load(journal: &dyn Journal, now: Timestamp) -> Saved {
+    let book = load_book(journal).await;
+    let drift_seen = match journal.load_state(DRIFT_SEEN_KEY).await.ok().flatten().and_then(|s| s.parse().ok()) {
+        Some(seen) => seen,
+        None => journal.drift_events(None, 1).await.ok().and_then(|d| d.first().map(|e| e.id)).unwrap_or(0),
+    };
+    let since = match journal.load_state(SINCE_KEY).await.ok().flatten().and_then(|s| s.parse::<i64>().ok()) {
+        Some(ms) => Timestamp::from_millis(ms),
+        None => {
+            if let Err(e) = journal.save_state(SINCE_KEY, now.as_millis().to_string(), now).await {
+                tracing::warn!(error = %e, "cannot record when alerting started");
+            }
+            now
+        }
+    };
+    Saved { book, drift_seen, since }
 }
 
 /// Loads the saved book (an unreadable one is logged and replaced).
-pub(crate) async fn load_book(journal: &dyn Journal) -> AlertBook {
+async fn load_book(journal: &dyn Journal) -> AlertBook {
     match journal.load_state(BOOK_KEY).await {
         Ok(Some(text)) => serde_json::from_str(&text).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "the saved alert book cannot be read; starting a new one");

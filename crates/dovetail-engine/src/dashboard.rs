@@ -34,6 +34,8 @@ pub(crate) struct Dashboard {
     pub clock: Arc<dyn Clock>,
     /// Active alerts, when alerting runs: (flow, severity, summary, since).
     pub alerts: AlertSource,
+    /// `[engine] admin_token`: with one, the page needs it too (it shows partners' answers).
+    pub token: Option<dovetail_core::config::Secret>,
 }
 
 #[derive(Deserialize)]
@@ -44,7 +46,16 @@ pub(crate) struct Filter {
 const DAY: Duration = Duration::from_secs(86_400);
 const DLQ_ROWS: usize = 200;
 
-pub(crate) async fn page(State(d): State<Arc<Dashboard>>, Query(filter): Query<Filter>) -> Response {
+pub(crate) async fn page(
+    State(d): State<Arc<Dashboard>>,
+    headers: axum::http::HeaderMap,
+    Query(filter): Query<Filter>,
+) -> Response {
+    if let Some(token) = &d.token
+        && !crate::admin::authorized(token, &headers)
+    {
+        return crate::admin::challenge();
+    }
     let now = d.clock.now();
     let week_ago = now.minus(7 * DAY);
     let data = async {
@@ -175,11 +186,20 @@ tokenInput.addEventListener('change', () => sessionStorage.setItem('dovetail-tok
 async function replay(body) {
   const message = document.getElementById('message');
   sessionStorage.setItem('dovetail-token', tokenInput.value);
-  const response = await fetch('/api/v1/dlq/replay', {
-    method: 'POST',
-    headers: {'content-type': 'application/json', 'authorization': 'Bearer ' + tokenInput.value},
-    body: JSON.stringify(body)
-  });
+  let response;
+  try {
+    // location.origin: a page opened as http://user:token@host/ must not
+    // put the credentials in the request's URL (browsers refuse that).
+    response = await fetch(location.origin + '/api/v1/dlq/replay', {
+      method: 'POST',
+      headers: {'content-type': 'application/json', 'authorization': 'Bearer ' + tokenInput.value},
+      body: JSON.stringify(body)
+    });
+  } catch (e) {
+    message.textContent = String(e);
+    message.className = 'badge crit';
+    return;
+  }
   const answer = await response.json().catch(() => ({}));
   if (response.ok) {
     message.textContent = 'replayed ' + answer.replayed + ' record(s)';

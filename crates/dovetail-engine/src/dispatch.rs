@@ -352,7 +352,12 @@ async fn conclude(
         },
         outcome,
     };
-    if class == Some(ErrorClass::Auth) {
+    if class == Some(ErrorClass::Auth) && !flow.pause_on_auth {
+        // A notifier refused (a revoked Slack webhook): pausing would hold
+        // every later alert behind an operator action; the notice is dead-lettered.
+        let reason = format!("the receiver refused the request: {}", describe(result));
+        report.outcome = Outcome::Dead { class: ErrorClass::Auth, reason };
+    } else if class == Some(ErrorClass::Auth) {
         let reason = format!("connector `{}` refused our credentials: {}", flow.sink.connector(), describe(result));
         if let Err(e) = journal.pause_flow(&flow.name, &reason, now).await {
             tracing::error!(flow = %flow.name, error = %e, "cannot record the flow's pause");

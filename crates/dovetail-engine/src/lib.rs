@@ -133,6 +133,8 @@ pub(crate) struct FlowRuntime {
     pub auth_failed: std::sync::atomic::AtomicBool,
     /// `ordering = "per_key"`.
     pub in_key_order: bool,
+    /// Refused credentials pause the flow (false for notifiers: their notice is dead-lettered).
+    pub pause_on_auth: bool,
     pub metrics: Arc<metrics::Metrics>,
     /// Bulk requests, when the sink sends many records at once.
     pub batch: Option<dovetail_core::config::BatchConfig>,
@@ -259,6 +261,7 @@ pub async fn start(
             wake: wake.clone(),
             auth_failed: Default::default(),
             in_key_order: flow.ordering == dovetail_core::config::Ordering::PerKey,
+            pause_on_auth: true,
             batch: batch.clone(),
             pipeline: pipeline.clone(),
             jq_time_limit: options.jq_time_limit,
@@ -315,6 +318,7 @@ pub async fn start(
             wake: wake.clone(),
             auth_failed: Default::default(),
             in_key_order: false,
+            pause_on_auth: false,
             batch: None,
             pipeline: Default::default(),
             jq_time_limit: options.jq_time_limit,
@@ -323,8 +327,8 @@ pub async fn start(
         tasks.spawn(dispatch::run(runtime, journal.clone(), options.clone(), shutdown_rx.clone()));
         notifiers.push(alerting::Notifier { name: name.clone(), format: n.format, min_severity: n.min_severity, wake });
     }
-    let book = alerting::load_book(journal.as_ref()).await;
-    let alerting = Arc::new(alerting::Alerting::new(config, notifiers, book, now));
+    let saved = alerting::load(journal.as_ref(), now).await;
+    let alerting = Arc::new(alerting::Alerting::new(config, notifiers, saved));
     tasks.spawn(alerting::run(
         alerting.clone(),
         journal.clone(),
@@ -354,6 +358,7 @@ pub async fn start(
         connectors: connectors.values().cloned().collect(),
         quotas,
         clock: options.clock.clone(),
+        token: resolved.admin_token.clone(),
     };
     let shared_config = Arc::new(config.clone());
     let dashboard = dashboard::Dashboard {
@@ -361,6 +366,7 @@ pub async fn start(
         journal: journal.clone(),
         clock: options.clock.clone(),
         alerts: Arc::new(move || alerting.active()),
+        token: resolved.admin_token.clone(),
     };
     let admin = admin::router(admin::Admin {
         config: shared_config,

@@ -116,7 +116,8 @@ fn schemas() -> Value {
                 "dead": { "type": "integer" }, "quarantined": { "type": "integer" }, "rejection_rate": { "type": "number" },
                 "discarded": { "type": "integer" }, "oldest_pending_at": nullable("string"),
                 "oldest_pending_age_seconds": nullable("number"), "paused": { "type": ["object", "null"] },
-                "configured": { "type": "boolean" } } } },
+                "configured": { "type": "boolean" },
+                "last_24h": reference("WindowStats"), "last_7d": reference("WindowStats") } } },
             "connectors": { "type": "array", "items": { "type": "object", "properties": {
                 "connector": { "type": "string" }, "breaker": { "enum": ["closed", "open", "half_open"] },
                 "since": timestamp, "open_until": nullable("string"), "reason": nullable("string"),
@@ -125,6 +126,13 @@ fn schemas() -> Value {
             "quotas": { "type": "array", "items": { "type": "object", "properties": {
                 "connector": { "type": "string" }, "per_hour": nullable("integer"), "used_this_hour": { "type": "integer" },
                 "per_day": nullable("integer"), "used_today": { "type": "integer" } } } } } },
+        "WindowStats": { "type": "object", "description": "from the minute roll-ups", "properties": {
+            "received": { "type": "integer" }, "quarantined": { "type": "integer" },
+            "delivered": { "type": "integer" }, "dead": { "type": "integer" }, "attempts": { "type": "integer" },
+            "success_rate": nullable("number"), "error_rate": nullable("number"),
+            "errors_by_class": { "type": "object", "additionalProperties": { "type": "integer" } },
+            "avg_latency_ms": nullable("number"), "p95_latency_ms": nullable("integer"),
+            "last_delivered_at": nullable("string") } },
         "DeadLetter": { "type": "object", "properties": {
             "id": { "type": "integer" }, "flow": { "type": "string" }, "class": { "type": "string" },
             "reason": { "type": "string" }, "attempts": { "type": "integer" }, "dead_at": timestamp } },

@@ -27,6 +27,8 @@ pub(crate) struct Scrape {
     /// Each connector with a quota: its hourly and daily limits.
     pub quotas: Vec<(String, Option<u64>, Option<u64>)>,
     pub clock: Arc<dyn Clock>,
+    /// With an admin token, scrapes need it too (Prometheus: `authorization: { credentials: TOKEN }`).
+    pub token: Option<dovetail_core::config::Secret>,
 }
 
 pub(crate) fn router(
@@ -78,7 +80,13 @@ async fn readyz(State(journal): State<Arc<dyn Journal>>) -> Response {
     }
 }
 
-async fn metrics(State(s): State<Arc<Scrape>>) -> Response {
+async fn metrics(State(s): State<Arc<Scrape>>, headers: HeaderMap) -> Response {
+    if let Some(token) = &s.token
+        && !crate::admin::authorized(token, &headers)
+    {
+        return (StatusCode::UNAUTHORIZED, "# send Authorization: Bearer TOKEN (the engine's admin_token)\n")
+            .into_response();
+    }
     match s.metrics.render(s.journal.as_ref(), &s.connectors, &s.quotas, s.clock.now()).await {
         Ok(text) => {
             ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)

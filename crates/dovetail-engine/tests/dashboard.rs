@@ -160,7 +160,12 @@ sink = {{ type = "http", connector = "billing", path = "/v1/orders" }}
     let dead_id = journal.dead_letters(Some("orders"), 1).await.unwrap()[0].id;
 
     let b = Browser::start(&chromedriver, &chromium).await;
-    b.call("POST", "/url", Some(json!({ "url": format!("{base}/") }))).await;
+    // With an admin token the page asks for it (HTTP Basic, the token as the password).
+    let refused = http.get(format!("{base}/")).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert!(refused.headers()["www-authenticate"].to_str().unwrap().starts_with("Basic"));
+    let with_token = format!("http://operator:{TOKEN}@{}/", engine.addr);
+    b.call("POST", "/url", Some(json!({ "url": with_token }))).await;
     let title = b.call("GET", "/title", None).await;
     assert_eq!(title, "Dovetail");
     let row = "tr[data-flow='orders']";

@@ -1017,7 +1017,9 @@ async fn metrics_count_what_happened_and_read_the_levels() {
     h.send_order("m3", "not json").await;
     h.send_order("m1", &order("ord_m1")).await;
     h.wait_for("orders", "delivery and dead letters", |c| c.delivered == 1 && c.dead == 2).await;
-    let resp = h.http.get(format!("{}/metrics", h.base)).send().await.unwrap();
+    let refused = h.http.get(format!("{}/metrics", h.base)).send().await.unwrap();
+    assert_eq!(refused.status(), 401, "with an admin token, scrapes need it");
+    let resp = h.http.get(format!("{}/metrics", h.base)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let content_type = resp.headers()["content-type"].to_str().unwrap().to_string();
     assert!(content_type.starts_with("application/openmetrics-text"), "{content_type}");

@@ -643,8 +643,19 @@ impl Loaded {
                 Ok(r) => fetch(&["notify", name, "url"], &r),
                 Err(_) => Some(Secret::new(n.url.clone())),
             };
-            if let Some(url) = url {
+            let Some(url) = url else { continue };
+            let url_ok = ["http://", "https://"]
+                .iter()
+                .any(|p| url.expose().strip_prefix(p).is_some_and(|r| !r.is_empty() && !r.starts_with('/')));
+            if url_ok {
                 notify.insert(name.clone(), url);
+            } else {
+                // The value may be a secret: it is not repeated.
+                key_errors.push(Finding::error(
+                    &["notify", name, "url"],
+                    format!("`{}` does not hold an http(s) URL", n.url),
+                    "give the whole URL, e.g. https://hooks.slack.com/services/...",
+                ));
             }
         }
         findings.extend(key_errors);
