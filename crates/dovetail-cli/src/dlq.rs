@@ -10,7 +10,7 @@ use serde_json::json;
 use dovetail_core::clock::{Clock, SystemClock};
 use dovetail_core::config::Loaded;
 use dovetail_core::record::RecordId;
-use dovetail_engine::views::{last_error, record_json, request_of, versions};
+use dovetail_engine::views::{last_error, record_json, request_of, story, versions};
 use dovetail_journal::{Journal, Selector, SqliteJournal};
 
 use crate::project;
@@ -148,6 +148,11 @@ async fn show(loaded: &Loaded, journal: &SqliteJournal, id: RecordId, json: bool
     }
     if let (Some(c), Some(r)) = (detail.dead_class, &detail.dead_reason) {
         println!("  dead            {} — {}", c.as_str(), printable(r));
+    }
+    println!("\nstory:");
+    for s in story(&detail) {
+        let at = s.at.map_or_else(|| " ".repeat(24), |t| format!("{t:<24}"));
+        println!("  {at}  {}", printable(&s.event));
     }
     println!("\nraw payload (as received):");
     if let Some(at) = detail.payload_purged_at {

@@ -181,6 +181,10 @@ async fn dlq_list_show_replay_and_discard_through_the_cli() {
     assert!(by_correlation.stdout.starts_with("record 8 of flow orders — dead"), "{}", by_correlation.stdout);
     assert!(by_correlation.stdout.contains("raw payload (as received):\n{\n  \"id\": \"ord_7\"\n}"));
     assert!(by_correlation.stdout.contains("mapped: not yet"), "a quarantined record was never mapped");
+    let story = &by_correlation.stdout;
+    assert!(story.contains("received as delivery msg_7, correlation id corr_7"), "{story}");
+    assert!(story.contains("refused at intake (quarantined): record 7 is unusable"), "{story}");
+    assert!(story.contains("in the dead-letter queue (validation): record 7 is unusable"), "{story}");
     let by_delivery = dovetail(p, &["trace", "msg_9", "--json"], &[]);
     let v: serde_json::Value = serde_json::from_str(&by_delivery.stdout).unwrap();
     assert_eq!(v["records"][0]["id"], 10);
@@ -413,6 +417,8 @@ async fn trace_shows_raw_mapped_and_sent_side_by_side() {
     assert!(raw_at < mapped_at && mapped_at < sent_at, "{out}");
     assert!(out.contains("POST http://127.0.0.1:9/v1/orders\nAuthorization: Bearer [redacted]\n"), "{out}");
     assert!(out.contains("Idempotency-Key: key_5\nX-Correlation-ID: corr_5\n"), "{out}");
+    assert!(out.contains("  validated and mapped by mapping v7, sink mapping v2\n"), "{out}");
+    assert!(out.contains("pending: next attempt due"), "{out}");
     assert!(!out.contains("Bearer t\n"), "the token is never printed: {out}");
 }
 

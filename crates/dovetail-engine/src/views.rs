@@ -207,5 +207,76 @@ pub fn record_json(config: &Config, detail: &RecordDetail) -> serde_json::Value 
     v["mapped"] = detail.mapped.as_deref().map_or(serde_json::Value::Null, body_value);
     v["request"] = json!(request_of(config, detail));
     v["last_error"] = json!(last_error(detail));
+    v["story"] = json!(story(detail));
     v
+}
+
+/// One step of a record's story.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Step {
+    /// When it happened, when the journal knows.
+    pub at: Option<Timestamp>,
+    pub event: String,
+}
+
+/// A record's whole story from the journal, oldest first: received,
+/// validated and mapped (with versions) or refused, each attempt with its
+/// status and duration, and where it stands now.
+pub fn story(detail: &RecordDetail) -> Vec<Step> {
+    use dovetail_core::record::StateName;
+    let step = |at: Option<Timestamp>, event: String| Step { at, event };
+    let mut steps = vec![step(
+        Some(detail.received_at),
+        format!(
+            "received{}, correlation id {}",
+            detail.delivery_id.as_ref().map(|d| format!(" as delivery {d}")).unwrap_or_default(),
+            detail.correlation_id
+        ),
+    )];
+    let refused_at_intake = detail.attempts.is_empty()
+        && detail.state == StateName::Dead
+        && detail.dead_class == Some(dovetail_core::policy::ErrorClass::Validation);
+    if refused_at_intake {
+        let reason = detail.dead_reason.clone().unwrap_or_default();
+        steps.push(step(Some(detail.received_at), format!("refused at intake (quarantined): {reason}")));
+    } else if detail.prepared {
+        let by = versions(detail);
+        let how = if by.is_empty() {
+            "validated; no mapping, sent as received".to_string()
+        } else {
+            format!("validated and mapped by {by}")
+        };
+        steps.push(step(None, how));
+    } else {
+        steps
+            .push(step(None, "not prepared: validated and mapped with the current config before its next send".into()));
+    }
+    for a in &detail.attempts {
+        let answer = a.status.map_or_else(|| "no answer".to_string(), |s| format!("HTTP {s}"));
+        let outcome = match (a.class, &a.error) {
+            (None, _) => "delivered".to_string(),
+            (Some(c), Some(e)) => format!("{}: {e}", c.as_str()),
+            (Some(c), None) => c.as_str().to_string(),
+        };
+        steps.push(step(
+            Some(a.started_at),
+            format!("attempt {}: {answer} in {} ms, {outcome}", a.number, a.duration_ms),
+        ));
+    }
+    let now = match detail.state {
+        StateName::Delivered => step(detail.finished_at, "delivered".into()),
+        StateName::Dead => step(
+            detail.finished_at,
+            format!(
+                "in the dead-letter queue ({}): {}",
+                detail.dead_class.map_or("-", |c| c.as_str()),
+                detail.dead_reason.as_deref().unwrap_or("")
+            ),
+        ),
+        StateName::Discarded => step(detail.finished_at, "discarded by an operator".into()),
+        StateName::Pending => step(detail.next_attempt_at, "pending: next attempt due".into()),
+        StateName::InFlight => step(detail.lease_until, "in flight: leased until".into()),
+    };
+    steps.push(now);
+    steps
 }

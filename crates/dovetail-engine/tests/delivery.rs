@@ -930,6 +930,10 @@ async fn records_are_mapped_through_the_model_and_the_partner_gets_the_mapped_bo
     assert_eq!(d.mapped.as_deref(), Some(effects[0].body.as_ref()), "what was sent is what was stored");
     assert_eq!((d.mapping_version, d.sink_mapping_version, d.prepared), (Some(1), Some(4), true));
     assert_eq!(d.external_key.as_deref(), Some("SO-1"));
+    let story: Vec<String> = dovetail_engine::views::story(&d).into_iter().map(|s| s.event).collect();
+    assert_eq!(story[1], "validated and mapped by mapping v1, sink mapping v4");
+    assert!(story[2].starts_with("attempt 1: HTTP 200 in ") && story[2].ends_with(" ms, delivered"), "{story:?}");
+    assert_eq!(story.last().map(String::as_str), Some("delivered"));
     h.stop().await;
 }
 
