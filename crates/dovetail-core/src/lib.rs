@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod record;
 pub mod rollup;
+pub mod schedule;
 pub mod schema;
 pub mod shape;
 pub mod signature;
