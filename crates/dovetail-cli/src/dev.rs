@@ -80,7 +80,9 @@ async fn partner(listen: SocketAddr, fail_body: Option<String>) -> Result<ExitCo
 async fn send(config: &Path, flow: &str, file: &Path, count: u32) -> Result<ExitCode> {
     let loaded = project::load(config)?;
     let Some(f) = loaded.config.flows.get(flow) else { bail!("there is no flow named `{flow}`") };
-    let SourceConfig::Webhook { path, signature } = &f.source;
+    let SourceConfig::Webhook { path, signature } = &f.source else {
+        bail!("flow `{flow}` does not receive webhooks: its source polls a partner")
+    };
     let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let url = format!("http://{}{}", loaded.config.engine.listen, path);
     let client = reqwest::Client::new();

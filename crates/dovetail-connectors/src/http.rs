@@ -269,12 +269,7 @@ impl HttpSink {
             Ok(r) => r,
             Err(e) => return transport_failure(e, started),
         };
-        let status = response.status().as_u16();
-        let headers = response.headers();
-        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        let now = now();
-        let retry_after = text("retry-after").and_then(|v| parse_retry_after(v, now));
-        let hint = limit_hint(&text, now);
+        let (answer, hint) = answer_of(&response, now());
         let body = read_excerpt(response, body_limit).await;
         let detail = match body {
             Ok(b) if b.is_empty() => None,
@@ -282,8 +277,135 @@ impl HttpSink {
             // The status arrived; a body cut short does not change what it means.
             Err(e) => Some(format!("(response body unreadable: {})", error_chain(&e.without_url()))),
         };
-        AttemptResult { answer: Answer::Status { status, retry_after }, duration: started.elapsed(), detail, hint }
+        AttemptResult { answer, duration: started.elapsed(), detail, hint }
     }
+}
+
+/// One page read from a partner by a poller.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// The request's result; for a 2xx, `detail` is `None` and the body is in `body`.
+    pub result: AttemptResult,
+    pub body: Option<String>,
+    /// The `Link: <...>; rel="next"` target, when the partner pages that way.
+    pub next_link: Option<String>,
+}
+
+impl HttpSink {
+    /// GETs the sink's URL (or `url`, a next-page link on the same partner)
+    /// with `query` added, for a poller: same headers, credentials, OAuth
+    /// renewal on a 401, and timeout as a send. Bodies up to 8 MiB are read.
+    pub async fn fetch(
+        &self,
+        url: Option<&str>,
+        query: &[(String, String)],
+        correlation_id: &str,
+        now: impl Fn() -> Timestamp,
+    ) -> Fetched {
+        let Some(tokens) = &self.tokens else { return self.fetch_once(url, query, correlation_id, None, &now).await };
+        let token = match tokens.bearer().await {
+            Ok(t) => t,
+            Err(failed) => return Fetched { result: failed, body: None, next_link: None },
+        };
+        let first = self.fetch_once(url, query, correlation_id, Some(&token), &now).await;
+        if !matches!(first.result.answer, Answer::Status { status: 401, .. }) {
+            return first;
+        }
+        match tokens.renew_after_rejection(&token).await {
+            Ok(t) => self.fetch_once(url, query, correlation_id, Some(&t), &now).await,
+            Err(failed) => Fetched { result: failed, body: None, next_link: None },
+        }
+    }
+
+    async fn fetch_once(
+        &self,
+        url: Option<&str>,
+        query: &[(String, String)],
+        correlation_id: &str,
+        bearer: Option<&Secret>,
+        now: &impl Fn() -> Timestamp,
+    ) -> Fetched {
+        let started = Instant::now();
+        let failed = |result| Fetched { result, body: None, next_link: None };
+        let mut target = match url {
+            // A next link must stay on the connector's partner: credentials go nowhere else.
+            Some(u) => match reqwest::Url::parse(u) {
+                Ok(t) if t.origin() == self.target.origin() => t,
+                _ => {
+                    let detail = Some(format!("the next-page link `{u}` leaves the connector's base URL"));
+                    let answer = Answer::Status { status: 502, retry_after: None };
+                    return failed(AttemptResult {
+                        answer,
+                        duration: started.elapsed(),
+                        detail,
+                        hint: LimitHint::default(),
+                    });
+                }
+            },
+            None => self.target.clone(),
+        };
+        if !query.is_empty() {
+            target.query_pairs_mut().extend_pairs(query.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        }
+        let mut request = self
+            .client
+            .get(target)
+            .headers(self.headers.clone())
+            .header(header::ACCEPT, "application/json")
+            .header("x-correlation-id", correlation_id)
+            .timeout(self.timeout);
+        if let Some(token) = bearer
+            && let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+        {
+            v.set_sensitive(true);
+            request = request.header(header::AUTHORIZATION, v);
+        }
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => return failed(transport_failure(e, started)),
+        };
+        let (answer, hint) = answer_of(&response, now());
+        let next_link = response.headers().get("link").and_then(|v| v.to_str().ok()).and_then(next_link);
+        let ok = response.status().is_success();
+        let body = read_excerpt(response, BATCH_BODY_LIMIT).await;
+        match body {
+            Ok(b) if ok => Fetched {
+                result: AttemptResult { answer, duration: started.elapsed(), detail: None, hint },
+                body: Some(b),
+                next_link,
+            },
+            Ok(b) => failed(AttemptResult { answer, duration: started.elapsed(), detail: Some(b), hint }),
+            Err(e) => {
+                let detail = Some(format!("(response body unreadable: {})", error_chain(&e.without_url())));
+                // A page that cannot be read whole is a failed page.
+                let answer = if ok { Answer::Connection } else { answer };
+                failed(AttemptResult { answer, duration: started.elapsed(), detail, hint })
+            }
+        }
+    }
+}
+
+/// A response's status with its `Retry-After`, and what it says about the rate limit.
+fn answer_of(response: &reqwest::Response, now: Timestamp) -> (Answer, LimitHint) {
+    let headers = response.headers();
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let retry_after = text("retry-after").and_then(|v| parse_retry_after(v, now));
+    (Answer::Status { status: response.status().as_u16(), retry_after }, limit_hint(&text, now))
+}
+
+/// The `rel="next"` target of an RFC 8288 `Link` header.
+fn next_link(header: &str) -> Option<String> {
+    header.split(',').find_map(|part| {
+        let (target, params) = part.trim().split_once(';')?;
+        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        params
+            .split(';')
+            .any(|p| {
+                let p = p.trim().replace(' ', "");
+                p == "rel=\"next\"" || p == "rel=next"
+            })
+            .then(|| target.to_string())
+    })
 }
 
 /// How much of a bulk answer is read to find the per-record results.
@@ -438,6 +560,18 @@ mod tests {
         };
         assert_eq!(limit_hint(&github, now), LimitHint { remaining: Some(0), reset: Some(Duration::from_secs(42)) });
         assert_eq!(limit_hint(&|_: &str| Some("soon"), now), LimitHint::default());
+    }
+
+    #[test]
+    fn link_headers_give_the_next_page() {
+        let h =
+            r#"<https://api.example.com/items?page=1>; rel="prev", <https://api.example.com/items?page=3>; rel="next""#;
+        assert_eq!(next_link(h).as_deref(), Some("https://api.example.com/items?page=3"));
+        assert_eq!(
+            next_link(r#"<https://a.example/x?after=9>; rel=next"#).as_deref(),
+            Some("https://a.example/x?after=9")
+        );
+        assert_eq!(next_link(r#"<https://a.example/x?page=1>; rel="first""#), None);
     }
 
     #[test]

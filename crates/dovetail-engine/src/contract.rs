@@ -13,7 +13,52 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use dovetail_core::clock::Timestamp;
+use dovetail_core::ids;
 use dovetail_core::pipeline::{self, Keys, Pipeline, Processed, Rejection, Stage};
+use dovetail_core::policy::ErrorClass;
+use dovetail_journal::{NewRecord, Prepared};
+
+/// The record to journal for `raw` after the pipeline ran: prepared (raw
+/// bytes plus mapped body and versions), or quarantined with the stage and
+/// the reason. An empty delivery id counts as none (else every later empty
+/// one would be a "duplicate"); without one, the flow's `idempotency_key`
+/// names the record.
+pub(crate) fn new_record(
+    flow: &str,
+    processed: Processed,
+    delivery_id: Option<String>,
+    correlation_id: &str,
+    content_type: Option<&str>,
+    raw: Vec<u8>,
+    now: Timestamp,
+) -> (NewRecord, Option<Rejection>) {
+    let delivery_id = delivery_id.filter(|id| !id.trim().is_empty()).or(processed.keys.dedup);
+    let (prepared, rejection) = match processed.result {
+        Ok(t) => (
+            Some(Prepared {
+                body: t.body(),
+                mapping_version: t.mapping_version,
+                sink_mapping_version: t.sink_mapping_version,
+            }),
+            None,
+        ),
+        Err(r) => (None, Some(r)),
+    };
+    let record = NewRecord {
+        flow: flow.to_string(),
+        external_key: processed.keys.external,
+        idempotency_key: ids::idempotency_key(flow, delivery_id.as_deref()),
+        delivery_id,
+        correlation_id: correlation_id.to_string(),
+        content_type: content_type.map(str::to_string),
+        payload: raw,
+        received_at: now,
+        quarantine: rejection.as_ref().map(|r| (ErrorClass::Validation, r.reason.clone())),
+        prepared,
+    };
+    (record, rejection)
+}
 
 /// The longest a pipeline with jq may take for one record, by default.
 pub(crate) const JQ_TIME_LIMIT: Duration = Duration::from_secs(5);

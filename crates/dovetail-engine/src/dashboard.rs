@@ -383,9 +383,11 @@ fn graph_section(html: &mut String, config: &Config) {
     let mut sources = Vec::new();
     let mut links = Vec::new();
     for (name, flow) in &config.flows {
-        let SourceConfig::Webhook { path, .. } = &flow.source;
         let SinkConfig::Http { connector, .. } = &flow.sink;
-        sources.push(format!("webhook {path}"));
+        sources.push(match &flow.source {
+            SourceConfig::Webhook { path, .. } => format!("webhook {path}"),
+            SourceConfig::Poll(p) => format!("poll {}{} {}", p.connector, p.path, p.schedule),
+        });
         links.push((sources.len() - 1, name.clone(), connector.clone()));
     }
     let flows: Vec<&String> = config.flows.keys().collect();

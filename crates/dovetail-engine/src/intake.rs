@@ -21,9 +21,8 @@ use tokio::sync::Notify;
 use dovetail_core::clock::Clock;
 use dovetail_core::ids;
 use dovetail_core::pipeline::{Pipeline, Rejection};
-use dovetail_core::policy::ErrorClass;
 use dovetail_core::signature::{Scheme, Verifier};
-use dovetail_journal::{Ingested, Journal, NewRecord, Prepared};
+use dovetail_journal::{Ingested, Journal};
 
 /// One flow's webhook endpoint.
 pub(crate) struct Intake {
@@ -75,35 +74,17 @@ impl Intake {
             // Stripe names its events in the body, not in a header.
             delivery_id = v.get("id").and_then(|id| id.as_str()).map(str::to_string);
         }
-        // An empty id would make every later empty-id delivery a "duplicate"
-        // of the first, acknowledged and never stored.
-        // Without a delivery id, the flow's `idempotency_key` names the record.
-        let delivery_id = delivery_id.filter(|id| !id.trim().is_empty()).or(processed.keys.dedup);
-        let external_key = processed.keys.external;
-        let (prepared, rejection): (Option<Prepared>, Option<Rejection>) = match processed.result {
-            Ok(t) => (
-                Some(Prepared {
-                    body: t.body(),
-                    mapping_version: t.mapping_version,
-                    sink_mapping_version: t.sink_mapping_version,
-                }),
-                None,
-            ),
-            Err(r) => (None, Some(r)),
-        };
-        let quarantine = rejection.as_ref().map(|r| (ErrorClass::Validation, r.reason.clone()));
-        let record = NewRecord {
-            flow: self.flow.clone(),
-            external_key,
-            idempotency_key: ids::idempotency_key(&self.flow, delivery_id.as_deref()),
+        let input = processed.input.clone();
+        let (record, rejection) = crate::contract::new_record(
+            &self.flow,
+            processed,
             delivery_id,
-            correlation_id: correlation_id.clone(),
-            content_type: header(&headers, "content-type").map(str::to_string),
-            payload: body.to_vec(),
-            received_at: now,
-            quarantine,
-            prepared,
-        };
+            &correlation_id,
+            header(&headers, "content-type"),
+            body.to_vec(),
+            now,
+        );
+        let parsed = input;
         match self.journal.ingest(record).await {
             Ok(Ingested::New(id)) => {
                 self.metrics.received(&self.flow, started.elapsed());
@@ -118,7 +99,7 @@ impl Intake {
                     );
                 }
                 self.wake.notify_one();
-                if let Some(value) = &processed.input {
+                if let Some(value) = &parsed {
                     self.shape.learn(value, id, now, self.journal.as_ref()).await;
                 }
                 tracing::debug!(flow = %self.flow, record_id = id, correlation_id = %correlation_id, "record journalled");

@@ -20,6 +20,7 @@ mod drift;
 mod intake;
 mod metrics;
 mod openapi;
+mod poll;
 mod retention;
 mod server;
 pub mod views;
@@ -267,22 +268,48 @@ pub async fn start(
             jq_time_limit: options.jq_time_limit,
             metrics: metrics.clone(),
         });
-        let SourceConfig::Webhook { path, .. } = &flow.source;
-        let verifier = resolved.flows.get(name).and_then(|f| f.verifier.clone());
-        let shape = Arc::new(drift::FlowShape::load(name, journal.as_ref()).await);
-        shapes.push(shape.clone());
-        intakes.push(intake::Intake {
-            shape,
-            flow: name.clone(),
-            path: path.clone(),
-            verifier,
-            pipeline,
-            jq_time_limit: options.jq_time_limit,
-            metrics: metrics.clone(),
-            journal: journal.clone(),
-            clock: options.clock.clone(),
-            wake,
-        });
+        match &flow.source {
+            SourceConfig::Webhook { path, .. } => {
+                let verifier = resolved.flows.get(name).and_then(|f| f.verifier.clone());
+                let shape = Arc::new(drift::FlowShape::load(name, journal.as_ref()).await);
+                shapes.push(shape.clone());
+                intakes.push(intake::Intake {
+                    shape,
+                    flow: name.clone(),
+                    path: path.clone(),
+                    verifier,
+                    pipeline,
+                    jq_time_limit: options.jq_time_limit,
+                    metrics: metrics.clone(),
+                    journal: journal.clone(),
+                    clock: options.clock.clone(),
+                    wake,
+                });
+            }
+            SourceConfig::Poll(p) => {
+                let missing = || EngineError::Flow {
+                    flow: name.clone(),
+                    reason: "its source's connector is not configured".into(),
+                };
+                let http = config.http_connector(&p.connector).ok_or_else(missing)?;
+                let auth = resolved.connectors.get(&p.connector).cloned().unwrap_or_default();
+                let client = clients.get(&p.connector).cloned().ok_or_else(missing)?;
+                let tokens = token_sources.get(&p.connector).cloned().flatten();
+                let poller = poll::Poller {
+                    flow: name.clone(),
+                    config: (**p).clone(),
+                    sink: HttpSink::new(&p.connector, http, &auth, tokens, client, "GET", &p.path)?,
+                    connector: connectors.get(&p.connector).cloned().ok_or_else(missing)?,
+                    pipeline,
+                    jq_time_limit: options.jq_time_limit,
+                    journal: journal.clone(),
+                    clock: options.clock.clone(),
+                    wake,
+                    metrics: metrics.clone(),
+                };
+                tasks.spawn(poll::run(Arc::new(poller), shutdown_rx.clone()));
+            }
+        }
         if let Some(p) = journal.pause_of(name).await.ok().flatten() {
             tracing::warn!(flow = %name, since = %p.since, reason = %p.reason,
                 "flow is paused; its records are held. After fixing the cause run `dovetail resume {name}`");

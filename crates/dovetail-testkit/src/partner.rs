@@ -21,6 +21,11 @@
 //! * optionally serves a bulk endpoint ([`Behaviour::bulk`]) that takes a
 //!   JSON array, commits one effect per item and answers per item, with
 //!   chosen items rejected ([`Behaviour::fail_item`]);
+//! * optionally serves change feeds ([`Behaviour::feed`]): `GET` endpoints
+//!   that answer "what changed since ...?" page by page in one of the
+//!   pagination styles partners use ([`FeedStyle`]), over records a test
+//!   puts while the partner runs ([`Partner::feed_put`]), failing every Nth
+//!   request on cue ([`Feed::fail_every()`]);
 //! * records every committed [`Effect`] and every [`SeenRequest`], so a test
 //!   can ask for [`Partner::double_effects`] (the bug Dovetail must never
 //!   have), inspect headers and arrival times (backoff, `Retry-After`) or ask
@@ -88,12 +93,16 @@
 //!    a `Retry-After` (see [`RateLimit`]), no effect. This applies to every
 //!    request that passed step 1, including retries of a committed key and
 //!    requests without `Idempotency-Key`.
-//! 3. If [`Behaviour::enforce_idempotency`]: no `Idempotency-Key` gets 400
+//! 3. A `GET` to a [`Behaviour::feed`] path (the query ignored when matching)
+//!    is answered by the feed and nothing below applies to it (see [`Feed`]):
+//!    no `Idempotency-Key` is needed, no script entry is consumed, no effect
+//!    is committed. Other methods on that path go on to the next steps.
+//! 4. If [`Behaviour::enforce_idempotency`]: no `Idempotency-Key` gets 400
 //!    `{"error":"Idempotency-Key header required"}`; a key whose effect was
 //!    committed gets the original 200 response replayed with
 //!    `Idempotent-Replayed: true`; a key whose effect is committed but whose
 //!    response is still pending ([`Reply::SlowAfterCommit`]) gets 409.
-//! 4. Otherwise the [`Reply`] is chosen: the first [`Behaviour::by_body`]
+//! 5. Otherwise the [`Reply`] is chosen: the first [`Behaviour::by_body`]
 //!    entry whose needle occurs in the body, else the next unused
 //!    [`Behaviour::script`] entry, else [`Behaviour::default`]. Only requests
 //!    that reach this step consume a script entry, and a `by_body` match does
@@ -118,7 +127,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::{self, Write as _};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::ops::Range;
+use std::ops::{Bound, Range};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -164,7 +173,7 @@ const BASIC_CHALLENGE: &[(&str, &str)] =
 
 /// What the partner does with one request that reached the reply step (see
 /// the [module docs](self) for the order of checks).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
     /// Commit the effect and answer `200 {"ok":true,"effect":N}`, where `N`
     /// is the effect's [`Effect::seq`].
@@ -237,6 +246,10 @@ pub struct Behaviour {
     /// contains the needle (a byte substring) gets this status in the
     /// results and has no effect; checked in order. See [`Behaviour::bulk`].
     pub bulk_item_failures: Vec<(String, u16)>,
+    /// Change feeds served on `GET` to these paths (compared with the
+    /// request target's path, query ignored); see [`Behaviour::feed`] and
+    /// [`Feed`]. Empty (the default) means no feed.
+    pub feeds: Vec<(String, Feed)>,
 }
 
 /// A server-side rate limit, as partner APIs enforce it: a token bucket that
@@ -386,6 +399,7 @@ impl Default for Behaviour {
             oauth: None,
             bulk_path: None,
             bulk_item_failures: Vec::new(),
+            feeds: Vec::new(),
         }
     }
 }
@@ -470,6 +484,178 @@ impl Behaviour {
         self.bulk_item_failures.push((needle.to_owned(), status));
         self
     }
+
+    /// Serve a change feed on `GET path` (see [`Feed`]), replacing any feed
+    /// configured for the same path. `path` is compared with the request
+    /// target's path (the query is the feed's parameters); other methods on
+    /// `path` are answered as if there were no feed, so a partner can take
+    /// `POST /records` and serve `GET /records?updated_since=...` like real
+    /// APIs do. The records are put with [`Partner::feed_put`].
+    pub fn feed(mut self, path: &str, feed: Feed) -> Self {
+        match self.feeds.iter_mut().find(|(p, _)| p == path) {
+            Some((_, existing)) => *existing = feed,
+            None => self.feeds.push((path.to_owned(), feed)),
+        }
+        self
+    }
+}
+
+/// Where feed time starts: every [`Partner::feed_put`] advances it by one
+/// millisecond, so the first record put gets `2026-01-01T00:00:00.001Z`
+/// and every `updated_at` is later than this (a client may start polling
+/// with `updated_since` set to it).
+pub const FEED_EPOCH: &str = "2026-01-01T00:00:00.000Z";
+
+/// A change feed, as partner APIs offer it for polling ("what changed since
+/// I last asked?"): `GET` on a path (see [`Behaviour::feed`]) pages through
+/// the records a test put with [`Partner::feed_put`].
+///
+/// # Records
+///
+/// A record is a JSON object with an `"id"` (string or number; `"7"` and
+/// `7` are the same record). [`Partner::feed_put`] inserts it or replaces
+/// the record with the same id, and sets its `"updated_at"` from the
+/// partner's feed clock: an RFC 3339 UTC timestamp with milliseconds,
+/// [`FEED_EPOCH`] plus one millisecond per put (across all feeds), so every
+/// put gets a strictly later, distinct `updated_at`, even within one real
+/// millisecond. Like a real partner, the server owns `updated_at`: a value
+/// in the record put is overwritten. Every other field is served as put,
+/// unknown ones included, so a test can add a field half-way through.
+/// Records are served sorted by (`updated_at`, id), oldest first, at most
+/// [`page_size`](Feed::page_size) per page (0 counts as 1); an updated
+/// record moves to the end. The feed filters nothing else and never
+/// deletes.
+///
+/// # Pagination
+///
+/// The [`FeedStyle`] decides the parameters and the JSON shape; see there.
+/// A malformed parameter (also an empty one, or one given twice) is
+/// answered 400 `{"error":"<what>"}`, counted in [`Stats::rejected`], as
+/// real APIs do; unknown parameters are ignored.
+///
+/// # Misbehaviour and checks
+///
+/// A feed request passes the OAuth, required header and rate limit checks
+/// like any other request (see the [module docs](self)), and is counted in
+/// [`Stats::feed_requests`] whatever its answer. Of the requests that pass
+/// them, the Nth, 2Nth, 3Nth, ... (N and the [`Reply`] set with
+/// [`Feed::fail_every()`]; counted per path since the partner started or
+/// since [`Partner::set_behaviour`] changed this feed) are answered with
+/// that reply instead of the page, like a partner that rate-limits or falls
+/// over now and then: [`Reply::Status`] and [`Reply::RetryAfter`]
+/// answer as usual (a `Retry-After` is remembered for
+/// [`Stats::retry_after_violations`]), both drops close the connection
+/// without an answer, [`Reply::SlowAfterCommit`] serves the page after the
+/// delay (a client timeout) and [`Reply::Ok`] serves it normally. Nothing is
+/// ever committed by a feed request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Feed {
+    /// Most records per page; 0 counts as 1. With
+    /// [`FeedStyle::Page`] also the largest page size a client may ask for.
+    pub page_size: usize,
+    /// How the client pages.
+    pub style: FeedStyle,
+    /// Answer every Nth feed request with this reply instead; `None` (or
+    /// N = 0) never.
+    pub fail_every: Option<(usize, Reply)>,
+}
+
+/// The pagination style of a [`Feed`], one per family of real partner APIs.
+///
+/// A polling client pages until the feed says there is no more, and next
+/// time resumes from where it got: the last `updated_at` it saw
+/// (`UpdatedSince`), or the last cursor or link it followed (`Token`,
+/// `Link`: that re-reads the last page, so de-duplicate), or from page 1
+/// (`Page`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FeedStyle {
+    /// `GET path?updated_since=<RFC 3339>`: the records with `updated_at >=`
+    /// the parameter (inclusive, as many real APIs do it), oldest first;
+    /// without the parameter, from the first record. The body is
+    /// `{"data":[...],"has_more":bool}`; while `has_more`, the client asks
+    /// again with the last record's `updated_at`, and gets that record a
+    /// second time at the top of the next page: clients must de-duplicate.
+    /// Since every record has a distinct `updated_at`, a page size of 2 or
+    /// more always makes progress (with 1, the client is stuck on one
+    /// record, as it would be against such an API).
+    ///
+    /// The timestamp may have any fraction and offset (`Z` or `+hh:mm`);
+    /// remember to percent-encode a `+` (as `%2B`), since the query is
+    /// form-decoded and a bare `+` is a space, which is a 400.
+    UpdatedSince {
+        /// Name of the query parameter, e.g. `updated_since`.
+        param: String,
+    },
+    /// `GET path` for the first page, then `GET path?cursor=<next_cursor>`.
+    /// The body is `{"data":[...],"next_cursor":"<opaque>"}`, with
+    /// `"next_cursor":null` once there are no further records right now.
+    /// The cursor is opaque (unpadded base64url of the position after the
+    /// page's last record), so records updated or added while paging show
+    /// up on later pages and none is skipped. A cursor the partner did not
+    /// issue is a 400.
+    Token {
+        /// Name of the query parameter, e.g. `cursor`.
+        param: String,
+    },
+    /// `GET path?page=<n>&per_page=<k>`, 1-based, both optional (page 1,
+    /// [`Feed::page_size`] records); a `per_page` above the page size is
+    /// silently capped, as real APIs do. The body is
+    /// `{"data":[...],"page":n,"total_pages":m}` with
+    /// `m = ceil(records / per_page)` (0 without records); a page beyond the
+    /// last has empty `data`. Pages are offsets into the records as they
+    /// are at each request, so records updated while paging move to the end
+    /// and shift the rest: like any offset-paged API, this skips and
+    /// repeats records under concurrent change.
+    Page {
+        /// Name of the page number parameter, e.g. `page`.
+        param: String,
+        /// Name of the page size parameter, e.g. `per_page`.
+        size_param: String,
+    },
+    /// RFC 8288 web linking, as in GitHub's API: the body is a bare JSON
+    /// array, and unless it is the last page right now the response has
+    /// `Link: <http://host/path?after=ID>; rel="next"`, an absolute URL built
+    /// from the request's `Host` header (or the partner's address) with the
+    /// last record's id percent-encoded. The first page is `GET path`. The
+    /// next page starts after that record's position *at the time of the
+    /// next request*: if that very record is updated in between, it moved
+    /// to the end and the records between are skipped, as with real APIs
+    /// that resolve an id cursor. An unknown id is a 400.
+    Link,
+}
+
+impl Feed {
+    /// A feed in `style` with `page_size` records per page that never fails.
+    pub fn new(style: FeedStyle, page_size: usize) -> Self {
+        Feed { page_size, style, fail_every: None }
+    }
+
+    /// [`FeedStyle::UpdatedSince`] with the parameter `updated_since`.
+    pub fn updated_since(page_size: usize) -> Self {
+        Feed::new(FeedStyle::UpdatedSince { param: "updated_since".to_owned() }, page_size)
+    }
+
+    /// [`FeedStyle::Token`] with the parameter `cursor`.
+    pub fn token(page_size: usize) -> Self {
+        Feed::new(FeedStyle::Token { param: "cursor".to_owned() }, page_size)
+    }
+
+    /// [`FeedStyle::Page`] with the parameters `page` and `per_page`.
+    pub fn pages(page_size: usize) -> Self {
+        Feed::new(FeedStyle::Page { param: "page".to_owned(), size_param: "per_page".to_owned() }, page_size)
+    }
+
+    /// [`FeedStyle::Link`].
+    pub fn link(page_size: usize) -> Self {
+        Feed::new(FeedStyle::Link, page_size)
+    }
+
+    /// Answer every `n`th feed request with `r` instead of a page (see
+    /// [`Feed`]), e.g. 429 with `Retry-After` or 503.
+    pub fn fail_every(mut self, n: usize, r: Reply) -> Self {
+        self.fail_every = Some((n, r));
+        self
+    }
 }
 
 /// One committed effect: the partner applied a request, or one item of a
@@ -536,6 +722,9 @@ pub struct Stats {
     pub bulk_requests: u64,
     /// Bulk items committed (also counted in `effects`).
     pub bulk_items: u64,
+    /// `GET` requests to a feed path ([`Behaviour::feed`]), whatever their
+    /// answer (refused, failed on cue and dropped ones included).
+    pub feed_requests: u64,
 }
 
 /// A request as the partner saw it.
@@ -557,6 +746,25 @@ impl SeenRequest {
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         find_header(&self.headers, name)
+    }
+
+    /// The request target without its query.
+    pub fn path_only(&self) -> &str {
+        split_target(&self.path).0
+    }
+
+    /// The raw query (after `?`, still encoded), if any.
+    pub fn query(&self) -> Option<&str> {
+        split_target(&self.path).1
+    }
+
+    /// The first value of query parameter `name`, form-decoded (`+` is a
+    /// space); `None` if absent or not decodable.
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        self.query()?.split('&').find_map(|part| {
+            let (n, v) = part.split_once('=').unwrap_or((part, ""));
+            (form_decode(n)? == name).then(|| form_decode(v)).flatten()
+        })
     }
 }
 
@@ -586,7 +794,7 @@ impl Partner {
     pub async fn start_on(addr: SocketAddr, behaviour: Behaviour) -> io::Result<Partner> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared::new(behaviour));
+        let shared = Arc::new(Shared::new(behaviour, addr));
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(accept_loop(listener, Arc::clone(&shared), stopped));
         Ok(Partner { addr, shared, stop: Some(stop), task: Some(task) })
@@ -610,16 +818,68 @@ impl Partner {
     /// new limit starts with a full bucket), and so is the OAuth state
     /// (issued tokens, rotated secret and refresh token) if the new
     /// [`Behaviour::oauth`] equals the old one (otherwise it starts afresh).
+    /// Feed records are always kept; a feed's count towards
+    /// [`Feed::fail_every()`] restarts if its configuration changed.
     pub fn set_behaviour(&self, b: Behaviour) {
-        let mut st = self.shared.lock();
+        let mut guard = self.shared.lock();
+        let st = &mut *guard;
         if b.rate_limit != st.behaviour.rate_limit {
             st.bucket = None;
         }
         if b.oauth != st.behaviour.oauth {
             st.oauth = b.oauth.clone().map(OAuthServer::new);
         }
+        for (path, data) in &mut st.feeds {
+            if feed_config(&b, path) != feed_config(&st.behaviour, path) {
+                data.served = 0;
+            }
+        }
         st.behaviour = b;
         st.script_pos = 0;
+    }
+
+    /// Puts `record` into the feed at `path` (see [`Feed`]): inserts it, or
+    /// replaces the record with the same `"id"`, and stamps it with the next
+    /// `"updated_at"` of the feed clock, which it returns (e.g.
+    /// `2026-01-01T00:00:00.001Z` for the first put). All other fields are
+    /// kept as given. Works whether or not a feed is configured at `path`
+    /// yet; [`Partner::set_behaviour`] keeps the records.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `record` is not a JSON object with a string or number
+    /// `"id"`.
+    pub fn feed_put(&self, path: &str, mut record: serde_json::Value) -> String {
+        let id = match record.get("id") {
+            Some(serde_json::Value::String(id)) => id.clone(),
+            Some(serde_json::Value::Number(id)) => id.to_string(),
+            _ => panic!("a feed record is a JSON object with a string or number \"id\", not {record}"),
+        };
+        let mut st = self.shared.lock();
+        st.feed_clock += 1;
+        let tick = st.feed_clock;
+        let updated_at = feed_timestamp(tick);
+        record["updated_at"] = serde_json::Value::String(updated_at.clone());
+        st.feeds.entry(path.to_owned()).or_default().put(tick, id, record.to_string().into());
+        updated_at
+    }
+
+    /// The records of the feed at `path` as they are now, in feed order
+    /// (oldest `updated_at` first), each with its `"updated_at"`.
+    pub fn feed_records(&self, path: &str) -> Vec<serde_json::Value> {
+        let st = self.shared.lock();
+        let Some(data) = st.feeds.get(path) else {
+            return Vec::new();
+        };
+        data.records.values().map(|json| serde_json::from_str(json).expect("a stored record is JSON")).collect()
+    }
+
+    /// The recorded `GET` requests (see [`Partner::requests`]) to `path`,
+    /// whatever the query: the requests a client made to the feed there.
+    /// [`SeenRequest::query_param`] reads their parameters.
+    pub fn feed_requests(&self, path: &str) -> Vec<SeenRequest> {
+        let st = self.shared.lock();
+        st.requests.iter().filter(|r| r.method == "GET" && r.path_only() == path).cloned().collect()
     }
 
     /// Revokes every access token issued so far, as if they had all expired
@@ -754,6 +1014,14 @@ struct State {
     not_before: Option<(Instant, Instant)>,
     /// The authorization server, present exactly when `behaviour.oauth` is.
     oauth: Option<OAuthServer>,
+    /// Feed records and counters by path, whether or not a feed is
+    /// configured there (now).
+    feeds: HashMap<String, FeedData>,
+    /// The feed clock: how many records were put (see [`feed_timestamp`]).
+    feed_clock: u64,
+    /// The listening address, for absolute URLs when a request has no
+    /// usable `Host`.
+    addr: SocketAddr,
 }
 
 #[derive(Clone, Debug)]
@@ -805,6 +1073,11 @@ enum Action {
     },
     /// Close the connection without answering.
     Drop,
+    /// Send this response after a pause, without committing anything.
+    Delayed {
+        delay: Duration,
+        response: Response,
+    },
 }
 
 struct Response {
@@ -815,6 +1088,8 @@ struct Response {
     rate_limit: Option<RateHeaders>,
     /// Further headers, written as given.
     extra_headers: &'static [(&'static str, &'static str)],
+    /// Further headers with computed values (e.g. `Link`), written as given.
+    owned_headers: Vec<(&'static str, String)>,
 }
 
 /// Values of `RateLimit-Remaining` and `RateLimit-Reset`.
@@ -834,12 +1109,20 @@ enum Body {
 
 impl Response {
     fn json(status: u16, body: Body) -> Self {
-        Response { status, body, retry_after: None, replayed: false, rate_limit: None, extra_headers: &[] }
+        Response {
+            status,
+            body,
+            retry_after: None,
+            replayed: false,
+            rate_limit: None,
+            extra_headers: &[],
+            owned_headers: Vec::new(),
+        }
     }
 }
 
 impl Shared {
-    fn new(behaviour: Behaviour) -> Self {
+    fn new(behaviour: Behaviour, addr: SocketAddr) -> Self {
         let oauth = behaviour.oauth.clone().map(OAuthServer::new);
         Shared {
             state: Mutex::new(State {
@@ -852,6 +1135,9 @@ impl Shared {
                 bucket: None,
                 not_before: None,
                 oauth,
+                feeds: HashMap::new(),
+                feed_clock: 0,
+                addr,
             }),
         }
     }
@@ -912,10 +1198,13 @@ impl State {
         if self.is_bulk(req) {
             self.stats.bulk_requests += 1;
         }
+        if self.feed_for(req).is_some() {
+            self.stats.feed_requests += 1;
+        }
         let mut action = self.decide_reply(req, now);
         if let Some(headers) = self.advertised(now) {
             match &mut action {
-                Action::Respond(response) => response.rate_limit = Some(headers),
+                Action::Respond(response) | Action::Delayed { response, .. } => response.rate_limit = Some(headers),
                 Action::Slow { rate_limit, .. } => *rate_limit = Some(headers),
                 Action::Drop => {}
             }
@@ -949,6 +1238,10 @@ impl State {
 
         if let Some(response) = self.rate_limit(now) {
             return Action::Respond(response);
+        }
+
+        if let Some((path, feed)) = self.feed_for(req).cloned() {
+            return self.serve_feed(req, &path, &feed, now);
         }
 
         let b = &self.behaviour;
@@ -1004,20 +1297,8 @@ impl State {
                 }
                 Action::Respond(Response::json(200, body))
             }
-            (Reply::Status { status, body }, _) => {
-                self.count_status(status);
-                Action::Respond(Response::json(status, Body::Text(body)))
-            }
-            (Reply::RetryAfter { status, value }, _) => {
-                self.count_status(status);
-                if let Some(not_before) = retry_after_deadline(&value, now, SystemTime::now()) {
-                    self.told_not_before(now, not_before);
-                }
-                Action::Respond(Response {
-                    retry_after: Some(value),
-                    ..Response::json(status, Body::Static(RETRY_AFTER_BODY))
-                })
-            }
+            (Reply::Status { status, body }, _) => Action::Respond(self.status_reply(status, body)),
+            (Reply::RetryAfter { status, value }, _) => Action::Respond(self.retry_after_reply(status, value, now)),
             (Reply::SlowAfterCommit(delay), Some(committed)) => {
                 if let Some(key) = &key {
                     self.keys.insert(key.clone(), KeyState::InFlight);
@@ -1039,6 +1320,22 @@ impl State {
                 unreachable!("a committing reply always has a commit")
             }
         }
+    }
+
+    /// A [`Reply::Status`]: counted, answered verbatim.
+    fn status_reply(&mut self, status: u16, body: String) -> Response {
+        self.count_status(status);
+        Response::json(status, Body::Text(body))
+    }
+
+    /// A [`Reply::RetryAfter`] decided at `now`: counted and remembered for
+    /// [`Stats::retry_after_violations`].
+    fn retry_after_reply(&mut self, status: u16, value: String, now: Instant) -> Response {
+        self.count_status(status);
+        if let Some(not_before) = retry_after_deadline(&value, now, SystemTime::now()) {
+            self.told_not_before(now, not_before);
+        }
+        Response { retry_after: Some(value), ..Response::json(status, Body::Static(RETRY_AFTER_BODY)) }
     }
 
     /// Whether `req` is for the bulk endpoint.
@@ -1516,6 +1813,393 @@ fn random_suffix(n: u64) -> String {
 }
 
 // ---------------------------------------------------------------------------
+// Change feeds.
+
+/// Feed time in milliseconds since the Unix epoch at tick 0: [`FEED_EPOCH`].
+const FEED_EPOCH_MS: u64 = 1_767_225_600_000;
+const NANOS_PER_MILLI: i128 = 1_000_000;
+const MILLIS_PER_DAY: u64 = 86_400_000;
+
+/// The feed configured at `path` in `b`, if any.
+fn feed_config<'a>(b: &'a Behaviour, path: &str) -> Option<&'a Feed> {
+    b.feeds.iter().find(|(p, _)| p == path).map(|(_, feed)| feed)
+}
+
+/// The records of one feed path and how many requests it served.
+#[derive(Default)]
+struct FeedData {
+    /// Record JSON (as served) by sort key: (feed clock tick, id). Ticks
+    /// are distinct, so the id only breaks ties in principle.
+    records: BTreeMap<(u64, String), Arc<str>>,
+    /// The current tick of each record id.
+    ticks: HashMap<String, u64>,
+    /// Requests that reached the feed step, for [`Feed::fail_every()`].
+    served: usize,
+}
+
+impl FeedData {
+    /// Inserts or replaces record `id`, now at `tick`.
+    fn put(&mut self, tick: u64, id: String, json: Arc<str>) {
+        if let Some(old) = self.ticks.insert(id.clone(), tick) {
+            self.records.remove(&(old, id.clone()));
+        }
+        self.records.insert((tick, id), json);
+    }
+}
+
+/// A page of a feed: the response body and, for [`FeedStyle::Link`], the
+/// `Link` header.
+struct FeedPage {
+    body: String,
+    link: Option<String>,
+}
+
+impl State {
+    /// The path and configuration of the feed `req` is for: a `GET` whose
+    /// path (query ignored) has a feed.
+    fn feed_for(&self, req: &Request) -> Option<&(String, Feed)> {
+        if req.method != "GET" {
+            return None;
+        }
+        let path = split_target(&req.path).0;
+        self.behaviour.feeds.iter().find(|(p, _)| p == path)
+    }
+
+    /// Answers a feed request that passed the request-level checks: the
+    /// page, or the reply [`Feed::fail_every()`] asks for.
+    fn serve_feed(&mut self, req: &Request, path: &str, feed: &Feed, now: Instant) -> Action {
+        let data = self.feeds.entry(path.to_owned()).or_default();
+        data.served += 1;
+        let served = data.served;
+        let failure = feed.fail_every.as_ref().filter(|(n, _)| *n > 0 && served.is_multiple_of(*n));
+        match failure.map(|(_, r)| r.clone()) {
+            None | Some(Reply::Ok) => Action::Respond(self.feed_response(req, path, feed)),
+            Some(Reply::SlowAfterCommit(delay)) => {
+                Action::Delayed { delay, response: self.feed_response(req, path, feed) }
+            }
+            Some(Reply::Status { status, body }) => Action::Respond(self.status_reply(status, body)),
+            Some(Reply::RetryAfter { status, value }) => Action::Respond(self.retry_after_reply(status, value, now)),
+            Some(Reply::DropAfterCommit | Reply::DropBeforeCommit) => {
+                self.stats.dropped += 1;
+                Action::Drop
+            }
+        }
+    }
+
+    /// The page `req` asks for, or 400 if its parameters are refused.
+    fn feed_response(&mut self, req: &Request, path: &str, feed: &Feed) -> Response {
+        let empty = FeedData::default();
+        let data = self.feeds.get(path).unwrap_or(&empty);
+        match feed_page(data, feed, path, req, self.addr) {
+            Ok(FeedPage { body, link }) => Response {
+                owned_headers: link.map(|l| ("Link", l)).into_iter().collect(),
+                ..Response::json(200, Body::Text(body))
+            },
+            Err(error) => {
+                self.count_status(400);
+                Response::json(400, Body::Text(serde_json::json!({ "error": error }).to_string()))
+            }
+        }
+    }
+}
+
+/// The page of `feed` (served at `path`) that `req` asks for, or why its
+/// parameters are refused.
+fn feed_page(data: &FeedData, feed: &Feed, path: &str, req: &Request, addr: SocketAddr) -> Result<FeedPage, String> {
+    let query = split_target(&req.path).1;
+    let size = feed.page_size.max(1);
+    match &feed.style {
+        FeedStyle::UpdatedSince { param } => updated_since_page(data, size, query_value(query, param)?, param),
+        FeedStyle::Token { param } => token_page(data, size, query_value(query, param)?, param),
+        FeedStyle::Page { param, size_param } => {
+            let page = positive(query_value(query, param)?, param)?.unwrap_or(1);
+            let per_page = positive(query_value(query, size_param)?, size_param)?.map_or(size, |k| k.min(size));
+            Ok(numbered_page(data, page, per_page))
+        }
+        FeedStyle::Link => {
+            let base = format!("http://{}{path}", link_authority(&req.headers, addr));
+            link_page(data, size, query_value(query, "after")?, &base)
+        }
+    }
+}
+
+/// [`FeedStyle::UpdatedSince`]: records with `updated_at >= since`.
+fn updated_since_page(data: &FeedData, size: usize, since: Option<String>, param: &str) -> Result<FeedPage, String> {
+    let first_tick = match since {
+        None => 0,
+        Some(since) => first_tick_at(parse_rfc3339(&since).ok_or_else(|| format!("invalid {param}"))?),
+    };
+    let (page, has_more) = take_page(data.records.range((first_tick, String::new())..), size);
+    let body = format!(r#"{{"data":{},"has_more":{has_more}}}"#, json_array(&page));
+    Ok(FeedPage { body, link: None })
+}
+
+/// [`FeedStyle::Token`]: records after the position the cursor names.
+fn token_page(data: &FeedData, size: usize, cursor: Option<String>, param: &str) -> Result<FeedPage, String> {
+    let (page, more) = match cursor {
+        None => take_page(data.records.iter(), size),
+        Some(cursor) => {
+            let after = decode_cursor(&cursor).ok_or_else(|| format!("invalid {param}"))?;
+            take_page(data.records.range((Bound::Excluded(after), Bound::Unbounded)), size)
+        }
+    };
+    let next = match page.last() {
+        Some(((tick, id), _)) if more => format!(r#""{}""#, encode_cursor(*tick, id)),
+        _ => "null".to_owned(),
+    };
+    let body = format!(r#"{{"data":{},"next_cursor":{next}}}"#, json_array(&page));
+    Ok(FeedPage { body, link: None })
+}
+
+/// [`FeedStyle::Page`]: page `page` (1-based) of `per_page` records.
+fn numbered_page(data: &FeedData, page: usize, per_page: usize) -> FeedPage {
+    let total_pages = data.records.len().div_ceil(per_page);
+    let skip = (page - 1).saturating_mul(per_page);
+    let records: Vec<_> = data.records.iter().skip(skip).take(per_page).collect();
+    let body = format!(r#"{{"data":{},"page":{page},"total_pages":{total_pages}}}"#, json_array(&records));
+    FeedPage { body, link: None }
+}
+
+/// [`FeedStyle::Link`]: records after the one with id `after`, with a
+/// `rel="next"` link to `base` unless this is the last page.
+fn link_page(data: &FeedData, size: usize, after: Option<String>, base: &str) -> Result<FeedPage, String> {
+    let (page, more) = match after {
+        None => take_page(data.records.iter(), size),
+        Some(id) => {
+            let tick = *data.ticks.get(&id).ok_or("unknown after")?;
+            take_page(data.records.range((Bound::Excluded((tick, id)), Bound::Unbounded)), size)
+        }
+    };
+    let link = match page.last() {
+        Some(((_, id), _)) if more => Some(format!(r#"<{base}?after={}>; rel="next""#, percent_encode(id))),
+        _ => None,
+    };
+    Ok(FeedPage { body: json_array(&page), link })
+}
+
+type FeedEntry<'a> = (&'a (u64, String), &'a Arc<str>);
+
+/// Up to `size` entries, and whether there are more after them.
+fn take_page<'a>(mut entries: impl Iterator<Item = FeedEntry<'a>>, size: usize) -> (Vec<FeedEntry<'a>>, bool) {
+    let page: Vec<_> = entries.by_ref().take(size).collect();
+    let more = entries.next().is_some();
+    (page, more)
+}
+
+/// The records' JSON as a JSON array.
+fn json_array(entries: &[FeedEntry<'_>]) -> String {
+    let mut out = String::with_capacity(2 + entries.iter().map(|(_, json)| json.len() + 1).sum::<usize>());
+    out.push('[');
+    for (i, (_, json)) in entries.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(json);
+    }
+    out.push(']');
+    out
+}
+
+/// A page number or size parameter: a positive integer.
+fn positive(value: Option<String>, param: &str) -> Result<Option<usize>, String> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let valid = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
+    match valid.then(|| value.parse::<usize>().ok()).flatten() {
+        Some(n) if n > 0 => Ok(Some(n)),
+        _ => Err(format!("invalid {param}")),
+    }
+}
+
+/// The value of query parameter `name`, form-decoded; an error if any part
+/// of the query is malformed, or if `name` occurs twice or is empty.
+fn query_value(query: Option<&str>, name: &str) -> Result<Option<String>, String> {
+    let mut found = None;
+    for part in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (n, v) = part.split_once('=').unwrap_or((part, ""));
+        let (n, v) = form_decode(n).zip(form_decode(v)).ok_or("malformed query")?;
+        if n != name {
+            continue;
+        }
+        if v.is_empty() {
+            return Err(format!("invalid {name}"));
+        }
+        if found.replace(v).is_some() {
+            return Err(format!("repeated {name}"));
+        }
+    }
+    Ok(found)
+}
+
+/// A request target split into path and query (without the `?`).
+fn split_target(target: &str) -> (&str, Option<&str>) {
+    match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (target, None),
+    }
+}
+
+/// The authority for absolute URLs: the request's `Host` if it looks like
+/// one (so the link works through whatever name the client used), else the
+/// listening address.
+fn link_authority(headers: &[(String, String)], addr: SocketAddr) -> String {
+    let host = find_header(headers, "host").filter(|h| {
+        !h.is_empty()
+            && h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']'))
+    });
+    host.map_or_else(|| addr.to_string(), str::to_owned)
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The opaque [`FeedStyle::Token`] cursor for the position after the
+/// record at (`tick`, `id`): unpadded base64url of `tick:id`.
+fn encode_cursor(tick: u64, id: &str) -> String {
+    base64url_encode(format!("{tick}:{id}").as_bytes())
+}
+
+/// The position a cursor from [`encode_cursor`] names.
+fn decode_cursor(cursor: &str) -> Option<(u64, String)> {
+    if cursor.bytes().any(|b| matches!(b, b'+' | b'/' | b'=')) {
+        return None;
+    }
+    let standard = cursor.replace('-', "+").replace('_', "/");
+    let decoded = String::from_utf8(base64_decode(&standard)?).ok()?;
+    let (tick, id) = decoded.split_once(':')?;
+    let valid = !tick.is_empty() && tick.bytes().all(|b| b.is_ascii_digit());
+    Some((valid.then(|| tick.parse().ok()).flatten()?, id.to_owned()))
+}
+
+/// Base64url without padding (RFC 4648, 5).
+fn base64url_encode(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let byte = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
+        let n = (byte(0) << 16) | (byte(1) << 8) | byte(2);
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
+}
+
+/// The `updated_at` of feed clock tick `tick`: [`FEED_EPOCH`] plus `tick`
+/// milliseconds, as RFC 3339 UTC with milliseconds.
+fn feed_timestamp(tick: u64) -> String {
+    let ms = FEED_EPOCH_MS + tick;
+    let (days, ms_of_day) = (ms / MILLIS_PER_DAY, ms % MILLIS_PER_DAY);
+    // Feed time starts in 2026, so the day count fits comfortably.
+    let (year, month, day) = civil_from_days(days as i64);
+    let (secs, millis) = (ms_of_day / 1000, ms_of_day % 1000);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+/// The first feed clock tick whose `updated_at` is at or after `nanos`
+/// (since the Unix epoch).
+fn first_tick_at(nanos: i128) -> u64 {
+    let since_epoch = nanos - i128::from(FEED_EPOCH_MS) * NANOS_PER_MILLI;
+    if since_epoch <= 0 {
+        return 0;
+    }
+    let ticks = (since_epoch + NANOS_PER_MILLI - 1) / NANOS_PER_MILLI;
+    u64::try_from(ticks).unwrap_or(u64::MAX)
+}
+
+/// An RFC 3339 date-time (`T`, `t` or a space between date and time; any
+/// fraction, truncated to nanoseconds; `Z`, `z` or `+hh:mm`/`-hh:mm`) as
+/// nanoseconds since the Unix epoch. `None` if malformed or out of range.
+fn parse_rfc3339(s: &str) -> Option<i128> {
+    let b = s.as_bytes();
+    let digits = |range: Range<usize>| -> Option<i64> {
+        let part = b.get(range)?;
+        part.iter().all(u8::is_ascii_digit).then(|| part.iter().fold(0, |n, d| n * 10 + i64::from(d - b'0')))
+    };
+    let at = |i: usize, allowed: &[u8]| b.get(i).is_some_and(|c| allowed.contains(c));
+    if !(at(4, b"-") && at(7, b"-") && at(10, b"Tt ") && at(13, b":") && at(16, b":")) {
+        return None;
+    }
+    let (year, month, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
+    let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
+    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
+        return None;
+    }
+    if hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut fraction = 0i128;
+    if at(i, b".") {
+        let len = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if len == 0 {
+            return None;
+        }
+        let kept = &b[i + 1..i + 1 + len.min(9)];
+        fraction = kept.iter().fold(0, |n, d| n * 10 + i128::from(d - b'0')) * 10i128.pow(9 - kept.len() as u32);
+        i += 1 + len;
+    }
+    let offset_secs = match b.get(i..)? {
+        b"Z" | b"z" => 0,
+        [sign @ (b'+' | b'-'), ..] if b.len() == i + 6 && at(i + 3, b":") => {
+            let (h, m) = (digits(i + 1..i + 3)?, digits(i + 4..i + 6)?);
+            if h > 23 || m > 59 {
+                return None;
+            }
+            if *sign == b'+' { h * 3600 + m * 60 } else { -(h * 3600 + m * 60) }
+        }
+        _ => return None,
+    };
+    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
+    Some(i128::from(secs) * 1_000_000_000 + fraction)
+}
+
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
+/// `days_from_civil`).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The proleptic Gregorian date `days` after 1970-01-01 (H. Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+// ---------------------------------------------------------------------------
 // Rate limiting and timing.
 
 /// The rate limiter's token bucket: `tokens` as of `at`.
@@ -1756,6 +2440,14 @@ async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
                 let _ = writer.flush().await;
                 break;
             }
+            Action::Delayed { delay, response } => {
+                // Earlier pipelined responses go out before the pause.
+                if writer.flush().await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(delay).await;
+                response
+            }
         };
         let written = write_response(&mut writer, &mut scratch.out, &response, !keep_alive).await;
         if written.is_err() {
@@ -1932,6 +2624,9 @@ async fn write_response<W: AsyncWrite + Unpin>(
         out.extend_from_slice(b"Idempotent-Replayed: true\r\n");
     }
     for (name, value) in response.extra_headers {
+        write!(out, "{name}: {value}\r\n")?;
+    }
+    for (name, value) in &response.owned_headers {
         write!(out, "{name}: {value}\r\n")?;
     }
     if close {

@@ -86,6 +86,29 @@ impl Config {
                         Some(_) => {}
                     }
                 }
+                SourceConfig::Poll(p) => {
+                    if !self.connectors.contains_key(&p.connector) {
+                        out.push(Finding::error(
+                            &["flows", name, "source", "connector"],
+                            format!("there is no connector named `{}`", p.connector),
+                            format!("declare [connectors.{}]", p.connector),
+                        ));
+                    }
+                    if !p.path.is_empty() && !p.path.starts_with('/') {
+                        out.push(Finding::error(
+                            &["flows", name, "source", "path"],
+                            format!("`{}` must start with /", p.path),
+                            "write it relative to the connector's base_url, e.g. \"/v1/contacts\"",
+                        ));
+                    }
+                    if p.max_pages == 0 {
+                        out.push(Finding::error(
+                            &["flows", name, "source", "max_pages"],
+                            "a run that reads no page reads nothing",
+                            "e.g. 100 (the default)",
+                        ));
+                    }
+                }
             }
             if flow.retention.is_zero() {
                 out.push(Finding::error(
@@ -608,8 +631,11 @@ impl Loaded {
         let mut flows = BTreeMap::new();
         let mut key_errors = Vec::new();
         for (name, flow) in &self.config.flows {
-            let SourceConfig::Webhook { signature, .. } = &flow.source;
-            let verifier = signature.as_ref().map(|sig| {
+            let signature = match &flow.source {
+                SourceConfig::Webhook { signature, .. } => signature.as_ref(),
+                SourceConfig::Poll(_) => None,
+            };
+            let verifier = signature.map(|sig| {
                 let refs = sig.secret.iter().chain(sig.secrets.iter());
                 let keys: Vec<SigningSecret> = refs
                     .filter_map(|r| {

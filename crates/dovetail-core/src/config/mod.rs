@@ -422,6 +422,70 @@ pub enum SourceConfig {
         #[serde(default)]
         signature: Option<SignatureConfig>,
     },
+    /// Records fetched on a schedule from `connector`'s base URL + `path`
+    /// ("what changed since I last asked?"), through the connector's auth,
+    /// rate limit and breaker.
+    Poll(Box<PollConfig>),
+}
+
+/// `source = { type = "poll", connector, path, schedule, records, cursor, version }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PollConfig {
+    pub connector: String,
+    #[serde(default)]
+    pub path: String,
+    /// `"every 1m"` or a cron expression (see `schedule`).
+    pub schedule: crate::schedule::Schedule,
+    /// Where a page's records are: a jq path to an array (a body that is an array needs none).
+    #[serde(default)]
+    pub records: Option<crate::keypath::KeyPath>,
+    /// How to ask for what is new; without one, every run reads everything.
+    #[serde(default)]
+    pub cursor: Option<CursorConfig>,
+    /// The record's version (e.g. `.updated_at`): a record read again with
+    /// the same key and version is a duplicate. Default: its content.
+    #[serde(default)]
+    pub version: Option<crate::keypath::KeyPath>,
+    /// Most pages one run reads; the next run goes on from the cursor.
+    #[serde(default = "default_max_pages")]
+    pub max_pages: usize,
+}
+
+fn default_max_pages() -> usize {
+    100
+}
+
+/// How a poller pages and remembers where it was.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CursorConfig {
+    /// `?updated_since=T`: the newest `field` seen, minus `overlap` (records
+    /// changed while the last page was read), kept in the journal.
+    UpdatedSince {
+        param: String,
+        field: crate::keypath::KeyPath,
+        #[serde(default, with = "values::duration")]
+        overlap: Duration,
+        /// Where the first run starts (RFC 3339); default: the beginning.
+        #[serde(default)]
+        start: Option<String>,
+        /// A boolean in the body that says more pages follow (e.g. `.has_more`).
+        #[serde(default)]
+        has_more: Option<crate::keypath::KeyPath>,
+    },
+    /// An opaque next-page token in the body (e.g. `.next_cursor`), sent back as `param`.
+    Token { param: String, next: crate::keypath::KeyPath },
+    /// Page numbers from 1 in `param`, `size` records a page in `size_param`; a short page is the last.
+    Page {
+        param: String,
+        #[serde(default)]
+        size_param: Option<String>,
+        #[serde(default)]
+        size: Option<u32>,
+    },
+    /// RFC 8288 `Link: <...>; rel="next"` headers.
+    Link,
 }
 
 /// `signature = { scheme = "standard-webhooks", secret = "env:NAME" }`; `secrets = [..]` during a rotation.

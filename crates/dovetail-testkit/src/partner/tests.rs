@@ -1621,3 +1621,557 @@ async fn bulk_requests_pass_the_request_level_checks_first() {
     let stats = p.stats();
     assert_eq!((stats.effects, stats.missing_key, stats.bulk_requests), (0, 1, 3));
 }
+
+// ---------------------------------------------------------------------------
+// Change feeds.
+
+const FEED: &str = "/changes";
+
+impl TestClient {
+    /// GET `target` with `Host: host` and `headers` on this connection.
+    async fn get(&mut self, host: &str, target: &str, headers: &[(&str, &str)]) -> Option<TestResponse> {
+        let mut request = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n");
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        self.send_raw(request.as_bytes()).await;
+        self.recv().await
+    }
+}
+
+/// GET `target` on a fresh connection, with `Host` naming the partner.
+async fn get(p: &Partner, target: &str) -> TestResponse {
+    let mut client = TestClient::connect(p.addr()).await;
+    client.get(&p.addr().to_string(), target, &[]).await.expect("feed response")
+}
+
+fn feed_partner(feed: Feed) -> Behaviour {
+    Behaviour::default().feed(FEED, feed)
+}
+
+/// Puts records `r<i>` (ids zero-padded) with field `n` into [`FEED`];
+/// returns their `updated_at`s.
+fn put_records(p: &Partner, range: std::ops::RangeInclusive<usize>) -> Vec<String> {
+    range.map(|i| p.feed_put(FEED, serde_json::json!({ "id": format!("r{i:02}"), "n": i }))).collect()
+}
+
+fn record_ids(range: std::ops::RangeInclusive<usize>) -> Vec<String> {
+    range.map(|i| format!("r{i:02}")).collect()
+}
+
+/// The string ids of a JSON array of records.
+fn ids(records: &serde_json::Value) -> Vec<String> {
+    let records = records.as_array().expect("records are a JSON array");
+    records.iter().map(|r| r["id"].as_str().expect("a string id").to_owned()).collect()
+}
+
+fn last_updated_at(body: &serde_json::Value) -> String {
+    let last = body["data"].as_array().and_then(|d| d.last()).expect("a non-empty page");
+    last["updated_at"].as_str().expect("updated_at").to_owned()
+}
+
+/// Pages through an [`FeedStyle::UpdatedSince`] feed from `since` on one
+/// connection, as a polling client would; returns the pages' ids.
+async fn page_updated_since(p: &Partner, since: Option<&str>) -> Vec<Vec<String>> {
+    let mut client = TestClient::connect(p.addr()).await;
+    let host = p.addr().to_string();
+    let mut target = since.map_or(FEED.to_owned(), |s| format!("{FEED}?updated_since={s}"));
+    let mut pages = Vec::new();
+    loop {
+        let r = client.get(&host, &target, &[]).await.expect("feed response");
+        assert_eq!(r.status, 200, "{r:?}");
+        let body = r.json();
+        pages.push(ids(&body["data"]));
+        if !body["has_more"].as_bool().expect("has_more") {
+            return pages;
+        }
+        assert!(pages.len() < 100, "the feed makes no progress");
+        target = format!("{FEED}?updated_since={}", last_updated_at(&body));
+    }
+}
+
+/// Ids in first-seen order, each once: what a de-duplicating client keeps.
+fn dedup(pages: &[Vec<String>]) -> Vec<String> {
+    let mut seen = Vec::new();
+    for id in pages.iter().flatten() {
+        if !seen.contains(id) {
+            seen.push(id.clone());
+        }
+    }
+    seen
+}
+
+#[test]
+fn feed_builders() {
+    assert!(Behaviour::default().feeds.is_empty());
+    let b = Behaviour::default().feed("/a", Feed::token(5)).feed("/b", Feed::link(7)).feed("/a", Feed::pages(3));
+    assert_eq!(b.feeds, vec![("/a".to_owned(), Feed::pages(3)), ("/b".to_owned(), Feed::link(7))]);
+    assert_eq!(
+        Feed::updated_since(10),
+        Feed { page_size: 10, style: FeedStyle::UpdatedSince { param: "updated_since".into() }, fail_every: None }
+    );
+    assert_eq!(Feed::token(1).style, FeedStyle::Token { param: "cursor".into() });
+    assert_eq!(Feed::pages(1).style, FeedStyle::Page { param: "page".into(), size_param: "per_page".into() });
+    let failing = Feed::link(2).fail_every(3, status(503, "{}"));
+    assert_eq!(failing.fail_every, Some((3, status(503, "{}"))));
+}
+
+#[test]
+fn feed_clock_and_rfc3339() {
+    assert_eq!(days_from_civil(2026, 1, 1) * 86_400_000, FEED_EPOCH_MS as i64);
+    assert_eq!(feed_timestamp(0), FEED_EPOCH);
+    assert_eq!(feed_timestamp(1), "2026-01-01T00:00:00.001Z");
+    assert_eq!(feed_timestamp(59 * MILLIS_PER_DAY + 3_723_004), "2026-03-01T01:02:03.004Z");
+    for tick in [0, 1, 999, 1000, 86_399_999, 400 * MILLIS_PER_DAY + 12_345] {
+        let nanos = parse_rfc3339(&feed_timestamp(tick)).unwrap();
+        assert_eq!(nanos, i128::from(FEED_EPOCH_MS + tick) * NANOS_PER_MILLI, "{tick}");
+        assert_eq!(first_tick_at(nanos), tick);
+    }
+    for days in (-800_000..800_000).step_by(997) {
+        let (y, m, d) = civil_from_days(days);
+        assert_eq!(days_from_civil(y, m, d), days, "{y}-{m}-{d}");
+    }
+
+    // Against an independent oracle: httpdate's IMF-fixdate parser.
+    let unix_nanos = |imf: &str| {
+        let t = httpdate::parse_http_date(imf).unwrap().duration_since(UNIX_EPOCH).unwrap();
+        i128::from(t.as_secs()) * 1_000_000_000
+    };
+    assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+    assert_eq!(parse_rfc3339("2000-02-29T12:00:00+02:00"), Some(unix_nanos("Tue, 29 Feb 2000 10:00:00 GMT")));
+    assert_eq!(parse_rfc3339("2024-12-31 23:30:00-00:45"), Some(unix_nanos("Wed, 01 Jan 2025 00:15:00 GMT")));
+    assert_eq!(
+        parse_rfc3339("2026-01-01t00:00:01.5z"),
+        Some(i128::from(FEED_EPOCH_MS) * NANOS_PER_MILLI + 1_500_000_000)
+    );
+    assert_eq!(
+        parse_rfc3339("2026-01-01T00:00:00.1234567891Z"),
+        Some(i128::from(FEED_EPOCH_MS) * NANOS_PER_MILLI + 123_456_789),
+        "digits beyond nanoseconds are truncated"
+    );
+    for bad in [
+        "",
+        "2026-01-01",
+        "2026-01-01T00:00:00",
+        "2026-01-01T00:00:00ZZ",
+        "2026-01-01T00:00:00.Z",
+        "2026-01-01T00:00:00+0100",
+        "2026-01-01T00:00:00+01:00x",
+        "2026-01-01T00:00:00 01:00",
+        "2026-13-01T00:00:00Z",
+        "2026-02-29T00:00:00Z",
+        "2026-04-31T00:00:00Z",
+        "2026-01-01T24:00:00Z",
+        "2026-01-01T00:60:00Z",
+        "2026-01-01T00:00:00+24:00",
+        "2026-01-01X00:00:00Z",
+        "+2026-01-01T00:00:00Z",
+        "2026-1-01T00:00:00Z",
+        "yesterday",
+    ] {
+        assert_eq!(parse_rfc3339(bad), None, "{bad:?}");
+    }
+
+    let epoch = i128::from(FEED_EPOCH_MS) * NANOS_PER_MILLI;
+    assert_eq!(first_tick_at(i128::MIN / 2), 0);
+    assert_eq!(first_tick_at(epoch + 1), 1, "inclusive: the next tick at or after");
+    assert_eq!(first_tick_at(epoch + NANOS_PER_MILLI), 1);
+    assert_eq!(first_tick_at(epoch + NANOS_PER_MILLI + 1), 2);
+    assert_eq!(first_tick_at(i128::MAX / 2), u64::MAX);
+}
+
+#[test]
+fn feed_cursors_and_encodings() {
+    for (data, encoded) in [(&b""[..], ""), (b"f", "Zg"), (b"fo", "Zm8"), (b"foo", "Zm9v"), (&[0xfb, 0xff], "-_8")] {
+        assert_eq!(base64url_encode(data), encoded);
+    }
+    for (tick, id) in [(0, ""), (17, "r17"), (u64::MAX, "a:b/ü?&=+")] {
+        let cursor = encode_cursor(tick, id);
+        assert!(cursor.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "{cursor}");
+        assert_eq!(decode_cursor(&cursor), Some((tick, id.to_owned())));
+    }
+    for bad in ["", "!!", "Zm9v", "Zm9vOg", "eDox", "MTc6cjE3==", "MTc6cjE3+", "1", "OjE"] {
+        assert_eq!(decode_cursor(bad), None, "{bad:?}");
+    }
+    assert_eq!(percent_encode("r-1.x_~"), "r-1.x_~");
+    assert_eq!(percent_encode("a b/c&d=ü"), "a%20b%2Fc%26d%3D%C3%BC");
+
+    let q = |query: &str, name: &str| query_value(Some(query), name);
+    assert_eq!(query_value(None, "a"), Ok(None));
+    assert_eq!(q("a=1&b=2", "b"), Ok(Some("2".into())));
+    assert_eq!(q("x=1&%61=%3A+z", "a"), Ok(Some(": z".into())));
+    assert_eq!(q("&&a=1&", "a"), Ok(Some("1".into())));
+    assert_eq!(q("b=1&b=2", "a"), Ok(None), "other parameters may repeat");
+    assert_eq!(q("a=1&a=1", "a"), Err("repeated a".into()));
+    assert_eq!(q("a=", "a"), Err("invalid a".into()));
+    assert_eq!(q("a", "a"), Err("invalid a".into()));
+    assert_eq!(q("b=%zz&a=1", "a"), Err("malformed query".into()));
+
+    let link = |host: &str| link_authority(&[("host".into(), host.into())], SocketAddr::from(([127, 0, 0, 1], 9)));
+    assert_eq!(link("feeds.partner.test:8443"), "feeds.partner.test:8443");
+    assert_eq!(link("[::1]:80"), "[::1]:80");
+    assert_eq!(link("a>b"), "127.0.0.1:9");
+    assert_eq!(link(""), "127.0.0.1:9");
+    assert_eq!(link_authority(&[], SocketAddr::from(([127, 0, 0, 1], 9))), "127.0.0.1:9");
+}
+
+#[tokio::test]
+async fn updated_since_pages_through_all_records_with_an_inclusive_overlap() {
+    let p = start(feed_partner(Feed::updated_since(10))).await;
+    let stamps = put_records(&p, 1..=25);
+    assert_eq!(stamps[0], "2026-01-01T00:00:00.001Z");
+    assert_eq!(stamps[24], "2026-01-01T00:00:00.025Z");
+    assert!(stamps.windows(2).all(|w| w[0] < w[1]), "strictly increasing within one real millisecond");
+
+    let pages = page_updated_since(&p, None).await;
+    assert_eq!(pages, [record_ids(1..=10), record_ids(10..=19), record_ids(19..=25)]);
+    // The boundary record really comes twice: updated_since is inclusive.
+    assert_eq!(pages[1][0], pages[0][9]);
+    assert_eq!(pages[2][0], pages[1][9]);
+    assert_eq!(dedup(&pages), record_ids(1..=25), "every record exactly once after de-duplication");
+
+    let stats = p.stats();
+    assert_eq!(stats, Stats { requests: 3, feed_requests: 3, ..Stats::default() });
+    let seen = p.feed_requests(FEED);
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen.len(), p.requests().len());
+    assert_eq!((seen[0].path_only(), seen[0].query()), (FEED, None));
+    assert_eq!(seen[1].query(), Some("updated_since=2026-01-01T00:00:00.010Z"));
+    assert_eq!(seen[2].query_param("updated_since").as_deref(), Some(stamps[18].as_str()));
+    assert_eq!(seen[2].query_param("cursor"), None);
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn updated_since_serves_records_put_while_paging_on_later_pages() {
+    let p = start(feed_partner(Feed::updated_since(10))).await;
+    put_records(&p, 1..=15);
+    let first = get(&p, FEED).await.json();
+    assert_eq!(ids(&first["data"]), record_ids(1..=10));
+    assert_eq!(first["has_more"], true);
+    let watermark = last_updated_at(&first);
+
+    // Meanwhile a record already seen changes, gaining a new field, and new ones arrive.
+    let changed = p.feed_put(FEED, serde_json::json!({"id": "r03", "n": 3, "tier": "gold"}));
+    put_records(&p, 16..=20);
+
+    let rest = page_updated_since(&p, Some(&watermark)).await;
+    let mut expected_second = record_ids(10..=15);
+    expected_second.push("r03".into());
+    expected_second.extend(record_ids(16..=18));
+    assert_eq!(rest, [expected_second, record_ids(18..=20)]);
+    let page = get(&p, &format!("{FEED}?updated_since={watermark}")).await.json();
+    let r03 = page["data"].as_array().unwrap().iter().find(|r| r["id"] == "r03").unwrap().clone();
+    assert_eq!(r03, serde_json::json!({"id": "r03", "n": 3, "tier": "gold", "updated_at": changed}));
+    assert!(changed.as_str() > watermark.as_str());
+
+    // The next poll from the last updated_at seen gets just the boundary record...
+    let last = p.feed_records(FEED).last().unwrap()["updated_at"].as_str().unwrap().to_owned();
+    let poll = get(&p, &format!("{FEED}?updated_since={last}")).await.json();
+    assert_eq!((ids(&poll["data"]), &poll["has_more"]), (vec!["r20".to_owned()], &serde_json::json!(false)));
+    // ...and, once something changed, that too.
+    put_records(&p, 21..=21);
+    let poll = get(&p, &format!("{FEED}?updated_since={last}")).await.json();
+    assert_eq!(ids(&poll["data"]), ["r20", "r21"]);
+    assert_eq!(p.feed_records(FEED).len(), 21, "r03 was replaced, not added");
+}
+
+#[tokio::test]
+async fn updated_since_accepts_rfc3339_forms_and_refuses_malformed_ones() {
+    let p = start(feed_partner(Feed::updated_since(100))).await;
+    put_records(&p, 1..=10);
+    let from = async |since: &str| {
+        let r = get(&p, &format!("{FEED}?updated_since={since}")).await;
+        assert_eq!(r.status, 200, "{since}: {r:?}");
+        ids(&r.json()["data"])
+    };
+    for since in [
+        "2026-01-01T00:00:00.005Z",
+        "2026-01-01T00%3A00%3A00.005Z",
+        "2026-01-01T01:00:00.005%2B01:00",
+        "2025-12-31T23:00:00.005-01:00",
+        "2026-01-01T00:00:00.0041Z",
+        "2026-01-01t00:00:00.005z",
+    ] {
+        assert_eq!(from(since).await, record_ids(5..=10), "{since}");
+    }
+    assert_eq!(from("0001-01-01T00:00:00Z").await, record_ids(1..=10));
+    assert_eq!(from("2026-01-01T00:00:00Z").await, record_ids(1..=10));
+    assert_eq!(from("2030-01-01T00:00:00Z").await, Vec::<String>::new());
+    let ignored = get(&p, &format!("{FEED}?status=open&updated_since=2026-01-01T00:00:00.009Z&sort=desc")).await;
+    assert_eq!(ids(&ignored.json()["data"]), record_ids(9..=10), "unknown parameters are ignored");
+
+    for (query, error) in [
+        // A bare `+` is a space once form-decoded.
+        ("updated_since=2026-01-01T01:00:00.005+01:00", "invalid updated_since"),
+        ("updated_since=yesterday", "invalid updated_since"),
+        ("updated_since=2026-02-30T00:00:00Z", "invalid updated_since"),
+        ("updated_since=2026-01-01T00:00:00", "invalid updated_since"),
+        ("updated_since=", "invalid updated_since"),
+        ("updated_since=2026-01-01T00:00:00Z&updated_since=2026-01-01T00:00:00Z", "repeated updated_since"),
+        ("x=%G0&updated_since=2026-01-01T00:00:00Z", "malformed query"),
+    ] {
+        let r = get(&p, &format!("{FEED}?{query}")).await;
+        assert_eq!((r.status, r.json()), (400, serde_json::json!({ "error": error })), "{query}");
+    }
+    let stats = p.stats();
+    assert_eq!((stats.feed_requests, stats.rejected, stats.effects), (17, 7, 0));
+}
+
+#[tokio::test]
+async fn token_pages_through_all_records_exactly_once_with_opaque_cursors() {
+    let p = start(feed_partner(Feed::token(10))).await;
+    put_records(&p, 1..=25);
+    let mut client = TestClient::connect(p.addr()).await;
+    let host = p.addr().to_string();
+    let mut target = FEED.to_owned();
+    let (mut pages, mut cursors) = (Vec::new(), Vec::new());
+    loop {
+        let r = client.get(&host, &target, &[]).await.unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        let body = r.json();
+        assert_eq!(body.as_object().unwrap().len(), 2, "{body}");
+        pages.push(ids(&body["data"]));
+        let Some(cursor) = body["next_cursor"].as_str() else {
+            assert!(body["next_cursor"].is_null());
+            break;
+        };
+        assert!(!cursor.contains("r1") && !cursor.contains(':'), "the cursor is opaque: {cursor}");
+        cursors.push(cursor.to_owned());
+        target = format!("{FEED}?cursor={cursor}");
+        assert!(pages.len() < 100, "no progress");
+    }
+    assert_eq!(pages, [record_ids(1..=10), record_ids(11..=20), record_ids(21..=25)]);
+    assert_eq!(pages.concat(), record_ids(1..=25), "every record exactly once, no overlap");
+    let seen = p.feed_requests(FEED);
+    assert_eq!(seen[0].query(), None, "the first page is asked for without the cursor");
+    assert_eq!(seen[2].query_param("cursor").as_ref(), Some(&cursors[1]));
+
+    // Resuming from the last cursor re-reads the last page and, since the
+    // cursor is a position, sees what changed meanwhile and skips nothing.
+    p.feed_put(FEED, serde_json::json!({"id": "r05", "n": 5, "again": true}));
+    put_records(&p, 26..=26);
+    let resumed = get(&p, &format!("{FEED}?cursor={}", cursors[1])).await.json();
+    let mut expected = record_ids(21..=25);
+    expected.extend(["r05".to_owned(), "r26".to_owned()]);
+    assert_eq!((ids(&resumed["data"]), &resumed["next_cursor"]), (expected, &serde_json::Value::Null));
+
+    for cursor in ["bogus!", "Zm9v", "", "MTc6cjE3%3D"] {
+        let r = get(&p, &format!("{FEED}?cursor={cursor}")).await;
+        assert_eq!((r.status, r.json()), (400, serde_json::json!({"error": "invalid cursor"})), "{cursor:?}");
+    }
+    assert_eq!(p.stats().feed_requests, 8);
+}
+
+#[tokio::test]
+async fn page_style_pages_with_total_pages_and_caps_per_page() {
+    let p = start(feed_partner(Feed::pages(10)).feed("/empty", Feed::pages(10))).await;
+    put_records(&p, 1..=25);
+    let page = async |query: &str| {
+        let r = get(&p, &format!("{FEED}{query}")).await;
+        assert_eq!(r.status, 200, "{query}: {r:?}");
+        let body = r.json();
+        assert_eq!(body.as_object().unwrap().len(), 3, "{body}");
+        (ids(&body["data"]), body["page"].as_u64().unwrap(), body["total_pages"].as_u64().unwrap())
+    };
+    assert_eq!(page("").await, (record_ids(1..=10), 1, 3));
+    let mut all = Vec::new();
+    for n in 1..=3 {
+        let (records, number, total) = page(&format!("?page={n}")).await;
+        assert_eq!((number, total), (n, 3));
+        all.extend(records);
+    }
+    assert_eq!(all, record_ids(1..=25), "every record exactly once");
+    assert_eq!(page("?page=3").await.0, record_ids(21..=25));
+    assert_eq!(page("?page=4").await, (vec![], 4, 3));
+    assert_eq!(page("?page=2&per_page=5").await, (record_ids(6..=10), 2, 5));
+    assert_eq!(page("?per_page=100").await, (record_ids(1..=10), 1, 3), "per_page is capped at the page size");
+    assert_eq!(page(&format!("?page={}", usize::MAX)).await.0, Vec::<String>::new());
+
+    let empty = get(&p, "/empty").await;
+    assert_eq!(empty.json(), serde_json::json!({"data": [], "page": 1, "total_pages": 0}));
+    for (query, error) in [
+        ("page=0", "invalid page"),
+        ("page=-1", "invalid page"),
+        ("page=two", "invalid page"),
+        ("page=99999999999999999999999", "invalid page"),
+        ("per_page=0", "invalid per_page"),
+        ("page=1&page=2", "repeated page"),
+    ] {
+        let r = get(&p, &format!("{FEED}?{query}")).await;
+        assert_eq!((r.status, r.json()), (400, serde_json::json!({ "error": error })), "{query}");
+    }
+}
+
+/// The URL of a `Link: <url>; rel="next"` header, checking its form.
+fn next_link(r: &TestResponse) -> Option<String> {
+    let value = r.header("link")?;
+    let (url, params) = value.strip_prefix('<').and_then(|v| v.split_once('>')).expect("Link: <url>; ...");
+    assert_eq!(params, r#"; rel="next""#, "{value}");
+    assert!(url.starts_with("http://") && !url.contains([' ', '<', '>', '"']), "{url}");
+    Some(url.to_owned())
+}
+
+#[tokio::test]
+async fn link_style_sends_absolute_next_links_until_the_last_page() {
+    let p = start(feed_partner(Feed::link(10)).feed("/odd", Feed::link(1))).await;
+    put_records(&p, 1..=25);
+    let origin = format!("http://{}", p.addr());
+    let mut client = TestClient::connect(p.addr()).await;
+    let host = p.addr().to_string();
+    let mut target = FEED.to_owned();
+    let (mut pages, mut links) = (Vec::new(), Vec::new());
+    loop {
+        let r = client.get(&host, &target, &[]).await.unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        pages.push(ids(&r.json()));
+        let Some(url) = next_link(&r) else { break };
+        target = url.strip_prefix(&origin).expect("a link to the partner itself").to_owned();
+        links.push(url);
+        assert!(pages.len() < 100, "no progress");
+    }
+    assert_eq!(pages, [record_ids(1..=10), record_ids(11..=20), record_ids(21..=25)]);
+    assert_eq!(pages.concat(), record_ids(1..=25), "every record exactly once");
+    assert_eq!(links, [format!("{origin}{FEED}?after=r10"), format!("{origin}{FEED}?after=r20")]);
+
+    // The link names the host the client used.
+    let mut other = TestClient::connect(p.addr()).await;
+    let r = other.get("feeds.partner.test:8443", FEED, &[]).await.unwrap();
+    assert_eq!(r.header("link"), Some(r#"<http://feeds.partner.test:8443/changes?after=r10>; rel="next""#));
+
+    // Ids are percent-encoded in the link; numeric ids are fine too.
+    p.feed_put("/odd", serde_json::json!({"id": "a b/ü&x", "v": 1}));
+    p.feed_put("/odd", serde_json::json!({"id": 7, "v": 2}));
+    let first = get(&p, "/odd").await;
+    assert_eq!(first.json(), serde_json::json!([{"id": "a b/ü&x", "v": 1, "updated_at": "2026-01-01T00:00:00.026Z"}]));
+    let url = next_link(&first).unwrap();
+    assert_eq!(url, format!("{origin}/odd?after=a%20b%2F%C3%BC%26x"));
+    let second = get(&p, url.strip_prefix(&origin).unwrap()).await;
+    assert_eq!(second.json()[0]["id"], 7);
+    assert_eq!(next_link(&second), None, "no link on the last page");
+
+    let r = get(&p, &format!("{FEED}?after=nope")).await;
+    assert_eq!((r.status, r.json()), (400, serde_json::json!({"error": "unknown after"})));
+}
+
+#[tokio::test]
+async fn fail_every_answers_every_nth_feed_request_with_the_reply() {
+    let throttled = Reply::RetryAfter { status: 429, value: "1".into() };
+    let p = start(feed_partner(Feed::updated_since(10).fail_every(3, throttled))).await;
+    put_records(&p, 1..=25);
+
+    // A client that retries the same request after a refusal still gets everything.
+    let mut client = TestClient::connect(p.addr()).await;
+    let host = p.addr().to_string();
+    let (mut target, mut pages, mut refusals) = (FEED.to_owned(), Vec::new(), Vec::new());
+    loop {
+        let r = client.get(&host, &target, &[]).await.unwrap();
+        if r.status != 200 {
+            refusals.push(r);
+            continue;
+        }
+        let body = r.json();
+        pages.push(ids(&body["data"]));
+        if body["has_more"] == false {
+            break;
+        }
+        target = format!("{FEED}?updated_since={}", last_updated_at(&body));
+    }
+    assert_eq!(dedup(&pages), record_ids(1..=25));
+    assert_eq!(refusals.len(), 1, "the third of four requests");
+    assert_eq!((refusals[0].status, refusals[0].body.as_str()), (429, r#"{"error":"try again later"}"#));
+    assert_eq!(refusals[0].header("retry-after"), Some("1"));
+    let stats = p.stats();
+    assert_eq!((stats.feed_requests, stats.rejected, stats.effects), (4, 1, 0));
+
+    // A changed feed starts counting afresh; an equal one keeps counting.
+    let unavailable = Feed::updated_since(10).fail_every(2, status(503, r#"{"error":"maintenance"}"#));
+    p.set_behaviour(feed_partner(unavailable.clone()));
+    let statuses = async |n: usize| {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(get(&p, FEED).await.status);
+        }
+        out
+    };
+    assert_eq!(statuses(3).await, [200, 503, 200]);
+    assert_eq!(get(&p, FEED).await.body, r#"{"error":"maintenance"}"#);
+    p.set_behaviour(feed_partner(unavailable));
+    assert_eq!(statuses(2).await, [200, 503], "the count went on");
+    assert_eq!(p.feed_records(FEED).len(), 25, "set_behaviour keeps the records");
+
+    // Drops close the connection without a byte.
+    p.set_behaviour(feed_partner(Feed::updated_since(10).fail_every(1, Reply::DropBeforeCommit)));
+    let mut dropped = TestClient::connect(p.addr()).await;
+    assert!(dropped.get(&host, FEED, &[]).await.is_none());
+    assert_eq!(p.stats().dropped, 1);
+
+    // A slow reply serves the page late, with the rate limit headers as usual.
+    let delay = Duration::from_millis(50);
+    let slow = Feed::updated_since(10).fail_every(1, Reply::SlowAfterCommit(delay));
+    let advertised = RateLimit { advertise: true, ..limit(HOURLY, 100) };
+    p.set_behaviour(Behaviour { rate_limit: Some(advertised), ..feed_partner(slow) });
+    let started = Instant::now();
+    let r = get(&p, FEED).await;
+    assert!(started.elapsed() >= delay);
+    assert_eq!((r.status, ids(&r.json()["data"])), (200, record_ids(1..=10)));
+    assert_eq!(r.header("ratelimit-remaining"), Some("99"));
+    assert_eq!(p.stats().effects, 0, "a feed never commits");
+}
+
+#[tokio::test]
+async fn feed_requests_pass_the_request_checks_but_need_no_idempotency_key() {
+    let feed = Feed::updated_since(10).fail_every(2, status(503, "{}"));
+    let p = start(Behaviour::default().require("x-api-key", "secret").feed(FEED, feed)).await;
+    p.feed_put(FEED, serde_json::json!({"id": 1}));
+    let host = p.addr().to_string();
+    let mut client = TestClient::connect(p.addr()).await;
+    let key = [("x-api-key", "secret")];
+
+    let r = client.get(&host, FEED, &[]).await.unwrap();
+    assert_eq!(r.status, 400, "required header first: {r:?}");
+    let r = client.get(&host, FEED, &key).await.unwrap();
+    assert_eq!((r.status, r.json()["data"][0]["id"].clone()), (200, serde_json::json!(1)), "the refusal did not count");
+    assert_eq!(client.get(&host, FEED, &key).await.unwrap().status, 503);
+
+    // Other methods on the feed path, and other paths, are the usual API.
+    client.send_raw(&raw_request("POST", FEED, &[("x-api-key", "secret"), ("Idempotency-Key", "k1")], "{}")).await;
+    assert_eq!(client.recv().await.unwrap().body, r#"{"ok":true,"effect":1}"#);
+    let r = client.get(&host, "/other", &key).await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (400, MISSING_KEY_BODY));
+
+    let stats = p.stats();
+    assert_eq!((stats.requests, stats.feed_requests, stats.effects, stats.rejected), (5, 3, 1, 3));
+    assert_eq!(p.feed_requests(FEED).len(), 3, "only the GETs");
+}
+
+#[tokio::test]
+async fn feed_records_keep_every_field_but_the_server_owns_updated_at() {
+    let p = start(Behaviour::default()).await;
+    let t1 =
+        p.feed_put(FEED, serde_json::json!({"id": "a", "updated_at": "1999-01-01T00:00:00Z", "x": {"y": [1, null]}}));
+    let t2 = p.feed_put(FEED, serde_json::json!({"id": 7, "name": "seven"}));
+    // Half-way through, the partner starts sending a new field.
+    let t3 = p.feed_put(FEED, serde_json::json!({"id": "7", "name": "seven", "tier": "gold"}));
+    let stamps = ["2026-01-01T00:00:00.001Z", "2026-01-01T00:00:00.002Z", "2026-01-01T00:00:00.003Z"];
+    assert_eq!([t1.as_str(), t2.as_str(), t3.as_str()], stamps);
+    let expected = serde_json::json!([
+        {"id": "a", "updated_at": t1, "x": {"y": [1, null]}},
+        {"id": "7", "name": "seven", "tier": "gold", "updated_at": t3},
+    ]);
+    assert_eq!(serde_json::Value::Array(p.feed_records(FEED)), expected, "7 and \"7\" are one record");
+
+    // Records put before the feed was configured are served once it is.
+    assert_eq!(get(&p, FEED).await.status, 400, "no feed yet: the usual API wants a key");
+    p.set_behaviour(feed_partner(Feed::updated_since(10)));
+    assert_eq!(get(&p, FEED).await.json(), serde_json::json!({"data": expected, "has_more": false}));
+    assert_eq!(p.stats().feed_requests, 1);
+}
+
+#[tokio::test]
+#[should_panic(expected = "a feed record is a JSON object with a string or number \"id\"")]
+async fn feed_put_needs_an_id() {
+    let p = start(Behaviour::default()).await;
+    p.feed_put(FEED, serde_json::json!({"name": "no id"}));
+}
