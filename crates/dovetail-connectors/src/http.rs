@@ -287,8 +287,10 @@ pub struct Fetched {
     /// The request's result; for a 2xx, `detail` is `None` and the body is in `body`.
     pub result: AttemptResult,
     pub body: Option<String>,
-    /// The `Link: <...>; rel="next"` target, when the partner pages that way.
+    /// The `Link: <...>; rel="next"` target (absolute), when the partner pages that way.
     pub next_link: Option<String>,
+    /// Set when nothing was sent: the next-page link leaves the connector's origin.
+    pub refused: Option<String>,
 }
 
 impl HttpSink {
@@ -305,7 +307,7 @@ impl HttpSink {
         let Some(tokens) = &self.tokens else { return self.fetch_once(url, query, correlation_id, None, &now).await };
         let token = match tokens.bearer().await {
             Ok(t) => t,
-            Err(failed) => return Fetched { result: failed, body: None, next_link: None },
+            Err(failed) => return Fetched { result: failed, body: None, next_link: None, refused: None },
         };
         let first = self.fetch_once(url, query, correlation_id, Some(&token), &now).await;
         if !matches!(first.result.answer, Answer::Status { status: 401, .. }) {
@@ -313,7 +315,7 @@ impl HttpSink {
         }
         match tokens.renew_after_rejection(&token).await {
             Ok(t) => self.fetch_once(url, query, correlation_id, Some(&t), &now).await,
-            Err(failed) => Fetched { result: failed, body: None, next_link: None },
+            Err(failed) => Fetched { result: failed, body: None, next_link: None, refused: None },
         }
     }
 
@@ -326,20 +328,18 @@ impl HttpSink {
         now: &impl Fn() -> Timestamp,
     ) -> Fetched {
         let started = Instant::now();
-        let failed = |result| Fetched { result, body: None, next_link: None };
+        let failed = |result| Fetched { result, body: None, next_link: None, refused: None };
         let mut target = match url {
-            // A next link must stay on the connector's partner: credentials go nowhere else.
-            Some(u) => match reqwest::Url::parse(u) {
+            // A next link (absolute, or relative to the request) must stay on
+            // the connector's origin: credentials go nowhere else.
+            Some(u) => match self.target.join(u) {
                 Ok(t) if t.origin() == self.target.origin() => t,
                 _ => {
-                    let detail = Some(format!("the next-page link `{u}` leaves the connector's base URL"));
-                    let answer = Answer::Status { status: 502, retry_after: None };
-                    return failed(AttemptResult {
-                        answer,
-                        duration: started.elapsed(),
-                        detail,
-                        hint: LimitHint::default(),
-                    });
+                    let refused = Some(format!("the next-page link `{u}` leaves the connector's origin"));
+                    let answer = Answer::Status { status: 0, retry_after: None };
+                    let hint = LimitHint::default();
+                    let result = AttemptResult { answer, duration: started.elapsed(), detail: None, hint };
+                    return Fetched { result, body: None, next_link: None, refused };
                 }
             },
             None => self.target.clone(),
@@ -365,7 +365,15 @@ impl HttpSink {
             Err(e) => return failed(transport_failure(e, started)),
         };
         let (answer, hint) = answer_of(&response, now());
-        let next_link = response.headers().get("link").and_then(|v| v.to_str().ok()).and_then(next_link);
+        let request_url = response.url().clone();
+        let next_link = response
+            .headers()
+            .get_all("link")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(next_link)
+            .and_then(|l| request_url.join(&l).ok())
+            .map(|u| u.to_string());
         let ok = response.status().is_success();
         let body = read_excerpt(response, BATCH_BODY_LIMIT).await;
         match body {
@@ -373,6 +381,7 @@ impl HttpSink {
                 result: AttemptResult { answer, duration: started.elapsed(), detail: None, hint },
                 body: Some(b),
                 next_link,
+                refused: None,
             },
             Ok(b) => failed(AttemptResult { answer, duration: started.elapsed(), detail: Some(b), hint }),
             Err(e) => {
@@ -393,9 +402,24 @@ fn answer_of(response: &reqwest::Response, now: Timestamp) -> (Answer, LimitHint
     (Answer::Status { status: response.status().as_u16(), retry_after }, limit_hint(&text, now))
 }
 
-/// The `rel="next"` target of an RFC 8288 `Link` header.
+/// The `rel="next"` target of an RFC 8288 `Link` header (commas inside
+/// `<...>` belong to the URL).
 fn next_link(header: &str) -> Option<String> {
-    header.split(',').find_map(|part| {
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0i32, 0);
+    for (i, c) in header.char_indices() {
+        match c {
+            '<' => depth += 1,
+            '>' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&header[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&header[start..]);
+    parts.into_iter().find_map(|part| {
         let (target, params) = part.trim().split_once(';')?;
         let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
         params
@@ -572,6 +596,11 @@ mod tests {
             Some("https://a.example/x?after=9")
         );
         assert_eq!(next_link(r#"<https://a.example/x?page=1>; rel="first""#), None);
+        assert_eq!(
+            next_link(r#"</items?fields=id,name&page=2>; rel="next""#).as_deref(),
+            Some("/items?fields=id,name&page=2"),
+            "commas inside the URL"
+        );
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! cron expression, `"*/15 * * * *"`, optionally in a time zone:
 //! `"CRON_TZ=Europe/Paris 0 9 * * Mon-Fri"` (UTC otherwise). Cron fields
 //! are minute, hour, day of month, month, day of week; names (`Mon`, `Jan`),
-//! ranges, lists and steps work. In a zone with daylight saving time, a
+//! ranges, lists and steps work; days of the week are named, not numbered
+//! (dialects disagree on what 0 and 7 mean). When both the day of month and
+//! the day of week are restricted, both must match (Vixie cron runs when
+//! either does). In a zone with daylight saving time, a
 //! run whose local time a spring-forward gap skips happens an hour later
 //! that day, and one in an autumn fold runs once.
 //!
@@ -48,7 +51,15 @@ impl Schedule {
             }
             None => (jiff::tz::TimeZone::UTC, text),
         };
-        let fields = expr.split_whitespace().count();
+        let fields: Vec<&str> = expr.split_whitespace().collect();
+        if fields.len() == 5 && fields[4].chars().any(|c| c.is_ascii_digit()) {
+            // Cron dialects disagree on numbering (0 or 7 is Sunday, or 1 is): names cannot be misread.
+            return Err(format!(
+                "`{}` numbers the days of the week; name them instead (Mon-Fri, Sun, Sat,Sun)",
+                fields[4]
+            ));
+        }
+        let fields = fields.len();
         if fields != 5 {
             return Err(format!(
                 "`{text}` is neither an interval (\"every 5m\") nor a five-field cron expression (\"*/15 * * * *\"): it has {fields} fields"
@@ -131,5 +142,6 @@ mod tests {
         assert!(err("0 9 * * * 2026").contains("it has 6 fields"));
         assert!(err("61 * * * *").contains("not a cron expression"), "{}", err("61 * * * *"));
         assert!(err("CRON_TZ=Mars/Base 0 9 * * *").contains("`Mars/Base` is not a time zone"));
+        assert!(err("0 9 * * 1-5").contains("name them instead"), "{}", err("0 9 * * 1-5"));
     }
 }

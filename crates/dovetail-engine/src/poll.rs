@@ -65,7 +65,8 @@ pub(crate) async fn run(poller: Arc<Poller>, mut stop: watch::Receiver<bool>) {
         }
         let now = poller.clock.now();
         let Some(next) = poller.config.schedule.next_after(now) else {
-            tracing::warn!(flow = %poller.flow, schedule = %poller.config.schedule, "the schedule never fires again; the poller stops");
+            tracing::warn!(flow = %poller.flow, schedule = %poller.config.schedule, "the schedule never fires again; the poller idles");
+            let _ = stop.wait_for(|s| *s).await;
             return;
         };
         tokio::select! {
@@ -75,8 +76,28 @@ pub(crate) async fn run(poller: Arc<Poller>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-fn cursor_key(flow: &str) -> String {
-    format!("cursor:{flow}")
+/// Where a flow's cursor is kept; a different cursor type starts afresh.
+fn cursor_key(flow: &str, cursor: Option<&CursorConfig>) -> String {
+    let kind = match cursor {
+        Some(CursorConfig::UpdatedSince { .. }) => "updated_since",
+        Some(CursorConfig::Token { .. }) => "token",
+        Some(CursorConfig::Page { .. }) => "page",
+        Some(CursorConfig::Link) => "link",
+        None => "none",
+    };
+    format!("cursor:{flow}:{kind}")
+}
+
+/// Whether `a` is later than `b`: as times when both are RFC 3339 (their
+/// texts may differ in precision or offset), as numbers when both are, else as text.
+fn later(a: &str, b: &str) -> bool {
+    if let (Ok(x), Ok(y)) = (a.parse::<jiff::Timestamp>(), b.parse::<jiff::Timestamp>()) {
+        return x > y;
+    }
+    if let (Ok(x), Ok(y)) = (a.parse::<f64>(), b.parse::<f64>()) {
+        return x > y;
+    }
+    a > b
 }
 
 /// A scalar JSON value as text (a string as is, a number as written).
@@ -103,7 +124,7 @@ fn minus(t: &str, overlap: Duration) -> String {
 impl Poller {
     /// One run: pages until the partner has nothing newer, `max_pages`, or a failure.
     pub async fn poll_once(&self, stop: &mut watch::Receiver<bool>) -> Result<Run, String> {
-        let key = cursor_key(&self.flow);
+        let key = cursor_key(&self.flow, self.config.cursor.as_ref());
         let mut saved = self.journal.load_state(&key).await.map_err(|e| e.to_string())?;
         let mut run = Run::default();
         let mut next_url: Option<String> = None;
@@ -131,12 +152,22 @@ impl Poller {
                 None => false,
                 Some(CursorConfig::UpdatedSince { field, has_more, .. }) => {
                     let asked = query.first().map(|(_, v)| v.clone());
-                    let newest = records.iter().filter_map(|r| field.lookup(r).and_then(text)).max();
+                    let newest = records
+                        .iter()
+                        .filter_map(|r| field.lookup(r).and_then(text))
+                        .reduce(|a, b| if later(&b, &a) { b } else { a });
                     // The next page starts where this one ended; the saved
                     // cursor only ever moves forward.
-                    let advanced = newest.as_ref().is_some_and(|n| asked.as_ref().is_none_or(|a| n > a));
+                    let advanced = newest.as_ref().is_some_and(|n| asked.as_ref().is_none_or(|a| later(n, a)));
+                    if !advanced
+                        && records.len() > 1
+                        && has_more.as_ref().is_some_and(|p| p.lookup(&body) == Some(&Value::Bool(true)))
+                    {
+                        tracing::warn!(flow = %self.flow, at = ?asked,
+                            "a whole page of records shares one `updated_since` value: the cursor cannot move past it; ask the partner for a larger page");
+                    }
                     if let Some(n) = &newest
-                        && saved.as_ref().is_none_or(|s| n > s)
+                        && saved.as_ref().is_none_or(|s| later(n, s))
                     {
                         self.save(&key, n).await?;
                         saved = Some(n.clone());
@@ -148,16 +179,18 @@ impl Poller {
                     }
                 }
                 Some(CursorConfig::Token { next, .. }) => match next.lookup(&body).and_then(text) {
-                    Some(token) => {
+                    // An empty token, or the one just sent, means the end.
+                    Some(token) if !token.is_empty() && Some(&token) != saved.as_ref() => {
                         self.save(&key, &token).await?;
                         saved = Some(token);
                         !records.is_empty()
                     }
-                    None => false,
+                    _ => false,
                 },
-                Some(CursorConfig::Page { size, .. }) => {
+                Some(CursorConfig::Page { .. }) => {
+                    // Partners cap page sizes quietly: only an empty page is the last.
                     page_no += 1;
-                    !records.is_empty() && size.is_none_or(|s| records.len() >= s as usize)
+                    !records.is_empty()
                 }
                 Some(CursorConfig::Link) => {
                     next_url = fetched.next_link;
@@ -165,8 +198,12 @@ impl Poller {
                 }
             };
             if !more {
-                break;
+                return Ok(run);
             }
+        }
+        if run.pages >= self.config.max_pages {
+            tracing::warn!(flow = %self.flow, max_pages = self.config.max_pages,
+                "the run read max_pages pages and more may follow; the next run goes on from the cursor (page and link cursors start again from the first page)");
         }
         Ok(run)
     }
@@ -205,7 +242,7 @@ impl Poller {
         };
         match found {
             Some(Value::Array(items)) => Ok(items.clone()),
-            Some(Value::Null) | None if self.config.records.is_none() => Ok(Vec::new()),
+            Some(Value::Null) => Ok(Vec::new()),
             _ => Err(format!(
                 "the page has no array of records at `{}`",
                 self.config.records.as_ref().map_or(".data".to_string(), |p| p.to_string())
@@ -224,8 +261,11 @@ impl Poller {
             None => None,
         }
         .unwrap_or_else(|| hex::encode(&sha2::Sha256::digest(&raw)[..12]));
-        let key = processed.keys.external.clone().unwrap_or_else(|| "-".to_string());
-        let delivery_id = Some(format!("{key}@{version}"));
+        // Without a key, only the content tells records apart.
+        let delivery_id = Some(match &processed.keys.external {
+            Some(key) => format!("{key}@{version}"),
+            None => format!("-@{}", hex::encode(&sha2::Sha256::digest(&raw)[..16])),
+        });
         let correlation_id = ids::new_correlation_id();
         let stage = processed.result.as_ref().err().map(|r| r.stage.as_str());
         let (new, _) = crate::contract::new_record(
@@ -267,11 +307,11 @@ impl Poller {
     ) -> Result<Fetched, String> {
         let mut last = String::new();
         for attempt in 1..=PAGE_ATTEMPTS {
-            loop {
+            let probe = loop {
                 let (admit, change) = self.connector.admit(1, self.clock.now());
                 connector::record(change, self.journal.as_ref()).await;
                 match admit {
-                    Admit::Send { .. } => break,
+                    Admit::Send { probe, .. } => break probe,
                     Admit::Wait(wait, reason) => {
                         self.metrics.waited(&self.connector.name, reason);
                         tokio::select! {
@@ -280,8 +320,13 @@ impl Poller {
                         }
                     }
                 }
-            }
+            };
             let fetched = self.sink.fetch(url, query, &ids::new_correlation_id(), || self.clock.now()).await;
+            if let Some(why) = fetched.refused {
+                // Nothing went out: the gate's token and probe go back.
+                self.connector.unused(1, probe);
+                return Err(why);
+            }
             let (_, change) = self.connector.observe(&fetched.result, self.clock.now());
             connector::record(change, self.journal.as_ref()).await;
             let detail = fetched.result.detail.clone().unwrap_or_default();
@@ -294,7 +339,11 @@ impl Poller {
                 Answer::Status { status, .. } => return Err(format!("HTTP {status}: {detail}")),
             }
             tracing::info!(flow = %self.flow, attempt, error = %last, "a page failed; trying again");
-            let backoff = Duration::from_millis(200 * 2u64.pow(attempt - 1));
+            let retry_after = match fetched.result.answer {
+                Answer::Status { retry_after: Some(wait), .. } => wait,
+                _ => Duration::ZERO,
+            };
+            let backoff = Duration::from_millis(200 * 2u64.pow(attempt - 1)).max(retry_after.min(MAX_GATE_WAIT * 12));
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = stop.wait_for(|s| *s) => return Err("stopping".into()),
@@ -307,6 +356,14 @@ impl Poller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cursors_compare_as_times_or_numbers() {
+        assert!(later("2026-01-01T10:00:00.7Z", "2026-01-01T10:00:00Z"), "more precision is not earlier");
+        assert!(later("2026-01-01T11:30:00Z", "2026-01-01T12:00:00+02:00"), "offsets count");
+        assert!(later("100", "99"), "numbers as numbers");
+        assert!(!later("abc", "abd"));
+    }
 
     #[test]
     fn the_overlap_looks_back() {

@@ -94,7 +94,7 @@ async fn updated_since_pages_overlaps_and_failures_deliver_each_version_once() {
     assert!(String::from_utf8_lossy(&gold.body).contains(r#""tier":"gold""#), "unknown fields are kept");
 
     // The cursor is durable; the overlap makes later runs ask a little back.
-    let cursor = journal.load_state("cursor:contacts").await.unwrap().unwrap();
+    let cursor = journal.load_state("cursor:contacts:updated_since").await.unwrap().unwrap();
     assert!(cursor.starts_with("2026-01-01T00:00:00.0"), "{cursor}");
     let asked: Vec<String> =
         partner.feed_requests(FEED).iter().filter_map(|r| r.query_param("updated_since")).collect();
