@@ -98,7 +98,8 @@ pub async fn run(path: &Path) -> Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (is another engine running? change [engine] listen)"))?;
-    let engine = dovetail_engine::start(&loaded.config, &resolved, journal, listener, EngineOptions::default()).await?;
+    let options = EngineOptions { base_dir: loaded.base_dir().to_path_buf(), ..EngineOptions::default() };
+    let engine = dovetail_engine::start(&loaded.config, &resolved, journal, listener, options).await?;
     eprintln!("dovetail: listening on http://{} with journal {}", engine.addr, store.display());
     engine.run_until(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -387,6 +387,7 @@ fn graph_section(html: &mut String, config: &Config) {
         sources.push(match &flow.source {
             SourceConfig::Webhook { path, .. } => format!("webhook {path}"),
             SourceConfig::Poll(p) => format!("poll {}{} {}", p.connector, p.path, p.schedule),
+            SourceConfig::Files(f) => format!("files {} {}", f.dir, f.schedule),
         });
         links.push((sources.len() - 1, name.clone(), connector.clone()));
     }

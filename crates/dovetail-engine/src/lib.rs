@@ -17,6 +17,7 @@ mod contract;
 mod dashboard;
 mod dispatch;
 mod drift;
+mod files;
 mod intake;
 mod metrics;
 mod openapi;
@@ -87,6 +88,8 @@ pub struct EngineOptions {
     pub jq_time_limit: Duration,
     /// How often the alert rules are evaluated.
     pub alert_every: Duration,
+    /// The config file's folder: relative folders (file drops) are relative to it.
+    pub base_dir: std::path::PathBuf,
 }
 
 impl Default for EngineOptions {
@@ -99,6 +102,7 @@ impl Default for EngineOptions {
             housekeeping: Duration::from_secs(600),
             jq_time_limit: contract::JQ_TIME_LIMIT,
             alert_every: Duration::from_secs(30),
+            base_dir: std::path::PathBuf::from("."),
         }
     }
 }
@@ -285,6 +289,22 @@ pub async fn start(
                     clock: options.clock.clone(),
                     wake,
                 });
+            }
+            SourceConfig::Files(f) => {
+                let source = files::FileSource {
+                    flow: name.clone(),
+                    dir: options.base_dir.join(&f.dir),
+                    archive: options.base_dir.join(&f.archive),
+                    failed: options.base_dir.join(&f.failed),
+                    config: (**f).clone(),
+                    pipeline,
+                    jq_time_limit: options.jq_time_limit,
+                    journal: journal.clone(),
+                    clock: options.clock.clone(),
+                    wake,
+                    metrics: metrics.clone(),
+                };
+                tasks.spawn(files::run(Arc::new(source), shutdown_rx.clone()));
             }
             SourceConfig::Poll(p) => {
                 let missing = || EngineError::Flow {

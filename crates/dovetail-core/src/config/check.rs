@@ -86,6 +86,22 @@ impl Config {
                         Some(_) => {}
                     }
                 }
+                SourceConfig::Files(f) => {
+                    if f.mode == super::FileMode::FullExtract && flow.key.is_none() {
+                        out.push(Finding::error(
+                            &["flows", name, "source", "mode"],
+                            "a full extract is compared key by key",
+                            "add key = \".id\" (the record's stable key) to the flow",
+                        ));
+                    }
+                    if f.dir == f.archive || f.dir == f.failed {
+                        out.push(Finding::error(
+                            &["flows", name, "source", "archive"],
+                            "processed files must move out of the folder that is read",
+                            "e.g. archive = \"archive\", failed = \"failed\"",
+                        ));
+                    }
+                }
                 SourceConfig::Poll(p) => {
                     if !self.connectors.contains_key(&p.connector) {
                         out.push(Finding::error(
@@ -633,7 +649,7 @@ impl Loaded {
         for (name, flow) in &self.config.flows {
             let signature = match &flow.source {
                 SourceConfig::Webhook { signature, .. } => signature.as_ref(),
-                SourceConfig::Poll(_) => None,
+                SourceConfig::Poll(_) | SourceConfig::Files(_) => None,
             };
             let verifier = signature.map(|sig| {
                 let refs = sig.secret.iter().chain(sig.secrets.iter());

@@ -422,6 +422,9 @@ pub enum SourceConfig {
         #[serde(default)]
         signature: Option<SignatureConfig>,
     },
+    /// Files dropped into a folder (CSV or JSON Lines), each processed once
+    /// and moved to `archive` (or `failed`), on a schedule.
+    Files(Box<FilesConfig>),
     /// Records fetched on a schedule from `connector`'s base URL + `path`
     /// ("what changed since I last asked?"), through the connector's auth,
     /// rate limit and breaker.
@@ -454,6 +457,50 @@ pub struct PollConfig {
 
 fn default_max_pages() -> usize {
     100
+}
+
+/// `source = { type = "files", dir, format, schedule, archive, failed, mode }`;
+/// folders are relative to the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesConfig {
+    pub dir: String,
+    pub format: FileFormat,
+    pub schedule: crate::schedule::Schedule,
+    #[serde(default = "default_archive")]
+    pub archive: String,
+    #[serde(default = "default_failed")]
+    pub failed: String,
+    #[serde(default)]
+    pub mode: FileMode,
+}
+
+fn default_archive() -> String {
+    "archive".to_string()
+}
+
+fn default_failed() -> String {
+    "failed".to_string()
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormat {
+    /// A header row, then one record per row (fields become strings).
+    Csv,
+    /// One JSON record per line.
+    Jsonl,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FileMode {
+    /// Every row is a record.
+    #[default]
+    EachRow,
+    /// Each file is a full extract: only rows whose key is new or whose
+    /// content changed since the last file are records (needs `key`).
+    FullExtract,
 }
 
 /// How a poller pages and remembers where it was.
