@@ -88,3 +88,54 @@ pub(crate) async fn process(flow: &str, pipeline: &Arc<Pipeline>, limit: Duratio
         result: Err(Rejection { stage: Stage::Mapping, reason }),
     }
 }
+
+/// What a pulling source (a poller, a file drop) needs to journal records
+/// for its flow.
+pub(crate) struct SourceContext {
+    pub flow: String,
+    pub pipeline: Arc<Pipeline>,
+    pub jq_time_limit: Duration,
+    pub journal: Arc<dyn dovetail_journal::Journal>,
+    pub clock: Arc<dyn dovetail_core::clock::Clock>,
+    /// The flow's dispatcher.
+    pub wake: Arc<tokio::sync::Notify>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl SourceContext {
+    /// Runs the flow's pipeline on one record's raw bytes.
+    pub async fn process(&self, raw: &[u8]) -> Processed {
+        process(&self.flow, &self.pipeline, self.jq_time_limit, Bytes::copy_from_slice(raw)).await
+    }
+
+    /// Journals a processed record under `delivery_id` and counts it.
+    pub async fn journal(
+        &self,
+        processed: Processed,
+        delivery_id: String,
+        raw: Vec<u8>,
+        started: std::time::Instant,
+    ) -> Result<dovetail_journal::Ingested, dovetail_journal::JournalError> {
+        let stage = processed.result.as_ref().err().map(|r| r.stage.as_str());
+        let (record, _) = new_record(
+            &self.flow,
+            processed,
+            Some(delivery_id),
+            &ids::new_correlation_id(),
+            Some("application/json"),
+            raw,
+            self.clock.now(),
+        );
+        let ingested = self.journal.ingest(record).await?;
+        match ingested {
+            dovetail_journal::Ingested::New(_) => {
+                self.metrics.received(&self.flow, started.elapsed());
+                if let Some(stage) = stage {
+                    self.metrics.quarantined(&self.flow, stage);
+                }
+            }
+            dovetail_journal::Ingested::Duplicate(_) => self.metrics.duplicate(&self.flow),
+        }
+        Ok(ingested)
+    }
+}

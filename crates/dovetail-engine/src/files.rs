@@ -14,32 +14,22 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use sha2::Digest as _;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
-use dovetail_core::clock::Clock;
 use dovetail_core::config::{FileFormat, FileMode, FilesConfig};
-use dovetail_core::ids;
-use dovetail_core::pipeline::Pipeline;
-use dovetail_journal::{Ingested, Journal};
+use dovetail_journal::Ingested;
 
-use crate::metrics::Metrics;
+use crate::contract::SourceContext;
 
 pub(crate) struct FileSource {
-    pub flow: String,
+    pub ctx: SourceContext,
     pub config: FilesConfig,
     /// The folders, resolved against the config file's folder.
     pub dir: PathBuf,
     pub archive: PathBuf,
     pub failed: PathBuf,
-    pub pipeline: Arc<Pipeline>,
-    pub jq_time_limit: Duration,
-    pub journal: Arc<dyn Journal>,
-    pub clock: Arc<dyn Clock>,
-    pub wake: Arc<Notify>,
-    pub metrics: Arc<Metrics>,
 }
 
 /// One row of a file: its number (1-based line) and raw bytes, or why it cannot be read.
@@ -60,9 +50,9 @@ pub(crate) struct FileRun {
 pub(crate) async fn run(source: Arc<FileSource>, mut stop: watch::Receiver<bool>) {
     while !*stop.borrow() {
         if let Err(e) = source.scan().await {
-            tracing::warn!(flow = %source.flow, error = %e, "cannot process the file drop; trying again at the next run");
+            tracing::warn!(flow = %source.ctx.flow, error = %e, "cannot process the file drop; trying again at the next run");
         }
-        let now = source.clock.now();
+        let now = source.ctx.clock.now();
         let Some(next) = source.config.schedule.next_after(now) else {
             let _ = stop.wait_for(|s| *s).await;
             return;
@@ -145,11 +135,11 @@ impl FileSource {
             match self.process(&file, &name).await {
                 Ok(run) => {
                     self.move_to(&file, &self.archive)?;
-                    tracing::info!(flow = %self.flow, file = %name, new = run.new, duplicates = run.duplicates, unchanged = run.unchanged, "file processed");
+                    tracing::info!(flow = %self.ctx.flow, file = %name, new = run.new, duplicates = run.duplicates, unchanged = run.unchanged, "file processed");
                     done.push((name, run));
                 }
                 Err(Failure::File(why)) => {
-                    tracing::error!(flow = %self.flow, file = %name, error = %why, "file moved to the failed folder");
+                    tracing::error!(flow = %self.ctx.flow, file = %name, error = %why, "file moved to the failed folder");
                     self.move_to(&file, &self.failed)?;
                 }
                 // The journal is down: the file stays for the next run.
@@ -173,18 +163,17 @@ impl FileSource {
             FileFormat::Csv => csv_rows(&bytes).map_err(Failure::File)?,
             FileFormat::Jsonl => jsonl_rows(&bytes),
         };
-        let extract_key = format!("extract:{}", self.flow);
+        let extract_key = format!("extract:{}", self.ctx.flow);
         let mut previous: Option<BTreeMap<String, String>> = None;
         if self.config.mode == FileMode::FullExtract {
-            let saved = self.journal.load_state(&extract_key).await.map_err(|e| Failure::Journal(e.to_string()))?;
+            let saved = self.ctx.journal.load_state(&extract_key).await.map_err(|e| Failure::Journal(e.to_string()))?;
             previous = Some(saved.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default());
         }
         let mut snapshot = BTreeMap::new();
         let mut run = FileRun::default();
         for row in rows {
             let started = std::time::Instant::now();
-            let mut processed =
-                crate::contract::process(&self.flow, &self.pipeline, self.jq_time_limit, row.raw.clone().into()).await;
+            let mut processed = self.ctx.process(&row.raw).await;
             if let Some(why) = &row.unreadable {
                 processed.result = Err(dovetail_core::pipeline::Rejection {
                     stage: dovetail_core::pipeline::Stage::Parse,
@@ -210,40 +199,27 @@ impl FileSource {
             if let Err(r) = &mut processed.result {
                 r.reason = format!("{name} row {}: {}", row.number, r.reason);
             }
-            let stage = processed.result.as_ref().err().map(|r| r.stage.as_str());
-            let (record, _) = crate::contract::new_record(
-                &self.flow,
-                processed,
-                Some(delivery_id),
-                &ids::new_correlation_id(),
-                Some("application/json"),
-                row.raw,
-                self.clock.now(),
-            );
-            match self.journal.ingest(record).await.map_err(|e| Failure::Journal(e.to_string()))? {
-                Ingested::New(_) => {
-                    run.new += 1;
-                    self.metrics.received(&self.flow, started.elapsed());
-                    if let Some(stage) = stage {
-                        self.metrics.quarantined(&self.flow, stage);
-                    }
-                }
-                Ingested::Duplicate(_) => {
-                    run.duplicates += 1;
-                    self.metrics.duplicate(&self.flow);
-                }
+            match self
+                .ctx
+                .journal(processed, delivery_id, row.raw, started)
+                .await
+                .map_err(|e| Failure::Journal(e.to_string()))?
+            {
+                Ingested::New(_) => run.new += 1,
+                Ingested::Duplicate(_) => run.duplicates += 1,
             }
         }
         if previous.is_some() {
             // Every row of this snapshot is durable: it becomes the one to compare with.
             let text = serde_json::to_string(&snapshot).map_err(|e| Failure::Journal(e.to_string()))?;
-            self.journal
-                .save_state(&extract_key, text, self.clock.now())
+            self.ctx
+                .journal
+                .save_state(&extract_key, text, self.ctx.clock.now())
                 .await
                 .map_err(|e| Failure::Journal(e.to_string()))?;
         }
         if run.new > 0 {
-            self.wake.notify_one();
+            self.ctx.wake.notify_one();
         }
         Ok(run)
     }

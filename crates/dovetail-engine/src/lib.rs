@@ -107,6 +107,26 @@ impl Default for EngineOptions {
     }
 }
 
+/// What a pulling source needs to journal its flow's records.
+fn source_context(
+    flow: &str,
+    pipeline: Arc<dovetail_core::pipeline::Pipeline>,
+    journal: &Arc<dyn Journal>,
+    options: &EngineOptions,
+    wake: Arc<Notify>,
+    metrics: &Arc<metrics::Metrics>,
+) -> contract::SourceContext {
+    contract::SourceContext {
+        flow: flow.to_string(),
+        pipeline,
+        jq_time_limit: options.jq_time_limit,
+        journal: journal.clone(),
+        clock: options.clock.clone(),
+        wake,
+        metrics: metrics.clone(),
+    }
+}
+
 /// The journal key of the saved alert book (for `dovetail alerts`).
 pub const ALERT_BOOK_KEY: &str = alerting::BOOK_KEY;
 
@@ -292,17 +312,11 @@ pub async fn start(
             }
             SourceConfig::Files(f) => {
                 let source = files::FileSource {
-                    flow: name.clone(),
+                    ctx: source_context(name, pipeline, &journal, &options, wake, &metrics),
                     dir: options.base_dir.join(&f.dir),
                     archive: options.base_dir.join(&f.archive),
                     failed: options.base_dir.join(&f.failed),
                     config: (**f).clone(),
-                    pipeline,
-                    jq_time_limit: options.jq_time_limit,
-                    journal: journal.clone(),
-                    clock: options.clock.clone(),
-                    wake,
-                    metrics: metrics.clone(),
                 };
                 tasks.spawn(files::run(Arc::new(source), shutdown_rx.clone()));
             }
@@ -316,16 +330,10 @@ pub async fn start(
                 let client = clients.get(&p.connector).cloned().ok_or_else(missing)?;
                 let tokens = token_sources.get(&p.connector).cloned().flatten();
                 let poller = poll::Poller {
-                    flow: name.clone(),
+                    ctx: source_context(name, pipeline, &journal, &options, wake, &metrics),
                     config: (**p).clone(),
                     sink: HttpSink::new(&p.connector, http, &auth, tokens, client, "GET", &p.path)?,
                     connector: connectors.get(&p.connector).cloned().ok_or_else(missing)?,
-                    pipeline,
-                    jq_time_limit: options.jq_time_limit,
-                    journal: journal.clone(),
-                    clock: options.clock.clone(),
-                    wake,
-                    metrics: metrics.clone(),
                 };
                 tasks.spawn(poll::run(Arc::new(poller), shutdown_rx.clone()));
             }

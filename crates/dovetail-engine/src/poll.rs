@@ -13,18 +13,16 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sha2::Digest as _;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use dovetail_connectors::http::{Fetched, HttpSink};
-use dovetail_core::clock::Clock;
 use dovetail_core::config::{CursorConfig, PollConfig};
 use dovetail_core::ids;
-use dovetail_core::pipeline::Pipeline;
 use dovetail_core::policy::Answer;
-use dovetail_journal::{Ingested, Journal};
+use dovetail_journal::Ingested;
 
 use crate::connector::{self, Admit, ConnectorRuntime};
-use crate::metrics::Metrics;
+use crate::contract::SourceContext;
 
 /// Attempts at one page before the run gives up (the next run resumes).
 const PAGE_ATTEMPTS: u32 = 5;
@@ -32,17 +30,10 @@ const PAGE_ATTEMPTS: u32 = 5;
 const MAX_GATE_WAIT: Duration = Duration::from_secs(5);
 
 pub(crate) struct Poller {
-    pub flow: String,
+    pub ctx: SourceContext,
     pub config: PollConfig,
     pub sink: HttpSink,
     pub connector: Arc<ConnectorRuntime>,
-    pub pipeline: Arc<Pipeline>,
-    pub jq_time_limit: Duration,
-    pub journal: Arc<dyn Journal>,
-    pub clock: Arc<dyn Clock>,
-    /// The flow's dispatcher.
-    pub wake: Arc<Notify>,
-    pub metrics: Arc<Metrics>,
 }
 
 /// What one run did.
@@ -57,15 +48,15 @@ pub(crate) async fn run(poller: Arc<Poller>, mut stop: watch::Receiver<bool>) {
     while !*stop.borrow() {
         match poller.poll_once(&mut stop).await {
             Ok(run) => {
-                tracing::debug!(flow = %poller.flow, pages = run.pages, new = run.new, duplicates = run.duplicates, "poll finished")
+                tracing::debug!(flow = %poller.ctx.flow, pages = run.pages, new = run.new, duplicates = run.duplicates, "poll finished")
             }
             Err(why) => {
-                tracing::warn!(flow = %poller.flow, error = %why, "poll stopped; the next run resumes from the saved cursor")
+                tracing::warn!(flow = %poller.ctx.flow, error = %why, "poll stopped; the next run resumes from the saved cursor")
             }
         }
-        let now = poller.clock.now();
+        let now = poller.ctx.clock.now();
         let Some(next) = poller.config.schedule.next_after(now) else {
-            tracing::warn!(flow = %poller.flow, schedule = %poller.config.schedule, "the schedule never fires again; the poller idles");
+            tracing::warn!(flow = %poller.ctx.flow, schedule = %poller.config.schedule, "the schedule never fires again; the poller idles");
             let _ = stop.wait_for(|s| *s).await;
             return;
         };
@@ -124,8 +115,8 @@ fn minus(t: &str, overlap: Duration) -> String {
 impl Poller {
     /// One run: pages until the partner has nothing newer, `max_pages`, or a failure.
     pub async fn poll_once(&self, stop: &mut watch::Receiver<bool>) -> Result<Run, String> {
-        let key = cursor_key(&self.flow, self.config.cursor.as_ref());
-        let mut saved = self.journal.load_state(&key).await.map_err(|e| e.to_string())?;
+        let key = cursor_key(&self.ctx.flow, self.config.cursor.as_ref());
+        let mut saved = self.ctx.journal.load_state(&key).await.map_err(|e| e.to_string())?;
         let mut run = Run::default();
         let mut next_url: Option<String> = None;
         let mut page_no: u64 = 1;
@@ -145,7 +136,7 @@ impl Poller {
                 }
             }
             if run.new > 0 {
-                self.wake.notify_one();
+                self.ctx.wake.notify_one();
             }
             // The page is durable: the cursor may move.
             let more = match &self.config.cursor {
@@ -163,7 +154,7 @@ impl Poller {
                         && records.len() > 1
                         && has_more.as_ref().is_some_and(|p| p.lookup(&body) == Some(&Value::Bool(true)))
                     {
-                        tracing::warn!(flow = %self.flow, at = ?asked,
+                        tracing::warn!(flow = %self.ctx.flow, at = ?asked,
                             "a whole page of records shares one `updated_since` value: the cursor cannot move past it; ask the partner for a larger page");
                     }
                     if let Some(n) = &newest
@@ -202,7 +193,7 @@ impl Poller {
             }
         }
         if run.pages >= self.config.max_pages {
-            tracing::warn!(flow = %self.flow, max_pages = self.config.max_pages,
+            tracing::warn!(flow = %self.ctx.flow, max_pages = self.config.max_pages,
                 "the run read max_pages pages and more may follow; the next run goes on from the cursor (page and link cursors start again from the first page)");
         }
         Ok(run)
@@ -254,45 +245,27 @@ impl Poller {
     async fn journal_record(&self, record: &Value) -> Result<Ingested, String> {
         let started = std::time::Instant::now();
         let raw = serde_json::to_vec(record).map_err(|e| e.to_string())?;
-        let processed =
-            crate::contract::process(&self.flow, &self.pipeline, self.jq_time_limit, raw.clone().into()).await;
+        let processed = self.ctx.process(&raw).await;
         let version = match &self.config.version {
             Some(path) => path.lookup(record).and_then(text),
             None => None,
         }
         .unwrap_or_else(|| hex::encode(&sha2::Sha256::digest(&raw)[..12]));
         // Without a key, only the content tells records apart.
-        let delivery_id = Some(match &processed.keys.external {
+        let delivery_id = match &processed.keys.external {
             Some(key) => format!("{key}@{version}"),
             None => format!("-@{}", hex::encode(&sha2::Sha256::digest(&raw)[..16])),
-        });
-        let correlation_id = ids::new_correlation_id();
-        let stage = processed.result.as_ref().err().map(|r| r.stage.as_str());
-        let (new, _) = crate::contract::new_record(
-            &self.flow,
-            processed,
-            delivery_id,
-            &correlation_id,
-            Some("application/json"),
-            raw,
-            self.clock.now(),
-        );
-        let ingested = self.journal.ingest(new).await.map_err(|e| format!("cannot journal a polled record: {e}"))?;
-        match ingested {
-            Ingested::New(_) => {
-                self.metrics.received(&self.flow, started.elapsed());
-                if let Some(stage) = stage {
-                    self.metrics.quarantined(&self.flow, stage);
-                }
-            }
-            Ingested::Duplicate(_) => self.metrics.duplicate(&self.flow),
-        }
-        Ok(ingested)
+        };
+        self.ctx
+            .journal(processed, delivery_id, raw, started)
+            .await
+            .map_err(|e| format!("cannot journal a polled record: {e}"))
     }
 
     async fn save(&self, key: &str, cursor: &str) -> Result<(), String> {
-        self.journal
-            .save_state(key, cursor.to_string(), self.clock.now())
+        self.ctx
+            .journal
+            .save_state(key, cursor.to_string(), self.ctx.clock.now())
             .await
             .map_err(|e| format!("cannot save the cursor: {e}"))
     }
@@ -308,12 +281,12 @@ impl Poller {
         let mut last = String::new();
         for attempt in 1..=PAGE_ATTEMPTS {
             let probe = loop {
-                let (admit, change) = self.connector.admit(1, self.clock.now());
-                connector::record(change, self.journal.as_ref()).await;
+                let (admit, change) = self.connector.admit(1, self.ctx.clock.now());
+                connector::record(change, self.ctx.journal.as_ref()).await;
                 match admit {
                     Admit::Send { probe, .. } => break probe,
                     Admit::Wait(wait, reason) => {
-                        self.metrics.waited(&self.connector.name, reason);
+                        self.ctx.metrics.waited(&self.connector.name, reason);
                         tokio::select! {
                             _ = tokio::time::sleep(wait.min(MAX_GATE_WAIT)) => {}
                             _ = stop.wait_for(|s| *s) => return Err("stopping".into()),
@@ -321,14 +294,14 @@ impl Poller {
                     }
                 }
             };
-            let fetched = self.sink.fetch(url, query, &ids::new_correlation_id(), || self.clock.now()).await;
+            let fetched = self.sink.fetch(url, query, &ids::new_correlation_id(), || self.ctx.clock.now()).await;
             if let Some(why) = fetched.refused {
                 // Nothing went out: the gate's token and probe go back.
                 self.connector.unused(1, probe);
                 return Err(why);
             }
-            let (_, change) = self.connector.observe(&fetched.result, self.clock.now());
-            connector::record(change, self.journal.as_ref()).await;
+            let (_, change) = self.connector.observe(&fetched.result, self.ctx.clock.now());
+            connector::record(change, self.ctx.journal.as_ref()).await;
             let detail = fetched.result.detail.clone().unwrap_or_default();
             match fetched.result.answer {
                 Answer::Status { status: 200..=299, .. } => return Ok(fetched),
@@ -338,7 +311,7 @@ impl Poller {
                 Answer::Timeout | Answer::Connection => last = detail,
                 Answer::Status { status, .. } => return Err(format!("HTTP {status}: {detail}")),
             }
-            tracing::info!(flow = %self.flow, attempt, error = %last, "a page failed; trying again");
+            tracing::info!(flow = %self.ctx.flow, attempt, error = %last, "a page failed; trying again");
             let retry_after = match fetched.result.answer {
                 Answer::Status { retry_after: Some(wait), .. } => wait,
                 _ => Duration::ZERO,
