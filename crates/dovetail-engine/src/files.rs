@@ -19,12 +19,15 @@ use sha2::Digest as _;
 use tokio::sync::watch;
 
 use dovetail_core::config::{FileFormat, FileMode, FilesConfig};
+use dovetail_core::pipeline::{Rejection, Stage};
 use dovetail_journal::Ingested;
 
 use crate::contract::SourceContext;
 
 pub(crate) struct FileSource {
     pub ctx: SourceContext,
+    /// Each file's size and modification time at the previous scan.
+    pub seen: std::sync::Mutex<BTreeMap<PathBuf, (u64, Option<std::time::SystemTime>)>>,
     pub config: FilesConfig,
     /// The folders, resolved against the config file's folder.
     pub dir: PathBuf,
@@ -49,7 +52,7 @@ pub(crate) struct FileRun {
 
 pub(crate) async fn run(source: Arc<FileSource>, mut stop: watch::Receiver<bool>) {
     while !*stop.borrow() {
-        if let Err(e) = source.scan().await {
+        if let Err(e) = source.scan(&stop).await {
             tracing::warn!(flow = %source.ctx.flow, error = %e, "cannot process the file drop; trying again at the next run");
         }
         let now = source.ctx.clock.now();
@@ -68,6 +71,10 @@ pub(crate) async fn run(source: Arc<FileSource>, mut stop: watch::Receiver<bool>
 fn csv_rows(bytes: &[u8]) -> Result<Vec<Row>, String> {
     let mut reader = csv::ReaderBuilder::new().flexible(false).from_reader(bytes);
     let headers = reader.headers().map_err(|e| format!("the header row cannot be read: {e}"))?.clone();
+    let mut names = std::collections::BTreeSet::new();
+    if let Some(dup) = headers.iter().find(|h| h.is_empty() || !names.insert(*h)) {
+        return Err(format!("the header names `{dup}` twice (or a column has no name): a field would be lost"));
+    }
     let mut rows = Vec::new();
     let mut raw_record = csv::StringRecord::new();
     loop {
@@ -116,8 +123,10 @@ fn hash(bytes: &[u8]) -> String {
 }
 
 impl FileSource {
-    /// Every waiting file, oldest name first.
-    pub async fn scan(&self) -> Result<Vec<(String, FileRun)>, String> {
+    /// Every settled file, in name order. A file is settled when its size
+    /// and modification time are the same as at the previous scan, so a
+    /// file still being written is left for later.
+    pub async fn scan(&self, stop: &watch::Receiver<bool>) -> Result<Vec<(String, FileRun)>, String> {
         let extension = match self.config.format {
             FileFormat::Csv => "csv",
             FileFormat::Jsonl => "jsonl",
@@ -129,72 +138,100 @@ impl FileSource {
             .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
             .collect();
         files.sort();
-        let mut done = Vec::new();
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut settled = Vec::new();
+        let mut now_seen = BTreeMap::new();
         for file in files {
+            let Ok(meta) = std::fs::metadata(&file) else { continue };
+            let stamp = (meta.len(), meta.modified().ok());
+            if seen.remove(&file) == Some(stamp) && meta.len() > 0 {
+                settled.push(file);
+            } else {
+                now_seen.insert(file, stamp);
+            }
+        }
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = now_seen;
+        let mut done = Vec::new();
+        for file in settled {
+            if *stop.borrow() {
+                break; // the rest stays for the next start
+            }
             let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            match self.process(&file, &name).await {
+            let (target, outcome) = match self.process(&file, &name).await {
                 Ok(run) => {
-                    self.move_to(&file, &self.archive)?;
                     tracing::info!(flow = %self.ctx.flow, file = %name, new = run.new, duplicates = run.duplicates, unchanged = run.unchanged, "file processed");
-                    done.push((name, run));
+                    done.push((name.clone(), run));
+                    (&self.archive, "archive")
                 }
                 Err(Failure::File(why)) => {
                     tracing::error!(flow = %self.ctx.flow, file = %name, error = %why, "file moved to the failed folder");
-                    self.move_to(&file, &self.failed)?;
+                    (&self.failed, "failed")
                 }
                 // The journal is down: the file stays for the next run.
                 Err(Failure::Journal(why)) => return Err(why),
+                Err(Failure::Later(why)) => {
+                    tracing::warn!(flow = %self.ctx.flow, file = %name, error = %why, "file left for the next run");
+                    continue;
+                }
+            };
+            if let Err(e) = move_aside(&file, target) {
+                // The file stays (its rows are journalled: a re-read adds nothing); later files go on.
+                tracing::error!(flow = %self.ctx.flow, file = %name, folder = outcome, error = %e, "cannot move the file");
             }
         }
         Ok(done)
     }
 
-    fn move_to(&self, file: &Path, folder: &Path) -> Result<(), String> {
-        std::fs::create_dir_all(folder).map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
-        let target = folder.join(file.file_name().unwrap_or_default());
-        std::fs::rename(file, &target)
-            .map_err(|e| format!("cannot move {} to {}: {e}", file.display(), target.display()))
-    }
-
     async fn process(&self, file: &Path, name: &str) -> Result<FileRun, Failure> {
-        let bytes = std::fs::read(file).map_err(|e| Failure::File(format!("cannot read it: {e}")))?;
+        let bytes = std::fs::read(file).map_err(|e| Failure::Later(format!("cannot read it: {e}")))?;
         let digest = hash(&bytes);
         let rows = match self.config.format {
             FileFormat::Csv => csv_rows(&bytes).map_err(Failure::File)?,
-            FileFormat::Jsonl => jsonl_rows(&bytes),
+            FileFormat::Jsonl => jsonl_rows(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes)),
         };
         let extract_key = format!("extract:{}", self.ctx.flow);
         let mut previous: Option<BTreeMap<String, String>> = None;
         if self.config.mode == FileMode::FullExtract {
             let saved = self.ctx.journal.load_state(&extract_key).await.map_err(|e| Failure::Journal(e.to_string()))?;
-            previous = Some(saved.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default());
+            previous = Some(match saved {
+                Some(text) => serde_json::from_str(&text)
+                    .map_err(|e| Failure::Journal(format!("the saved snapshot cannot be read: {e}")))?,
+                None => BTreeMap::new(),
+            });
         }
-        let mut snapshot = BTreeMap::new();
+        // A full extract's ids are tied to the snapshot it is compared with,
+        // so a change back to a value sent long ago is sent again, and a
+        // re-read of the same file against the same snapshot is a duplicate.
+        let baseline = previous.as_ref().map(|p| hash(serde_json::to_string(p).unwrap_or_default().as_bytes()));
+        let mut snapshot: BTreeMap<String, String> = BTreeMap::new();
         let mut run = FileRun::default();
         for row in rows {
             let started = std::time::Instant::now();
             let mut processed = self.ctx.process(&row.raw).await;
             if let Some(why) = &row.unreadable {
-                processed.result = Err(dovetail_core::pipeline::Rejection {
-                    stage: dovetail_core::pipeline::Stage::Parse,
-                    reason: why.clone(),
-                });
+                processed.result = Err(Rejection { stage: Stage::Parse, reason: why.clone() });
             }
             let content = hash(&row.raw);
-            let mut delivery_id = format!("{name}#{digest}:{}", row.number);
-            if let Some(previous) = &previous
-                && let Some(key) = processed.keys.external.clone()
-                && processed.result.is_ok()
-            {
-                snapshot.insert(key.clone(), content.clone());
-                if previous.get(&key) == Some(&content) {
-                    run.unchanged += 1;
-                    continue;
+            // The flow's idempotency_key, when it has one, names the record; else the file's row.
+            let mut delivery_id =
+                processed.keys.dedup.clone().unwrap_or_else(|| format!("{name}#{digest}:{}", row.number));
+            if let (Some(previous), Ok(_)) = (&previous, &processed.result) {
+                match processed.keys.external.clone() {
+                    None => {
+                        processed.result =
+                            Err(Rejection { stage: Stage::Key, reason: "a full extract's row needs its key".into() })
+                    }
+                    Some(key) => {
+                        // Within one file the latest row of a key counts.
+                        let before = snapshot.get(&key).or(previous.get(&key)).cloned();
+                        snapshot.insert(key.clone(), content.clone());
+                        if before.as_ref() == Some(&content) {
+                            run.unchanged += 1;
+                            continue;
+                        }
+                        delivery_id = format!("{key}@{content}@{}", baseline.as_deref().unwrap_or(""));
+                    }
                 }
-                // A change back to an earlier value is a change too: the
-                // file's hash keeps ids apart between files, and the same
-                // between two reads of one file.
-                delivery_id = format!("{key}@{content}@{digest}");
             }
             if let Err(r) = &mut processed.result {
                 r.reason = format!("{name} row {}: {}", row.number, r.reason);
@@ -209,9 +246,12 @@ impl FileSource {
                 Ingested::Duplicate(_) => run.duplicates += 1,
             }
         }
-        if previous.is_some() {
+        if let Some(previous) = previous {
             // Every row of this snapshot is durable: it becomes the one to compare with.
-            let text = serde_json::to_string(&snapshot).map_err(|e| Failure::Journal(e.to_string()))?;
+            // Keys a row of this file could not give keep their last known state.
+            let mut next = previous;
+            next.extend(snapshot);
+            let text = serde_json::to_string(&next).map_err(|e| Failure::Journal(e.to_string()))?;
             self.ctx
                 .journal
                 .save_state(&extract_key, text, self.ctx.clock.now())
@@ -225,11 +265,26 @@ impl FileSource {
     }
 }
 
+/// Moves `file` into `folder` without replacing anything there: a name
+/// already taken gets the time appended.
+fn move_aside(file: &Path, folder: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(folder).map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
+    let name = file.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let mut target = folder.join(&name);
+    if target.exists() {
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        target = folder.join(format!("{stamp}-{name}"));
+    }
+    std::fs::rename(file, &target).map_err(|e| format!("cannot move {} to {}: {e}", file.display(), target.display()))
+}
+
 enum Failure {
-    /// The file itself cannot be read: it goes to the failed folder.
+    /// The file itself cannot be parsed: it goes to the failed folder.
     File(String),
     /// The journal failed: the file stays and is read again.
     Journal(String),
+    /// It cannot be read now (permissions, a writer's lock): it stays.
+    Later(String),
 }
 
 #[cfg(test)]
@@ -244,6 +299,12 @@ mod tests {
         assert!(rows[1].unreadable.as_deref().unwrap().contains("fields"), "{:?}", rows[1].unreadable);
         assert_eq!(rows[1].raw, b"2,Grace,extra\n", "the raw row is kept");
         assert_eq!(rows[2].raw, br#"{"id":"3","name":"Linus"}"#);
+    }
+
+    #[test]
+    fn a_header_naming_a_field_twice_fails_the_file() {
+        let e = csv_rows(b"id,name,name\n1,a,b\n").err().unwrap();
+        assert!(e.contains("`name` twice"), "{e}");
     }
 
     #[test]

@@ -313,6 +313,7 @@ pub async fn start(
             SourceConfig::Files(f) => {
                 let source = files::FileSource {
                     ctx: source_context(name, pipeline, &journal, &options, wake, &metrics),
+                    seen: Default::default(),
                     dir: options.base_dir.join(&f.dir),
                     archive: options.base_dir.join(&f.archive),
                     failed: options.base_dir.join(&f.failed),

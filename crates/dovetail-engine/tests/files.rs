@@ -113,5 +113,11 @@ sink = {{ type = "http", connector = "erp", path = "/v1/products" }}
     until("the third extract archived", || base.join("extracts-archive/p-3.jsonl").exists().then_some(())).await;
     let c = journal.counts().await.unwrap().into_iter().find(|c| c.flow == "products").unwrap();
     assert_eq!(c.pending + c.in_flight + c.delivered, 5, "only S2 changed: {c:?}");
+
+    // The second extract again, byte for byte: S2 goes back to 3, which is news again.
+    std::fs::copy(base.join("extracts-archive/p-2.jsonl"), base.join("extracts/p-4.jsonl")).unwrap();
+    until("the fourth extract archived", || base.join("extracts-archive/p-4.jsonl").exists().then_some(())).await;
+    let c = journal.counts().await.unwrap().into_iter().find(|c| c.flow == "products").unwrap();
+    assert_eq!(c.pending + c.in_flight + c.delivered, 6, "S2 changed back: {c:?}");
     engine.shutdown().await;
 }

@@ -94,7 +94,8 @@ impl Config {
                             "add key = \".id\" (the record's stable key) to the flow",
                         ));
                     }
-                    if f.dir == f.archive || f.dir == f.failed {
+                    let norm = |p: &str| p.trim_start_matches("./").trim_end_matches('/').to_string();
+                    if norm(&f.dir) == norm(&f.archive) || norm(&f.dir) == norm(&f.failed) {
                         out.push(Finding::error(
                             &["flows", name, "source", "archive"],
                             "processed files must move out of the folder that is read",
