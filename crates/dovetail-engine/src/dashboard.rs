@@ -388,6 +388,7 @@ fn graph_section(html: &mut String, config: &Config) {
             SourceConfig::Webhook { path, .. } => format!("webhook {path}"),
             SourceConfig::Poll(p) => format!("poll {}{} {}", p.connector, p.path, p.schedule),
             SourceConfig::Files(f) => format!("files {} {}", f.dir, f.schedule),
+            SourceConfig::PostgresOutbox(o) => format!("outbox {} {}", o.table, o.schedule),
         });
         links.push((sources.len() - 1, name.clone(), connector.clone()));
     }

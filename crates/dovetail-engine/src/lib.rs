@@ -21,6 +21,7 @@ mod files;
 mod intake;
 mod metrics;
 mod openapi;
+mod outbox;
 mod poll;
 mod retention;
 mod server;
@@ -309,6 +310,18 @@ pub async fn start(
                     clock: options.clock.clone(),
                     wake,
                 });
+            }
+            SourceConfig::PostgresOutbox(o) => {
+                let url = resolved.outbox_urls.get(name).cloned().ok_or_else(|| EngineError::Flow {
+                    flow: name.clone(),
+                    reason: "its outbox database URL is not resolved".into(),
+                })?;
+                let outbox = outbox::Outbox {
+                    ctx: source_context(name, pipeline, &journal, &options, wake, &metrics),
+                    config: (**o).clone(),
+                    url,
+                };
+                tasks.spawn(outbox::run(Arc::new(outbox), shutdown_rx.clone()));
             }
             SourceConfig::Files(f) => {
                 let source = files::FileSource {

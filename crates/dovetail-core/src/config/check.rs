@@ -86,6 +86,36 @@ impl Config {
                         Some(_) => {}
                     }
                 }
+                SourceConfig::PostgresOutbox(o) => {
+                    let ident = |s: &str| {
+                        !s.is_empty()
+                            && s.split('.').all(|part| {
+                                part.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                                    && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                            })
+                    };
+                    for (key, value) in [
+                        ("table", &o.table),
+                        ("id_column", &o.id_column),
+                        ("payload_column", &o.payload_column),
+                        ("sent_column", &o.sent_column),
+                    ] {
+                        if !ident(value) {
+                            out.push(Finding::error(
+                                &["flows", name, "source", key],
+                                format!("`{value}` is not a plain SQL name"),
+                                "use letters, digits and _ (schema.table for a table)",
+                            ));
+                        }
+                    }
+                    if o.batch == 0 {
+                        out.push(Finding::error(
+                            &["flows", name, "source", "batch"],
+                            "a batch of 0 takes nothing",
+                            "e.g. 500",
+                        ));
+                    }
+                }
                 SourceConfig::Files(f) => {
                     if f.mode == super::FileMode::FullExtract && flow.key.is_none() {
                         out.push(Finding::error(
@@ -532,6 +562,8 @@ pub struct Resolved {
     pub admin_token: Option<Secret>,
     /// Each `[notify.NAME]`'s URL, looked up when it is `env:NAME`.
     pub notify: BTreeMap<String, Secret>,
+    /// Each outbox flow's database URL, looked up when it is `env:NAME`.
+    pub outbox_urls: BTreeMap<String, Secret>,
 }
 
 #[derive(Clone)]
@@ -650,7 +682,7 @@ impl Loaded {
         for (name, flow) in &self.config.flows {
             let signature = match &flow.source {
                 SourceConfig::Webhook { signature, .. } => signature.as_ref(),
-                SourceConfig::Poll(_) | SourceConfig::Files(_) => None,
+                SourceConfig::Poll(_) | SourceConfig::Files(_) | SourceConfig::PostgresOutbox(_) => None,
             };
             let verifier = signature.map(|sig| {
                 let refs = sig.secret.iter().chain(sig.secrets.iter());
@@ -680,6 +712,17 @@ impl Loaded {
             flows.insert(name.clone(), ResolvedFlow { verifier, pipeline: std::sync::Arc::new(pipeline) });
         }
         let admin_token = self.config.engine.admin_token.as_ref().and_then(|r| fetch(&["engine", "admin_token"], r));
+        let mut outbox_urls = BTreeMap::new();
+        for (name, flow) in &self.config.flows {
+            let SourceConfig::PostgresOutbox(o) = &flow.source else { continue };
+            let url = match SecretRef::parse(&o.url) {
+                Ok(r) => fetch(&["flows", name, "source", "url"], &r),
+                Err(_) => Some(Secret::new(o.url.clone())),
+            };
+            if let Some(url) = url {
+                outbox_urls.insert(name.clone(), url);
+            }
+        }
         let mut notify = BTreeMap::new();
         for (name, n) in &self.config.notify {
             let url = match SecretRef::parse(&n.url) {
@@ -703,7 +746,7 @@ impl Loaded {
         }
         findings.extend(key_errors);
         if findings.is_empty() {
-            Ok(Resolved { flows, connectors, admin_token, notify })
+            Ok(Resolved { flows, connectors, admin_token, notify, outbox_urls })
         } else {
             Err(ConfigErrors(self.locate(findings)))
         }

@@ -425,6 +425,10 @@ pub enum SourceConfig {
     /// Files dropped into a folder (CSV or JSON Lines), each processed once
     /// and moved to `archive` (or `failed`), on a schedule.
     Files(Box<FilesConfig>),
+    /// Rows of a PostgreSQL outbox table (the transactional outbox
+    /// pattern), taken with `FOR UPDATE SKIP LOCKED` and marked sent once
+    /// journalled.
+    PostgresOutbox(Box<OutboxConfig>),
     /// Records fetched on a schedule from `connector`'s base URL + `path`
     /// ("what changed since I last asked?"), through the connector's auth,
     /// rate limit and breaker.
@@ -457,6 +461,44 @@ pub struct PollConfig {
 
 fn default_max_pages() -> usize {
     100
+}
+
+/// `source = { type = "postgres_outbox", url, table, id_column,
+/// payload_column, sent_column, schedule, batch }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// `postgres://user@host/db`, or `env:NAME` when it holds a password.
+    pub url: String,
+    pub table: String,
+    #[serde(default = "default_id_column")]
+    pub id_column: String,
+    /// The record (json, jsonb or text).
+    #[serde(default = "default_payload_column")]
+    pub payload_column: String,
+    /// A timestamp column, null until the row is journalled.
+    #[serde(default = "default_sent_column")]
+    pub sent_column: String,
+    pub schedule: crate::schedule::Schedule,
+    /// Rows taken per transaction.
+    #[serde(default = "default_outbox_batch")]
+    pub batch: u32,
+}
+
+fn default_id_column() -> String {
+    "id".to_string()
+}
+
+fn default_payload_column() -> String {
+    "payload".to_string()
+}
+
+fn default_sent_column() -> String {
+    "sent_at".to_string()
+}
+
+fn default_outbox_batch() -> u32 {
+    500
 }
 
 /// `source = { type = "files", dir, format, schedule, archive, failed, mode }`;
