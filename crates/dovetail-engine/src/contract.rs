@@ -103,6 +103,25 @@ pub(crate) struct SourceContext {
 }
 
 impl SourceContext {
+    /// Sleeps until `schedule`'s next run; `false` when the engine stops
+    /// first (a schedule that never fires again waits for the stop).
+    pub async fn wait_for_next(
+        &self,
+        schedule: &dovetail_core::schedule::Schedule,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> bool {
+        let now = self.clock.now();
+        let Some(next) = schedule.next_after(now) else {
+            tracing::warn!(flow = %self.flow, %schedule, "the schedule never fires again; the source idles");
+            let _ = stop.wait_for(|s| *s).await;
+            return false;
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(next.since(now)) => true,
+            _ = stop.wait_for(|s| *s) => false,
+        }
+    }
+
     /// Runs the flow's pipeline on one record's raw bytes.
     pub async fn process(&self, raw: &[u8]) -> Processed {
         process(&self.flow, &self.pipeline, self.jq_time_limit, Bytes::copy_from_slice(raw)).await

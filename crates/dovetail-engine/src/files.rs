@@ -55,14 +55,8 @@ pub(crate) async fn run(source: Arc<FileSource>, mut stop: watch::Receiver<bool>
         if let Err(e) = source.scan(&stop).await {
             tracing::warn!(flow = %source.ctx.flow, error = %e, "cannot process the file drop; trying again at the next run");
         }
-        let now = source.ctx.clock.now();
-        let Some(next) = source.config.schedule.next_after(now) else {
-            let _ = stop.wait_for(|s| *s).await;
+        if !source.ctx.wait_for_next(&source.config.schedule, &mut stop).await {
             return;
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(next.since(now)) => {}
-            _ = stop.wait_for(|s| *s) => return,
         }
     }
 }

@@ -53,14 +53,8 @@ pub(crate) async fn run(outbox: Arc<Outbox>, mut stop: watch::Receiver<bool>) {
                 }
             }
         }
-        let now = outbox.ctx.clock.now();
-        let Some(next) = outbox.config.schedule.next_after(now) else {
-            let _ = stop.wait_for(|s| *s).await;
+        if !outbox.ctx.wait_for_next(&outbox.config.schedule, &mut stop).await {
             return;
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(next.since(now)) => {}
-            _ = stop.wait_for(|s| *s) => return,
         }
     }
 }

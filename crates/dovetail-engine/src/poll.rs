@@ -54,15 +54,8 @@ pub(crate) async fn run(poller: Arc<Poller>, mut stop: watch::Receiver<bool>) {
                 tracing::warn!(flow = %poller.ctx.flow, error = %why, "poll stopped; the next run resumes from the saved cursor")
             }
         }
-        let now = poller.ctx.clock.now();
-        let Some(next) = poller.config.schedule.next_after(now) else {
-            tracing::warn!(flow = %poller.ctx.flow, schedule = %poller.config.schedule, "the schedule never fires again; the poller idles");
-            let _ = stop.wait_for(|s| *s).await;
+        if !poller.ctx.wait_for_next(&poller.config.schedule, &mut stop).await {
             return;
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(next.since(now)) => {}
-            _ = stop.wait_for(|s| *s) => return,
         }
     }
 }
