@@ -9,7 +9,9 @@
 //! duplicates (a row is named `outbox:ID`), so nothing is lost or doubled.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use sha2::Digest as _;
 use tokio::sync::watch;
 
 use dovetail_core::config::{OutboxConfig, Secret};
@@ -43,7 +45,13 @@ pub(crate) async fn run(outbox: Arc<Outbox>, mut stop: watch::Receiver<bool>) {
             };
         }
         if let Some(c) = client.as_mut() {
-            match outbox.drain(c, &stop).await {
+            // Stopping drops the open transaction: it rolls back and its rows stay unsent.
+            let mut stopping = stop.clone();
+            let drained = tokio::select! {
+                d = outbox.drain(c, &stop) => d,
+                _ = stopping.wait_for(|s| *s) => return,
+            };
+            match drained {
                 Ok(run) if run.rows > 0 => {
                     tracing::debug!(flow = %outbox.ctx.flow, rows = run.rows, new = run.new, "outbox rows journalled")
                 }
@@ -61,10 +69,9 @@ pub(crate) async fn run(outbox: Arc<Outbox>, mut stop: watch::Receiver<bool>) {
 
 impl Outbox {
     async fn connect(&self) -> Result<tokio_postgres::Client, String> {
-        let (client, connection) = tokio_postgres::connect(self.url.expose(), tokio_postgres::NoTls)
-            .await
-            // The error names the host, never the password.
-            .map_err(|e| e.to_string())?;
+        let mut config: tokio_postgres::Config = self.url.expose().parse().map_err(|e| pg_error(&e))?;
+        config.connect_timeout(Duration::from_secs(10)).keepalives_idle(Duration::from_secs(30));
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(|e| pg_error(&e))?;
         let flow = self.ctx.flow.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -81,47 +88,45 @@ impl Outbox {
         stop: &watch::Receiver<bool>,
     ) -> Result<OutboxRun, String> {
         let c = &self.config;
+        let (id, payload, table, sent) =
+            (quoted(&c.id_column), quoted(&c.payload_column), quoted(&c.table), quoted(&c.sent_column));
         let select = format!(
-            "SELECT {id}::text, {payload}::text FROM {table} WHERE {sent} IS NULL ORDER BY {id} LIMIT $1 FOR UPDATE SKIP LOCKED",
-            id = c.id_column,
-            payload = c.payload_column,
-            table = c.table,
-            sent = c.sent_column
+            "SELECT {id}::text, {payload}::text, ctid::text FROM {table} WHERE {sent} IS NULL AND {id} IS NOT NULL \
+             ORDER BY {id} LIMIT $1 FOR UPDATE SKIP LOCKED"
         );
-        let mark = format!(
-            "UPDATE {table} SET {sent} = now() WHERE {id}::text = ANY($1)",
-            table = c.table,
-            sent = c.sent_column,
-            id = c.id_column
-        );
+        // The rows taken, by their physical address: locked, so it cannot move.
+        let mark = format!("UPDATE {table} SET {sent} = now() WHERE ctid = ANY($1::text[]::tid[])");
         let mut run = OutboxRun::default();
         while !*stop.borrow() {
-            let tx = client.transaction().await.map_err(|e| e.to_string())?;
-            let rows = tx.query(&select, &[&i64::from(c.batch)]).await.map_err(|e| e.to_string())?;
-            let mut ids = Vec::with_capacity(rows.len());
+            let tx = client.transaction().await.map_err(|e| pg_error(&e))?;
+            let rows = tx.query(&select, &[&i64::from(c.batch)]).await.map_err(|e| pg_error(&e))?;
+            let mut taken = Vec::with_capacity(rows.len());
             for row in &rows {
                 let started = std::time::Instant::now();
-                let id: String = row.try_get(0).map_err(|e| e.to_string())?;
-                let payload: Option<String> = row.try_get(1).map_err(|e| e.to_string())?;
+                let id: String = row.try_get(0).map_err(|e| pg_error(&e))?;
+                let payload: Option<String> = row.try_get(1).map_err(|e| pg_error(&e))?;
                 // A null payload is kept (quarantined as not JSON), never skipped.
                 let raw = payload.unwrap_or_default().into_bytes();
+                // The payload's hash in the name: an id handed out again (a
+                // table reset, a restore) with other content is a new record.
+                let name = format!("outbox:{}:{id}:{}", c.table, hex::encode(&sha2::Sha256::digest(&raw)[..8]));
                 let processed = self.ctx.process(&raw).await;
                 // If the journal fails, dropping `tx` rolls back: the rows stay unsent.
                 let ingested = self
                     .ctx
-                    .journal(processed, format!("outbox:{id}"), raw, started)
+                    .journal(processed, name, raw, started)
                     .await
                     .map_err(|e| format!("cannot journal outbox row {id}: {e}"))?;
                 if matches!(ingested, Ingested::New(_)) {
                     run.new += 1;
                 }
-                ids.push(id);
+                taken.push(row.try_get::<_, String>(2).map_err(|e| pg_error(&e))?);
             }
-            if !ids.is_empty() {
-                tx.execute(&mark, &[&ids]).await.map_err(|e| e.to_string())?;
+            if !taken.is_empty() {
+                tx.execute(&mark, &[&taken]).await.map_err(|e| pg_error(&e))?;
             }
-            tx.commit().await.map_err(|e| e.to_string())?;
-            run.rows += ids.len();
+            tx.commit().await.map_err(|e| pg_error(&e))?;
+            run.rows += taken.len();
             if run.new > 0 {
                 self.ctx.wake.notify_one();
             }
@@ -130,5 +135,35 @@ impl Outbox {
             }
         }
         Ok(run)
+    }
+}
+
+/// A checked name (letters, digits, `_`, `schema.table`) quoted for SQL.
+fn quoted(name: &str) -> String {
+    name.split('.').map(|part| format!("\"{part}\"")).collect::<Vec<_>>().join(".")
+}
+
+/// What PostgreSQL said (code, message, detail), not just "db error"; never the URL.
+fn pg_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let detail = db.detail().map(|d| format!(" ({d})")).unwrap_or_default();
+            format!("{} [{}]{detail}", db.message(), db.code().code())
+        }
+        None => {
+            let cause = std::error::Error::source(e).map(|s| format!(": {s}")).unwrap_or_default();
+            format!("{e}{cause}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_quoted_per_part() {
+        assert_eq!(quoted("app.outbox"), r#""app"."outbox""#);
+        assert_eq!(quoted("order"), r#""order""#);
     }
 }

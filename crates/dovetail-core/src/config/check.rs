@@ -108,6 +108,19 @@ impl Config {
                             ));
                         }
                     }
+                    let secret_in_url = |u: &str| {
+                        u.contains("password=")
+                            || u.split_once("://")
+                                .and_then(|(_, rest)| rest.split_once('@'))
+                                .is_some_and(|(who, _)| who.contains(':'))
+                    };
+                    if !o.url.starts_with("env:") && secret_in_url(&o.url) {
+                        out.push(Finding::error(
+                            &["flows", name, "source", "url"],
+                            "this URL holds a password; secrets are referenced, never written into the config",
+                            "write url = \"env:OUTBOX_DB\" and export the URL in the engine's environment",
+                        ));
+                    }
                     if o.batch == 0 {
                         out.push(Finding::error(
                             &["flows", name, "source", "batch"],

@@ -498,7 +498,7 @@ fn default_sent_column() -> String {
 }
 
 fn default_outbox_batch() -> u32 {
-    500
+    100
 }
 
 /// `source = { type = "files", dir, format, schedule, archive, failed, mode }`;
