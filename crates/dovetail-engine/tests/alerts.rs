@@ -30,6 +30,9 @@ async fn a_dead_letter_fires_an_alert_to_both_webhooks_and_discarding_it_resolve
         Partner::start(Behaviour::default().fail_body("reject", Reply::Status { status: 422, body: "refused".into() }))
             .await
             .unwrap();
+    // A receiver that refuses every request (a revoked webhook).
+    let revoked =
+        Partner::start(Behaviour::default().require("authorization", "Bearer nobody-has-this")).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         r#"[engine]
@@ -40,6 +43,9 @@ repeat_every = "1h"
 
 [notify.ops]
 url = "{url}/hooks/alerts"
+
+[notify.revoked]
+url = "{revoked}/hooks/gone"
 
 [notify.chat]
 url = "env:CHAT_WEBHOOK_URL"
@@ -54,7 +60,8 @@ base_url = "{url}"
 source = {{ type = "webhook", path = "/hooks/orders" }}
 sink = {{ type = "http", connector = "billing", path = "/v1/orders" }}
 "#,
-        url = partner.url()
+        url = partner.url(),
+        revoked = revoked.url()
     );
     let (loaded, _) = config::load(&text, Path::new("dovetail.toml")).unwrap();
     let secrets: BTreeMap<String, String> =
@@ -98,7 +105,7 @@ sink = {{ type = "http", connector = "billing", path = "/v1/orders" }}
     assert!(slack["text"].as_str().unwrap().starts_with("[FIRING] orders"), "{slack}");
     assert!(slack["blocks"].is_array());
     // Saved, so a restart would not fire it again.
-    let book = journal.load_state("alert_book").await.unwrap().unwrap();
+    let book = wait_for("the saved book", async || journal.load_state("alert_book").await.unwrap()).await;
     assert!(book.contains("dlq_depth"), "{book}");
 
     // The operator discards the dead letter: the alert resolves, once.
@@ -116,5 +123,14 @@ sink = {{ type = "http", connector = "billing", path = "/v1/orders" }}
     let counts = journal.counts().await.unwrap();
     let ops_flow = counts.iter().find(|c| c.flow == "notify.ops").unwrap();
     assert_eq!(ops_flow.delivered, 2);
+    // The revoked receiver's notices are dead-lettered; its flow is not paused,
+    // so later alerts still go to it (and to everyone else).
+    let revoked_flow = wait_for("the revoked receiver's dead letters", async || {
+        journal.counts().await.unwrap().into_iter().find(|c| c.flow == "notify.revoked" && c.dead == 2)
+    })
+    .await;
+    assert_eq!(revoked_flow.paused, None);
+    let dead = journal.dead_letters(Some("notify.revoked"), 10).await.unwrap();
+    assert!(dead.iter().all(|d| d.class == dovetail_core::policy::ErrorClass::Auth), "{dead:?}");
     engine.shutdown().await;
 }
