@@ -289,67 +289,60 @@ pub struct Fetched {
     pub body: Option<String>,
     /// The `Link: <...>; rel="next"` target (absolute), when the partner pages that way.
     pub next_link: Option<String>,
-    /// Set when nothing was sent: the next-page link leaves the connector's origin.
-    pub refused: Option<String>,
 }
 
 impl HttpSink {
     /// GETs the sink's URL (or `url`, a next-page link on the same partner)
     /// with `query` added, for a poller: same headers, credentials, OAuth
     /// renewal on a 401, and timeout as a send. Bodies up to 8 MiB are read.
+    /// `Err` when nothing was sent: the link leaves the connector's origin.
     pub async fn fetch(
         &self,
         url: Option<&str>,
         query: &[(String, String)],
         correlation_id: &str,
         now: impl Fn() -> Timestamp,
-    ) -> Fetched {
-        let Some(tokens) = &self.tokens else { return self.fetch_once(url, query, correlation_id, None, &now).await };
-        let token = match tokens.bearer().await {
-            Ok(t) => t,
-            Err(failed) => return Fetched { result: failed, body: None, next_link: None, refused: None },
-        };
-        let first = self.fetch_once(url, query, correlation_id, Some(&token), &now).await;
-        if !matches!(first.result.answer, Answer::Status { status: 401, .. }) {
-            return first;
-        }
-        match tokens.renew_after_rejection(&token).await {
-            Ok(t) => self.fetch_once(url, query, correlation_id, Some(&t), &now).await,
-            Err(failed) => Fetched { result: failed, body: None, next_link: None, refused: None },
-        }
-    }
-
-    async fn fetch_once(
-        &self,
-        url: Option<&str>,
-        query: &[(String, String)],
-        correlation_id: &str,
-        bearer: Option<&Secret>,
-        now: &impl Fn() -> Timestamp,
-    ) -> Fetched {
-        let started = Instant::now();
-        let failed = |result| Fetched { result, body: None, next_link: None, refused: None };
+    ) -> Result<Fetched, String> {
         let mut target = match url {
             // A next link (absolute, or relative to the request) must stay on
             // the connector's origin: credentials go nowhere else.
             Some(u) => match self.target.join(u) {
                 Ok(t) if t.origin() == self.target.origin() => t,
-                _ => {
-                    let refused = Some(format!("the next-page link `{u}` leaves the connector's origin"));
-                    let answer = Answer::Status { status: 0, retry_after: None };
-                    let hint = LimitHint::default();
-                    let result = AttemptResult { answer, duration: started.elapsed(), detail: None, hint };
-                    return Fetched { result, body: None, next_link: None, refused };
-                }
+                _ => return Err(format!("the next-page link `{u}` leaves the connector's origin")),
             },
             None => self.target.clone(),
         };
         if !query.is_empty() {
             target.query_pairs_mut().extend_pairs(query.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         }
+        let target = &target;
+        let Some(tokens) = &self.tokens else { return Ok(self.fetch_once(target, correlation_id, None, &now).await) };
+        let token = match tokens.bearer().await {
+            Ok(t) => t,
+            Err(failed) => return Ok(Fetched { result: failed, body: None, next_link: None }),
+        };
+        let first = self.fetch_once(target, correlation_id, Some(&token), &now).await;
+        if !matches!(first.result.answer, Answer::Status { status: 401, .. }) {
+            return Ok(first);
+        }
+        Ok(match tokens.renew_after_rejection(&token).await {
+            Ok(t) => self.fetch_once(target, correlation_id, Some(&t), &now).await,
+            Err(failed) => Fetched { result: failed, body: None, next_link: None },
+        })
+    }
+
+    async fn fetch_once(
+        &self,
+        target: &reqwest::Url,
+        correlation_id: &str,
+        bearer: Option<&Secret>,
+        now: &impl Fn() -> Timestamp,
+    ) -> Fetched {
+        let started = Instant::now();
+        let failed = |result| Fetched { result, body: None, next_link: None };
         let mut request = self
             .client
-            .get(target)
+            .get(target.clone())
             .headers(self.headers.clone())
             .header(header::ACCEPT, "application/json")
             .header("x-correlation-id", correlation_id)
@@ -381,7 +374,6 @@ impl HttpSink {
                 result: AttemptResult { answer, duration: started.elapsed(), detail: None, hint },
                 body: Some(b),
                 next_link,
-                refused: None,
             },
             Ok(b) => failed(AttemptResult { answer, duration: started.elapsed(), detail: Some(b), hint }),
             Err(e) => {

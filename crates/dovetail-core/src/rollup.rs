@@ -114,7 +114,7 @@ impl MinuteRollup {
 }
 
 /// What a window of roll-ups adds up to.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
 pub struct Summary {
     pub since: Timestamp,
     pub until: Timestamp,
@@ -193,30 +193,18 @@ pub fn percentile(buckets: &[u64], q: f64) -> Option<u64> {
 /// Adds up the roll-ups of `minutes` (any flows, any order) that fall in
 /// the window `[since, until)` ([`minute_range`]); the others are ignored,
 /// so one fetch of 7 days can be summarised for the last 24 hours too.
-pub fn summarise(minutes: &[MinuteRollup], since: Timestamp, until: Timestamp) -> Summary {
+pub fn summarise<'a>(
+    minutes: impl IntoIterator<Item = &'a MinuteRollup>,
+    since: Timestamp,
+    until: Timestamp,
+) -> Summary {
     let window = minute_range(since, until);
-    let mut s = Summary {
-        since,
-        until,
-        received: 0,
-        quarantined: 0,
-        delivered: 0,
-        dead: 0,
-        retried: 0,
-        attempts: 0,
-        success_rate: None,
-        error_rate: None,
-        errors_by_class: BTreeMap::new(),
-        avg_latency_ms: None,
-        p95_latency_ms: None,
-        last_delivered_at: None,
-        per_minute: Vec::new(),
-    };
+    let mut s = Summary { since, until, ..Summary::default() };
     let mut failed = 0;
     let (mut latency_count, mut latency_sum) = (0u64, 0u64);
     let mut buckets = [0u64; LATENCY_BUCKET_COUNT];
     let mut per_minute: BTreeMap<i64, (u64, u64)> = BTreeMap::new();
-    for m in minutes.iter().filter(|m| window.contains(&m.minute)) {
+    for m in minutes.into_iter().filter(|m| window.contains(&m.minute)) {
         s.received += m.received;
         s.quarantined += m.quarantined;
         s.delivered += m.delivered;

@@ -134,7 +134,7 @@ impl Alerting {
         let mut notices = Vec::new();
         for (flow, rules) in &self.rules {
             let c = counts.iter().find(|c| &c.flow == flow).cloned().unwrap_or_default();
-            let own: Vec<MinuteRollup> = minutes.iter().filter(|m| &m.flow == flow).cloned().collect();
+            let own: Vec<&MinuteRollup> = minutes.iter().filter(|m| &m.flow == flow).collect();
             let mut snapshot = self.snapshot(flow, rules, &c, &own, now);
             snapshot.drift_events = drift
                 .iter()
@@ -170,11 +170,11 @@ impl Alerting {
         flow: &str,
         rules: &AlertRules,
         c: &FlowCounts,
-        minutes: &[MinuteRollup],
+        minutes: &[&MinuteRollup],
         now: Timestamp,
     ) -> FlowSnapshot {
         let windows = rules.windows();
-        let over = |span: Option<Duration>| span.map(|d| summarise(minutes, now.minus(d), now));
+        let over = |span: Option<Duration>| span.map(|d| summarise(minutes.iter().copied(), now.minus(d), now));
         let errors = over(windows.error_rate);
         let rejections = over(windows.rejection_rate);
         let latency = over(windows.latency);
@@ -184,7 +184,7 @@ impl Alerting {
             .zip(windows.latency_baseline)
             .map(|(l, b)| {
                 let end = now.minus(l);
-                summarise(minutes, end.minus(b), end)
+                summarise(minutes.iter().copied(), end.minus(b), end)
             })
             // Too few deliveries tell nothing about what is normal.
             .filter(|s| s.delivered >= min_samples);

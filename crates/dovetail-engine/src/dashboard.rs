@@ -464,7 +464,7 @@ mod tests {
         let now = Timestamp::from_millis(10 * 3_600_000);
         let summary = Summary {
             per_minute: vec![(now.as_millis() / 60_000 - 1, 5, 1), (now.as_millis() / 60_000 - 61, 2, 0)],
-            ..dovetail_core::rollup::summarise(&[], now, now)
+            ..Summary::default()
         };
         let hours = hourly(&summary, now);
         assert_eq!((hours[23], hours[22], hours[0]), ((5, 1), (2, 0), (0, 0)));

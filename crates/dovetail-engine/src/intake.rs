@@ -66,7 +66,8 @@ impl Intake {
             // Unsigned endpoints may still name their deliveries.
             None => header(&headers, "webhook-id").or(header(&headers, "idempotency-key")).map(str::to_string),
         };
-        let processed = crate::contract::process(&self.flow, &self.pipeline, self.jq_time_limit, body.clone()).await;
+        let mut processed =
+            crate::contract::process(&self.flow, &self.pipeline, self.jq_time_limit, body.clone()).await;
         if delivery_id.is_none()
             && self.verifier.as_ref().is_some_and(|v| v.scheme() == Scheme::Stripe)
             && let Some(v) = &processed.input
@@ -74,7 +75,8 @@ impl Intake {
             // Stripe names its events in the body, not in a header.
             delivery_id = v.get("id").and_then(|id| id.as_str()).map(str::to_string);
         }
-        let input = processed.input.clone();
+        // The parsed input is kept for drift learning; the record needs only keys and result.
+        let parsed = processed.input.take();
         let (record, rejection) = crate::contract::new_record(
             &self.flow,
             processed,
@@ -84,7 +86,6 @@ impl Intake {
             body.to_vec(),
             now,
         );
-        let parsed = input;
         match self.journal.ingest(record).await {
             Ok(Ingested::New(id)) => {
                 self.metrics.received(&self.flow, started.elapsed());

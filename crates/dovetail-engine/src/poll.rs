@@ -287,12 +287,14 @@ impl Poller {
                     }
                 }
             };
-            let fetched = self.sink.fetch(url, query, &ids::new_correlation_id(), || self.ctx.clock.now()).await;
-            if let Some(why) = fetched.refused {
-                // Nothing went out: the gate's token and probe go back.
-                self.connector.unused(1, probe);
-                return Err(why);
-            }
+            let fetched = match self.sink.fetch(url, query, &ids::new_correlation_id(), || self.ctx.clock.now()).await {
+                Ok(f) => f,
+                Err(why) => {
+                    // Nothing went out: the gate's token and probe go back.
+                    self.connector.unused(1, probe);
+                    return Err(why);
+                }
+            };
             let (_, change) = self.connector.observe(&fetched.result, self.ctx.clock.now());
             connector::record(change, self.ctx.journal.as_ref()).await;
             let detail = fetched.result.detail.clone().unwrap_or_default();

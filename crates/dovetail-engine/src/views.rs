@@ -98,8 +98,7 @@ const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
 
 /// A flow's roll-ups summarised over `(now - span, now]`.
 pub fn summary_of(minutes: &[MinuteRollup], flow: &str, span: std::time::Duration, now: Timestamp) -> Summary {
-    let own: Vec<MinuteRollup> = minutes.iter().filter(|m| m.flow == flow).cloned().collect();
-    summarise(&own, now.minus(span), now)
+    summarise(minutes.iter().filter(|m| m.flow == flow), now.minus(span), now)
 }
 
 /// Every flow of the config and the journal, the connectors' health and the quotas' use.

@@ -447,6 +447,18 @@ impl SqliteJournal {
     }
 
     /// Commits and jobs the writer thread has done since the journal was opened.
+    /// Replaces the text kept under `key` by `sql` (`?1` key, `?2` text, `?3` time).
+    async fn put_text(&self, sql: &'static str, key: &str, text: String, now: Timestamp) -> Result<()> {
+        let key = key.to_string();
+        self.write(move |c| c.prepare_cached(sql)?.execute(params![key, text, now.as_millis()]).map(|_| ())).await
+    }
+
+    /// The text kept under `key` by `sql` (`?1` key), if any.
+    async fn get_text(&self, sql: &'static str, key: &str) -> Result<Option<String>> {
+        let key = key.to_string();
+        self.read(move |c| c.prepare_cached(sql)?.query_row([key], |r| r.get(0)).optional()).await
+    }
+
     pub fn writer_stats(&self) -> WriterStats {
         use std::sync::atomic::Ordering::Relaxed;
         WriterStats { commits: self.stats.commits.load(Relaxed), jobs: self.stats.jobs.load(Relaxed) }
@@ -1289,41 +1301,31 @@ impl Journal for SqliteJournal {
     }
 
     async fn save_shape(&self, flow: &str, shape: String, now: Timestamp) -> Result<()> {
-        let flow = flow.to_string();
-        self.write(move |c| {
-            c.prepare_cached("INSERT OR REPLACE INTO flow_shapes (flow, shape, updated_at) VALUES (?1, ?2, ?3)")?
-                .execute(params![flow, shape, now.as_millis()])
-                .map(|_| ())
-        })
+        self.put_text(
+            "INSERT OR REPLACE INTO flow_shapes (flow, shape, updated_at) VALUES (?1, ?2, ?3)",
+            flow,
+            shape,
+            now,
+        )
         .await
     }
 
     async fn save_state(&self, key: &str, value: String, now: Timestamp) -> Result<()> {
-        let key = key.to_string();
-        self.write(move |c| {
-            c.prepare_cached("INSERT OR REPLACE INTO engine_state (key, value, updated_at) VALUES (?1, ?2, ?3)")?
-                .execute(params![key, value, now.as_millis()])
-                .map(|_| ())
-        })
+        self.put_text(
+            "INSERT OR REPLACE INTO engine_state (key, value, updated_at) VALUES (?1, ?2, ?3)",
+            key,
+            value,
+            now,
+        )
         .await
     }
 
     async fn load_state(&self, key: &str) -> Result<Option<String>> {
-        let key = key.to_string();
-        self.read(move |c| {
-            c.prepare_cached("SELECT value FROM engine_state WHERE key = ?1")?.query_row([key], |r| r.get(0)).optional()
-        })
-        .await
+        self.get_text("SELECT value FROM engine_state WHERE key = ?1", key).await
     }
 
     async fn load_shape(&self, flow: &str) -> Result<Option<String>> {
-        let flow = flow.to_string();
-        self.read(move |c| {
-            c.prepare_cached("SELECT shape FROM flow_shapes WHERE flow = ?1")?
-                .query_row([flow], |r| r.get(0))
-                .optional()
-        })
-        .await
+        self.get_text("SELECT shape FROM flow_shapes WHERE flow = ?1", flow).await
     }
 
     async fn record_drift(&self, flow: &str, events: Vec<DriftEvent>) -> Result<()> {
