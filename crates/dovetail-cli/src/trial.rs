@@ -67,9 +67,14 @@ pub fn test(config: &Path, flow_name: &str, input: &Path, as_json: bool) -> Resu
         std::fs::read(input).with_context(|| format!("cannot read the input {}", input.display()))?
     };
     let trial = run_pipeline(&pipeline, raw);
-    let SinkConfig::Http { connector, method, path, .. } = &flow.sink;
-    let request = match (&trial.transformed, loaded.config.http_connector(connector)) {
-        (Some(t), Some(http)) => {
+    let http_sink = match &flow.sink {
+        SinkConfig::Http { connector, method, path, .. } => {
+            loaded.config.http_connector(connector).map(|http| (http, method, path))
+        }
+        _ => None,
+    };
+    let request = match (&trial.transformed, http_sink) {
+        (Some(t), Some((http, method, path))) => {
             let body = t.body();
             let dedup = trial.keys.as_ref().and_then(|k| k.dedup.as_deref());
             // A delivery id from the source (webhook-id, Stripe's event id) wins at intake.
@@ -89,12 +94,42 @@ pub fn test(config: &Path, flow_name: &str, input: &Path, as_json: bool) -> Resu
         }
         _ => None,
     };
+    let write = trial.transformed.as_ref().and(write_of(&flow.sink));
     if as_json {
-        print_json(flow_name, &pipeline, &trial, request.as_ref())?;
+        print_json(flow_name, &pipeline, &trial, request.as_ref(), write.as_deref())?;
     } else {
         print_text(flow_name, input, &pipeline, &trial, request.as_ref())?;
+        if let Some(w) = write {
+            println!("\n{w}");
+        }
     }
     Ok(if trial.rejected.is_some() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// What a database or broker sink would do with the record.
+fn write_of(sink: &SinkConfig) -> Option<String> {
+    match sink {
+        SinkConfig::Http { .. } => None,
+        SinkConfig::Postgres(p) => {
+            let guard =
+                p.version_column.as_ref().map(|v| format!(", unless the stored `{v}` is newer")).unwrap_or_default();
+            Some(format!(
+                "the record would be upserted into `{}` on ({}) through connector `{}`{guard}",
+                p.table,
+                p.key.join(", "),
+                p.connector
+            ))
+        }
+        SinkConfig::Nats { connector, subject, .. } => Some(format!(
+            "the record would be published to JetStream subject `{subject}` through connector `{connector}`, with its idempotency key as Nats-Msg-Id"
+        )),
+        SinkConfig::Amqp { connector, exchange, routing_key, .. } => {
+            let exchange = if exchange.is_empty() { "the default exchange" } else { exchange };
+            Some(format!(
+                "the record would be published to `{exchange}` with routing key `{routing_key}` through connector `{connector}`, with its idempotency key as message_id"
+            ))
+        }
+    }
 }
 
 fn pretty(bytes: &[u8]) -> String {
@@ -151,7 +186,13 @@ fn print_text(flow: &str, input: &Path, p: &Pipeline, trial: &Trial, request: Op
     Ok(())
 }
 
-fn print_json(flow: &str, p: &Pipeline, trial: &Trial, request: Option<&RequestPreview>) -> Result<()> {
+fn print_json(
+    flow: &str,
+    p: &Pipeline,
+    trial: &Trial,
+    request: Option<&RequestPreview>,
+    write: Option<&str>,
+) -> Result<()> {
     let raw = match serde_json::from_slice::<Value>(&trial.raw) {
         Ok(v) => v,
         Err(_) => Value::String(String::from_utf8_lossy(&trial.raw).into_owned()),
@@ -170,6 +211,7 @@ fn print_json(flow: &str, p: &Pipeline, trial: &Trial, request: Option<&RequestP
         "outbound": t.and_then(|t| t.outbound.clone()),
         "rejected": trial.rejected.as_ref().map(|r| json!({"stage": r.stage.as_str(), "reason": r.reason})),
         "request": request,
+        "write": write,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

@@ -440,7 +440,7 @@ pub struct BatchResult {
 /// One record's result inside a bulk answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ItemAnswer {
-    pub status: u16,
+    pub answer: Answer,
     pub detail: Option<String>,
 }
 
@@ -465,7 +465,7 @@ fn read_item_results(body: &str, field: &str, expected: usize) -> Result<Option<
                 .and_then(|s| u16::try_from(s).ok())
                 .ok_or_else(|| format!("result {i} of the bulk answer has no numeric `status`: {item}"))?;
             let detail = (!(200..300).contains(&status)).then(|| item.to_string());
-            Ok(ItemAnswer { status, detail })
+            Ok(ItemAnswer { answer: Answer::Status { status, retry_after: None }, detail })
         })
         .collect::<Result<Vec<_>, String>>()?;
     Ok(Some(items))
@@ -547,7 +547,11 @@ mod tests {
         let ok = read_item_results(r#"{"results":[{"status":201},{"status":422,"error":"bad"}]}"#, "results", 2)
             .unwrap()
             .unwrap();
-        assert_eq!((ok[0].status, ok[1].status), (201, 422));
+        let status = |a: &ItemAnswer| match a.answer {
+            Answer::Status { status, .. } => status,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((status(&ok[0]), status(&ok[1])), (201, 422));
         assert!(ok[1].detail.as_deref().unwrap().contains("bad"));
         for unreadable in [
             r#"{"results":[{"id":1},{"status":201}]}"#,

@@ -7,6 +7,10 @@
 //!
 //! Depends on `dovetail-core` only; knows nothing of the journal or engine.
 
+pub mod amqp;
 pub mod http;
+pub mod nats;
 pub mod oauth;
+pub mod postgres;
 pub mod preview;
+pub mod sink;

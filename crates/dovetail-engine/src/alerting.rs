@@ -17,7 +17,7 @@ use tokio::sync::{Notify, watch};
 
 use dovetail_core::alert::{self, AlertBook, AlertRules, FlowSnapshot, Notice, NoticeKind, QuotaReading, Severity};
 use dovetail_core::clock::{Clock, Timestamp};
-use dovetail_core::config::{Config, ConnectorConfig, NotifyFormat, SinkConfig};
+use dovetail_core::config::{Config, NotifyFormat};
 use dovetail_core::ids;
 use dovetail_core::policy::Window;
 use dovetail_core::rollup::{MinuteRollup, summarise};
@@ -79,10 +79,9 @@ impl Alerting {
             .flows
             .iter()
             .filter_map(|(name, f)| {
-                let SinkConfig::Http { connector, .. } = &f.sink;
-                let ConnectorConfig::Http(h) = config.connectors.get(connector)?;
-                let q = h.quota?;
-                Some((name.clone(), (connector.clone(), q.per_hour, q.per_day)))
+                let connector = f.sink.connector();
+                let q = config.connectors.get(connector)?.policies().quota?;
+                Some((name.clone(), (connector.to_string(), q.per_hour, q.per_day)))
             })
             .collect();
         Alerting {

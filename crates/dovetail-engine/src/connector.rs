@@ -182,8 +182,11 @@ impl ConnectorRuntime {
                 g.limiter.succeeded(now);
                 true
             }
-            Answer::Status { status, .. } => !(status == 408 || status >= 500),
-            Answer::Timeout | Answer::Connection => false,
+            Answer::Service(dovetail_core::policy::ServiceAnswer::Applied) => {
+                g.limiter.succeeded(now);
+                true
+            }
+            other => other.healthy(),
         };
         g.limiter.hint(result.hint, now);
         if let Some(q) = g.quota.as_mut() {

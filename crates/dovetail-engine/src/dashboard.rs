@@ -18,7 +18,7 @@ use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
 use dovetail_core::clock::{Clock, Timestamp};
-use dovetail_core::config::{Config, SinkConfig, SourceConfig};
+use dovetail_core::config::{Config, SourceConfig};
 use dovetail_core::duration::format_duration;
 use dovetail_core::rollup::{MinuteRollup, Summary};
 use dovetail_journal::{DeadLetter, Journal};
@@ -383,14 +383,17 @@ fn graph_section(html: &mut String, config: &Config) {
     let mut sources = Vec::new();
     let mut links = Vec::new();
     for (name, flow) in &config.flows {
-        let SinkConfig::Http { connector, .. } = &flow.sink;
+        let connector = flow.sink.connector();
         sources.push(match &flow.source {
             SourceConfig::Webhook { path, .. } => format!("webhook {path}"),
             SourceConfig::Poll(p) => format!("poll {}{} {}", p.connector, p.path, p.schedule),
             SourceConfig::Files(f) => format!("files {} {}", f.dir, f.schedule),
             SourceConfig::PostgresOutbox(o) => format!("outbox {} {}", o.table, o.schedule),
+            SourceConfig::PostgresCdc(c) => format!("cdc {} {}", c.tables.join(","), c.schedule),
+            SourceConfig::Nats(n) => format!("nats {}/{}", n.stream, n.consumer),
+            SourceConfig::Amqp(a) => format!("amqp {}", a.queue),
         });
-        links.push((sources.len() - 1, name.clone(), connector.clone()));
+        links.push((sources.len() - 1, name.clone(), connector.to_string()));
     }
     let flows: Vec<&String> = config.flows.keys().collect();
     let connectors: Vec<&String> = config.connectors.keys().collect();
@@ -431,10 +434,7 @@ fn graph_section(html: &mut String, config: &Config) {
         node(html, 1, i, &format!("flow {f}"), "#dfeaf6");
     }
     for (i, c) in connectors.iter().enumerate() {
-        let url = match config.connectors.get(*c) {
-            Some(dovetail_core::config::ConnectorConfig::Http(h)) => h.base_url.clone(),
-            None => String::new(),
-        };
+        let url = config.connectors.get(*c).map(|c| c.display_target()).unwrap_or_default();
         node(html, 2, i, &format!("{c} → {url}"), "#e8f3ea");
     }
     html.push_str("</svg></section>");

@@ -13,7 +13,9 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 use dovetail_connectors::http::{AttemptResult, Outbound};
 use dovetail_core::clock::Timestamp;
 use dovetail_core::config::BatchConfig;
-use dovetail_core::policy::{Answer, ErrorClass, Jitter, MAX_RETRY_AFTER, RetryPolicy, Verdict, classify};
+use dovetail_core::policy::{
+    Answer, ErrorClass, Jitter, MAX_RETRY_AFTER, RetryPolicy, ServiceAnswer, Verdict, classify,
+};
 use dovetail_core::record::Attempt;
 use dovetail_journal::{AttemptReport, Journal, LeaseMode, LeasedRecord, Outcome, Prepared};
 
@@ -274,7 +276,7 @@ async fn attempt_batch(
     for (i, record) in records.iter().enumerate() {
         let own = match &result.items {
             Ok(Some(items)) => AttemptResult {
-                answer: Answer::Status { status: items[i].status, retry_after: None },
+                answer: items[i].answer,
                 duration: result.request.duration,
                 detail: items[i].detail.clone(),
                 hint: result.request.hint,
@@ -518,6 +520,12 @@ fn describe(result: &AttemptResult) -> String {
         Answer::Status { status, .. } => format!("HTTP {status}"),
         Answer::Timeout => "timed out".to_string(),
         Answer::Connection => "connection failed".to_string(),
+        Answer::Service(s) => match s {
+            ServiceAnswer::Applied => "applied".to_string(),
+            ServiceAnswer::Refused => "refused".to_string(),
+            ServiceAnswer::Denied => "access denied".to_string(),
+            ServiceAnswer::Unavailable => "service unavailable".to_string(),
+        },
     };
     match &result.detail {
         Some(d) => format!("{head}: {d}"),

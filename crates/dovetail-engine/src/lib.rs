@@ -12,6 +12,7 @@
 
 mod admin;
 mod alerting;
+mod cdc;
 mod connector;
 mod contract;
 mod dashboard;
@@ -19,10 +20,13 @@ mod dispatch;
 mod drift;
 mod files;
 mod intake;
+mod jetstream;
 mod metrics;
 mod openapi;
 mod outbox;
 mod poll;
+mod rabbit;
+mod reconnect;
 mod retention;
 mod server;
 pub mod views;
@@ -37,6 +41,7 @@ use tokio::task::JoinSet;
 
 use dovetail_connectors::http::{HttpSink, HttpSinkError, client_for};
 use dovetail_connectors::oauth::TokenSource;
+use dovetail_connectors::sink::Sink;
 use dovetail_core::clock::{Clock, SystemClock};
 use dovetail_core::config::{
     Config, ConnectorConfig, Resolved, Secret, SecretRef, SecretSource, SinkConfig, SourceConfig,
@@ -148,7 +153,7 @@ fn fastrand_u32() -> u32 {
 /// Everything one flow needs at run time.
 pub(crate) struct FlowRuntime {
     pub name: String,
-    pub sink: HttpSink,
+    pub sink: Sink,
     pub retry: RetryPolicy,
     pub lease_for: Duration,
     /// Shared by every flow on the same connector: permits, pace, breaker.
@@ -228,14 +233,16 @@ pub async fn start(
     let mut token_sources = BTreeMap::new();
     let now = options.clock.now();
     for (name, c) in &config.connectors {
-        let ConnectorConfig::Http(h) = c;
-        let client = client_for(name, h)?;
-        // One token cache per connector: its flows share the partner's token.
-        let oauth = resolved.connectors.get(name).and_then(|a| a.oauth.clone());
-        token_sources.insert(name.clone(), oauth.map(|o| Arc::new(TokenSource::new(o, client.clone(), h.timeout))));
-        clients.insert(name.clone(), client);
-        let rate = h.rate_limit.map(|r| r.limit());
-        let quota = match &h.quota {
+        if let ConnectorConfig::Http(h) = c {
+            let client = client_for(name, h)?;
+            // One token cache per connector: its flows share the partner's token.
+            let oauth = resolved.connectors.get(name).and_then(|a| a.oauth.clone());
+            token_sources.insert(name.clone(), oauth.map(|o| Arc::new(TokenSource::new(o, client.clone(), h.timeout))));
+            clients.insert(name.clone(), client);
+        }
+        let policies = c.policies();
+        let rate = policies.rate_limit.map(|r| r.limit());
+        let quota = match &policies.quota {
             Some(q) => {
                 // Requests sent in this hour and day by earlier runs still count.
                 let used = journal.quota_used(name, now).await.unwrap_or_else(|e| {
@@ -246,8 +253,14 @@ pub async fn start(
             }
             None => None,
         };
-        let runtime =
-            Arc::new(connector::ConnectorRuntime::new(name, h.max_in_flight, rate, h.breaker.policy(), quota, now));
+        let runtime = Arc::new(connector::ConnectorRuntime::new(
+            name,
+            policies.max_in_flight,
+            rate,
+            policies.breaker.policy(),
+            quota,
+            now,
+        ));
         // A new process starts closed and at full pace; say so, replacing
         // whatever the last run left in the journal.
         if let Err(e) = journal.set_connector_health(runtime.health(now)).await {
@@ -267,28 +280,61 @@ pub async fn start(
     for (name, flow) in &config.flows {
         let missing =
             |what: &str| EngineError::Flow { flow: name.clone(), reason: format!("{what} is not configured") };
-        let SinkConfig::Http { connector, method, path, batch, .. } = &flow.sink;
-        let http = config.http_connector(connector).ok_or_else(|| missing("its connector"))?;
-        let auth = resolved.connectors.get(connector).cloned().unwrap_or_default();
-        let client = clients.get(connector).cloned().ok_or_else(|| missing("its connector"))?;
-        let tokens = token_sources.get(connector).cloned().flatten();
-        let sink = HttpSink::new(connector, http, &auth, tokens, client, method, path)?;
+        let connector = flow.sink.connector();
+        let policies = config.connectors.get(connector).ok_or_else(|| missing("its connector"))?.policies();
+        let service_url =
+            || resolved.connector_urls.get(connector).cloned().ok_or_else(|| missing("its connector's URL"));
+        let mut oauth = false;
+        let (sink, batch) = match &flow.sink {
+            SinkConfig::Http { method, path, batch, .. } => {
+                let http = config.http_connector(connector).ok_or_else(|| missing("its connector"))?;
+                let auth = resolved.connectors.get(connector).cloned().unwrap_or_default();
+                oauth = auth.oauth.is_some();
+                let client = clients.get(connector).cloned().ok_or_else(|| missing("its connector"))?;
+                let tokens = token_sources.get(connector).cloned().flatten();
+                (Sink::Http(HttpSink::new(connector, http, &auth, tokens, client, method, path)?), batch.clone())
+            }
+            SinkConfig::Postgres(p) => {
+                let sink = dovetail_connectors::postgres::PgSink::new(
+                    connector,
+                    service_url()?,
+                    (**p).clone(),
+                    policies.timeout,
+                );
+                (Sink::Postgres(sink), p.batch.clone())
+            }
+            SinkConfig::Nats { subject, .. } => {
+                let sink =
+                    dovetail_connectors::nats::NatsSink::new(connector, service_url()?, subject, policies.timeout);
+                (Sink::Nats(sink), None)
+            }
+            SinkConfig::Amqp { exchange, routing_key, .. } => {
+                let sink = dovetail_connectors::amqp::AmqpSink::new(
+                    connector,
+                    service_url()?,
+                    exchange,
+                    routing_key,
+                    policies.timeout,
+                );
+                (Sink::Amqp(sink), None)
+            }
+        };
         let wake = Arc::new(Notify::new());
         let pipeline = resolved.flows.get(name).map(|f| f.pipeline.clone()).unwrap_or_default();
         let runtime = Arc::new(FlowRuntime {
             name: name.clone(),
             sink,
-            retry: http.retry.policy(),
+            retry: policies.retry.policy(),
             // Long enough for the slowest legal attempt, short enough that a
             // crashed node's records come back soon.
             // OAuth may add a token fetch and a second send after a 401.
-            lease_for: if auth.oauth.is_some() { http.timeout * 4 } else { http.timeout * 2 } + Duration::from_secs(5),
+            lease_for: if oauth { policies.timeout * 4 } else { policies.timeout * 2 } + Duration::from_secs(5),
             connector: connectors.get(connector).cloned().ok_or_else(|| missing("its connector"))?,
             wake: wake.clone(),
             auth_failed: Default::default(),
             in_key_order: flow.ordering == dovetail_core::config::Ordering::PerKey,
             pause_on_auth: true,
-            batch: batch.clone(),
+            batch,
             pipeline: pipeline.clone(),
             jq_time_limit: options.jq_time_limit,
             metrics: metrics.clone(),
@@ -312,7 +358,7 @@ pub async fn start(
                 });
             }
             SourceConfig::PostgresOutbox(o) => {
-                let url = resolved.outbox_urls.get(name).cloned().ok_or_else(|| EngineError::Flow {
+                let url = resolved.source_urls.get(name).cloned().ok_or_else(|| EngineError::Flow {
                     flow: name.clone(),
                     reason: "its outbox database URL is not resolved".into(),
                 })?;
@@ -322,6 +368,44 @@ pub async fn start(
                     url,
                 };
                 tasks.spawn(outbox::run(Arc::new(outbox), shutdown_rx.clone()));
+            }
+            SourceConfig::PostgresCdc(c) => {
+                let url = resolved.source_urls.get(name).cloned().ok_or_else(|| EngineError::Flow {
+                    flow: name.clone(),
+                    reason: "its database URL is not resolved".into(),
+                })?;
+                let cdc = cdc::Cdc {
+                    ctx: source_context(name, pipeline, &journal, &options, wake, &metrics),
+                    config: (**c).clone(),
+                    url,
+                };
+                tasks.spawn(cdc::run(Arc::new(cdc), shutdown_rx.clone()));
+            }
+            SourceConfig::Nats(n) => {
+                let url = resolved
+                    .connector_urls
+                    .get(&n.connector)
+                    .cloned()
+                    .ok_or_else(|| missing("its source's connector"))?;
+                let source = jetstream::NatsSource {
+                    ctx: source_context(name, pipeline, &journal, &options, wake, &metrics),
+                    config: (**n).clone(),
+                    url,
+                };
+                tasks.spawn(jetstream::run(Arc::new(source), shutdown_rx.clone()));
+            }
+            SourceConfig::Amqp(a) => {
+                let url = resolved
+                    .connector_urls
+                    .get(&a.connector)
+                    .cloned()
+                    .ok_or_else(|| missing("its source's connector"))?;
+                let source = rabbit::AmqpSource {
+                    ctx: source_context(name, pipeline, &journal, &options, wake, &metrics),
+                    config: (**a).clone(),
+                    url,
+                };
+                tasks.spawn(rabbit::run(Arc::new(source), shutdown_rx.clone()));
             }
             SourceConfig::Files(f) => {
                 let source = files::FileSource {
@@ -380,7 +464,7 @@ pub async fn start(
         let wake = Arc::new(Notify::new());
         let runtime = Arc::new(FlowRuntime {
             name: flow,
-            sink,
+            sink: Sink::Http(sink),
             retry: http.retry.policy(),
             lease_for: http.timeout * 2 + Duration::from_secs(5),
             connector,
@@ -416,10 +500,7 @@ pub async fn start(
     let quotas = config
         .connectors
         .iter()
-        .filter_map(|(name, c)| {
-            let ConnectorConfig::Http(h) = c;
-            h.quota.map(|q| (name.clone(), q.per_hour, q.per_day))
-        })
+        .filter_map(|(name, c)| c.policies().quota.map(|q| (name.clone(), q.per_hour, q.per_day)))
         .collect();
     let scrape = server::Scrape {
         metrics,

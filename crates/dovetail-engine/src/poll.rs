@@ -305,6 +305,7 @@ impl Poller {
                 }
                 Answer::Timeout | Answer::Connection => last = detail,
                 Answer::Status { status, .. } => return Err(format!("HTTP {status}: {detail}")),
+                Answer::Service(_) => return Err(detail),
             }
             tracing::info!(flow = %self.ctx.flow, attempt, error = %last, "a page failed; trying again");
             let retry_after = match fetched.result.answer {

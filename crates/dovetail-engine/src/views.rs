@@ -143,8 +143,7 @@ pub async fn status_report(
     connectors.retain(|c| config.connectors.contains_key(&c.connector));
     let mut quotas = Vec::new();
     for (name, c) in &config.connectors {
-        let dovetail_core::config::ConnectorConfig::Http(h) = c;
-        if let Some(q) = &h.quota {
+        if let Some(q) = &c.policies().quota {
             let used = journal.quota_used(name, now).await?;
             quotas.push(QuotaStatus {
                 connector: name.clone(),
@@ -167,7 +166,7 @@ pub fn request_of(config: &Config, detail: &RecordDetail) -> Option<RequestPrevi
         return None;
     }
     let flow = config.flows.get(&detail.flow)?;
-    let SinkConfig::Http { connector, method, path, .. } = &flow.sink;
+    let SinkConfig::Http { connector, method, path, .. } = &flow.sink else { return None };
     let http = config.http_connector(connector)?;
     let out = Outbound {
         payload: detail.mapped.as_deref().unwrap_or(&detail.payload),

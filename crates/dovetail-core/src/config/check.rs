@@ -39,9 +39,24 @@ impl Config {
             check_name(&mut out, "connectors", name);
             match c {
                 ConnectorConfig::Http(h) => check_http_connector(&mut out, name, h),
+                ConnectorConfig::Postgres(s) => check_service_connector(
+                    &mut out,
+                    name,
+                    s,
+                    &["postgres", "postgresql"],
+                    "postgres://dovetail@db.internal/app",
+                ),
+                ConnectorConfig::Nats(s) => {
+                    check_service_connector(&mut out, name, s, &["nats"], "nats://127.0.0.1:4222")
+                }
+                ConnectorConfig::Amqp(s) => {
+                    check_service_connector(&mut out, name, s, &["amqp"], "amqp://dovetail@mq.internal:5672/%2f")
+                }
             }
         }
         let mut paths: BTreeMap<&str, &str> = BTreeMap::new();
+        // Readers that must not be shared between flows: what one takes, the other never sees.
+        let mut readers: BTreeMap<String, &str> = BTreeMap::new();
         for (name, flow) in &self.flows {
             check_name(&mut out, "flows", name);
             match &flow.source {
@@ -87,40 +102,15 @@ impl Config {
                     }
                 }
                 SourceConfig::PostgresOutbox(o) => {
-                    let ident = |s: &str| {
-                        !s.is_empty()
-                            && s.split('.').all(|part| {
-                                part.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                                    && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                            })
-                    };
                     for (key, value) in [
                         ("table", &o.table),
                         ("id_column", &o.id_column),
                         ("payload_column", &o.payload_column),
                         ("sent_column", &o.sent_column),
                     ] {
-                        if !ident(value) {
-                            out.push(Finding::error(
-                                &["flows", name, "source", key],
-                                format!("`{value}` is not a plain SQL name"),
-                                "use letters, digits and _ (schema.table for a table)",
-                            ));
-                        }
+                        check_sql_name(&mut out, &["flows", name, "source", key], value);
                     }
-                    let secret_in_url = |u: &str| {
-                        u.contains("password=")
-                            || u.split_once("://")
-                                .and_then(|(_, rest)| rest.split_once('@'))
-                                .is_some_and(|(who, _)| who.contains(':'))
-                    };
-                    if !o.url.starts_with("env:") && secret_in_url(&o.url) {
-                        out.push(Finding::error(
-                            &["flows", name, "source", "url"],
-                            "this URL holds a password; secrets are referenced, never written into the config",
-                            "write url = \"env:OUTBOX_DB\" and export the URL in the engine's environment",
-                        ));
-                    }
+                    check_url_secret(&mut out, &["flows", name, "source", "url"], &o.url);
                     if o.batch == 0 {
                         out.push(Finding::error(
                             &["flows", name, "source", "batch"],
@@ -146,14 +136,105 @@ impl Config {
                         ));
                     }
                 }
-                SourceConfig::Poll(p) => {
-                    if !self.connectors.contains_key(&p.connector) {
+                SourceConfig::PostgresCdc(c) => {
+                    check_url_secret(&mut out, &["flows", name, "source", "url"], &c.url);
+                    if let Some(other) = readers.insert(format!("cdc {} {}", c.url, c.slot), name) {
                         out.push(Finding::error(
-                            &["flows", name, "source", "connector"],
-                            format!("there is no connector named `{}`", p.connector),
-                            format!("declare [connectors.{}]", p.connector),
+                            &["flows", name, "source", "slot"],
+                            format!("flow `{other}` reads the same replication slot: each would advance it past changes the other has not read"),
+                            "give each flow its own slot (and publication)",
                         ));
                     }
+                    for (key, value) in [("slot", &c.slot), ("publication", &c.publication)] {
+                        let plain = !value.is_empty()
+                            && value.len() <= 63
+                            && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                        if !plain {
+                            out.push(Finding::error(
+                                &["flows", name, "source", key],
+                                format!("`{value}` is not a plain {key} name"),
+                                "use lower-case letters, digits and _ (at most 63), e.g. \"dovetail_orders\"",
+                            ));
+                        }
+                    }
+                    if c.tables.is_empty() {
+                        out.push(Finding::error(
+                            &["flows", name, "source", "tables"],
+                            "name the tables whose changes are read",
+                            "e.g. tables = [\"public.orders\"]",
+                        ));
+                    }
+                    for t in &c.tables {
+                        check_sql_name(&mut out, &["flows", name, "source", "tables"], t);
+                    }
+                    if c.batch == 0 {
+                        out.push(Finding::error(
+                            &["flows", name, "source", "batch"],
+                            "a batch of 0 reads nothing",
+                            "e.g. 500",
+                        ));
+                    }
+                }
+                SourceConfig::Nats(n) => {
+                    self.check_connector_kind(&mut out, &["flows", name, "source", "connector"], &n.connector, "nats");
+                    let reader = format!("nats {} {} {}", n.connector, n.stream, n.consumer);
+                    if let Some(other) = readers.insert(reader, name) {
+                        out.push(Finding::error(
+                            &["flows", name, "source", "consumer"],
+                            format!("flow `{other}` reads through the same consumer: the two would split the messages"),
+                            "give each flow its own consumer name",
+                        ));
+                    }
+                    for (key, value) in [("stream", &n.stream), ("consumer", &n.consumer)] {
+                        if value.is_empty() || value.contains(['.', '*', '>', ' ', '/', '\\']) {
+                            out.push(Finding::error(
+                                &["flows", name, "source", key],
+                                format!("`{value}` is not a JetStream {key} name"),
+                                "use letters, digits, - and _, e.g. \"ORDERS\"",
+                            ));
+                        }
+                    }
+                    if n.ack_wait < std::time::Duration::from_secs(1) {
+                        out.push(Finding::error(
+                            &["flows", name, "source", "ack_wait"],
+                            "the server would redeliver before a message can be journalled",
+                            "e.g. \"30s\" (the default)",
+                        ));
+                    }
+                }
+                SourceConfig::Amqp(a) => {
+                    self.check_connector_kind(&mut out, &["flows", name, "source", "connector"], &a.connector, "amqp");
+                    if let Some(other) = readers.insert(format!("amqp {} {}", a.connector, a.queue), name) {
+                        out.push(Finding::error(
+                            &["flows", name, "source", "queue"],
+                            format!("flow `{other}` consumes the same queue: the two would split the messages"),
+                            "bind a queue per flow to the exchange",
+                        ));
+                    }
+                    if a.queue.len() > 255 {
+                        out.push(Finding::error(
+                            &["flows", name, "source", "queue"],
+                            "AMQP names hold at most 255 bytes",
+                            "use a shorter queue name",
+                        ));
+                    }
+                    if a.queue.is_empty() {
+                        out.push(Finding::error(
+                            &["flows", name, "source", "queue"],
+                            "the queue name is empty",
+                            "e.g. \"orders\"",
+                        ));
+                    }
+                    if a.prefetch == 0 {
+                        out.push(Finding::error(
+                            &["flows", name, "source", "prefetch"],
+                            "a prefetch of 0 means no limit: the broker would push the whole queue into memory",
+                            "e.g. 100 (the default)",
+                        ));
+                    }
+                }
+                SourceConfig::Poll(p) => {
+                    self.check_connector_kind(&mut out, &["flows", name, "source", "connector"], &p.connector, "http");
                     if !p.path.is_empty() && !p.path.starts_with('/') {
                         out.push(Finding::error(
                             &["flows", name, "source", "path"],
@@ -200,35 +281,10 @@ impl Config {
                 ));
             }
             match &flow.sink {
-                SinkConfig::Http { connector, method, path, batch, mapping } => {
+                SinkConfig::Http { method, path, batch, mapping, .. } => {
                     check_mapping_version(&mut out, &["flows", name, "sink", "mapping"], mapping.as_ref());
                     if let Some(b) = batch {
-                        if b.max_records == 0 || b.max_records > 10_000 {
-                            out.push(Finding::error(
-                                &["flows", name, "sink", "batch", "max_records"],
-                                format!("{} records per request is outside 1..=10000", b.max_records),
-                                "use the partner's documented bulk limit, e.g. 100",
-                            ));
-                        }
-                        if flow.ordering == super::Ordering::PerKey {
-                            out.push(Finding::error(
-                                &["flows", name, "ordering"],
-                                "per-key ordering and batches cannot be combined yet",
-                                "drop one of them",
-                            ));
-                        }
-                    }
-                    if !self.connectors.contains_key(connector) {
-                        let known = self.connectors.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
-                        out.push(Finding::error(
-                            &["flows", name, "sink", "connector"],
-                            format!("there is no connector named `{connector}`"),
-                            if known.is_empty() {
-                                format!("declare it under [connectors.{connector}]")
-                            } else {
-                                format!("declare [connectors.{connector}] or use one of: {known}")
-                            },
-                        ));
+                        check_batch_size(&mut out, name, flow, b, "use the partner's documented bulk limit, e.g. 100");
                     }
                     if !["POST", "PUT", "PATCH", "DELETE"].contains(&method.as_str()) {
                         out.push(Finding::error(
@@ -245,7 +301,70 @@ impl Config {
                         ));
                     }
                 }
+                SinkConfig::Postgres(p) => {
+                    check_mapping_version(&mut out, &["flows", name, "sink", "mapping"], p.mapping.as_ref());
+                    check_sql_name(&mut out, &["flows", name, "sink", "table"], &p.table);
+                    if p.key.is_empty() {
+                        out.push(Finding::error(
+                            &["flows", name, "sink", "key"],
+                            "an upsert needs the columns of the table's unique key",
+                            "e.g. key = [\"id\"]",
+                        ));
+                    }
+                    let named =
+                        p.key.iter().map(|k| ("key", k)).chain(p.version_column.iter().map(|v| ("version_column", v)));
+                    for (key, column) in named {
+                        check_column_name(&mut out, &["flows", name, "sink", key], column);
+                        if let Some(columns) = &p.columns
+                            && !columns.contains(column)
+                        {
+                            out.push(Finding::error(
+                                &["flows", name, "sink", "columns"],
+                                format!("`{column}` ({key}) is not among the columns written"),
+                                format!("add \"{column}\" to columns"),
+                            ));
+                        }
+                    }
+                    for column in p.columns.iter().flatten() {
+                        check_column_name(&mut out, &["flows", name, "sink", "columns"], column);
+                    }
+                    if let Some(b) = &p.batch {
+                        check_batch_size(&mut out, name, flow, b, "e.g. 500");
+                    }
+                }
+                SinkConfig::Nats { subject, mapping, .. } => {
+                    check_mapping_version(&mut out, &["flows", name, "sink", "mapping"], mapping.as_ref());
+                    if subject.is_empty() || subject.contains(['*', '>', ' ']) || subject.split('.').any(str::is_empty)
+                    {
+                        out.push(Finding::error(
+                            &["flows", name, "sink", "subject"],
+                            format!("`{subject}` is not a subject to publish to"),
+                            "use dot-separated tokens without wildcards, e.g. \"orders.created\"",
+                        ));
+                    }
+                }
+                SinkConfig::Amqp { exchange, routing_key, mapping, .. } => {
+                    check_mapping_version(&mut out, &["flows", name, "sink", "mapping"], mapping.as_ref());
+                    for (key, value) in [("exchange", exchange), ("routing_key", routing_key)] {
+                        if value.len() > 255 {
+                            out.push(Finding::error(
+                                &["flows", name, "sink", key],
+                                "AMQP names hold at most 255 bytes",
+                                "use a shorter name",
+                            ));
+                        }
+                    }
+                    if exchange.is_empty() && routing_key.is_empty() {
+                        out.push(Finding::error(
+                            &["flows", name, "sink", "routing_key"],
+                            "the default exchange routes by queue name: the routing key names the queue",
+                            "e.g. routing_key = \"orders\", or set exchange",
+                        ));
+                    }
+                }
             }
+            let sink = &flow.sink;
+            self.check_connector_kind(&mut out, &["flows", name, "sink", "connector"], sink.connector(), sink.kind());
         }
         for name in self.models.keys() {
             check_name(&mut out, "models", name);
@@ -286,7 +405,7 @@ impl Config {
             out.push((p(&["engine", "admin_token"]), r));
         }
         for (name, c) in &self.connectors {
-            let ConnectorConfig::Http(h) = c;
+            let ConnectorConfig::Http(h) = c else { continue };
             match &h.auth {
                 Some(AuthConfig::Bearer { token }) => out.push((p(&["connectors", name, "auth", "token"]), token)),
                 Some(AuthConfig::Basic { password, .. }) => {
@@ -353,6 +472,127 @@ fn check_mapping_version(out: &mut Vec<Finding>, at: &[&str], mapping: Option<&s
         let mut key = at.to_vec();
         key.push("version");
         out.push(Finding::error(&key, "mapping versions start at 1", "write version = 1 and bump it on every change"));
+    }
+}
+
+fn check_batch_size(out: &mut Vec<Finding>, name: &str, flow: &super::FlowConfig, b: &super::BatchConfig, fix: &str) {
+    if b.max_records == 0 || b.max_records > 10_000 {
+        out.push(Finding::error(
+            &["flows", name, "sink", "batch", "max_records"],
+            format!("{} records per request is outside 1..=10000", b.max_records),
+            fix,
+        ));
+    }
+    if flow.ordering == super::Ordering::PerKey {
+        out.push(Finding::error(
+            &["flows", name, "ordering"],
+            "per-key ordering and batches cannot be combined yet",
+            "drop one of them",
+        ));
+    }
+}
+
+/// A plain SQL name: letters, digits and `_`, `schema.table` for a table.
+fn check_sql_name(out: &mut Vec<Finding>, at: &[&str], value: &str) {
+    let plain = !value.is_empty()
+        && value.split('.').all(|part| {
+            part.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+    if !plain {
+        out.push(Finding::error(
+            at,
+            format!("`{value}` is not a plain SQL name"),
+            "use letters, digits and _ (schema.table for a table)",
+        ));
+    }
+}
+
+fn check_column_name(out: &mut Vec<Finding>, at: &[&str], value: &str) {
+    if value.contains('.') {
+        out.push(Finding::error(
+            at,
+            format!("`{value}` is not a column name"),
+            "name the column alone, without its table",
+        ));
+    } else {
+        check_sql_name(out, at, value);
+    }
+}
+
+/// A URL written into the config must not carry a password.
+fn check_url_secret(out: &mut Vec<Finding>, at: &[&str], url: &str) {
+    let secret_in_url = url.contains("password=")
+        || url.split_once("://").and_then(|(_, rest)| rest.split_once('@')).is_some_and(|(who, _)| who.contains(':'));
+    if !url.starts_with("env:") && secret_in_url {
+        out.push(Finding::error(
+            at,
+            "this URL holds a password; secrets are referenced, never written into the config",
+            "write url = \"env:NAME\" and export the URL in the engine's environment",
+        ));
+    }
+}
+
+fn check_service_connector(
+    out: &mut Vec<Finding>,
+    name: &str,
+    s: &super::ServiceConnector,
+    schemes: &[&str],
+    example: &str,
+) {
+    let at = |key: &'static str| ["connectors", name, key];
+    check_url_secret(out, &at("url"), &s.url);
+    let scheme_ok = s.url.starts_with("env:")
+        || schemes
+            .iter()
+            .any(|sc| s.url.strip_prefix(sc).and_then(|r| r.strip_prefix("://")).is_some_and(|r| !r.is_empty()));
+    if !scheme_ok {
+        out.push(Finding::error(
+            &at("url"),
+            format!("`{}` is not a {}:// URL", super::without_credentials(&s.url), schemes[0]),
+            format!("write e.g. \"{example}\", or \"env:NAME\" when it holds a password"),
+        ));
+    }
+    if s.timeout.is_zero() {
+        out.push(Finding::error(&at("timeout"), "a timeout of 0 fails every write", "use e.g. \"10s\""));
+    }
+    if s.max_in_flight == 0 || s.max_in_flight > MAX_IN_FLIGHT {
+        out.push(Finding::error(
+            &at("max_in_flight"),
+            format!("{} writes in flight is outside 1..={MAX_IN_FLIGHT}", s.max_in_flight),
+            "use e.g. 4",
+        ));
+    }
+}
+
+impl Config {
+    /// `connector` must exist and be of `kind`.
+    fn check_connector_kind(&self, out: &mut Vec<Finding>, at: &[&str], connector: &str, kind: &str) {
+        let of_kind =
+            || self.connectors.iter().filter(|(_, c)| c.kind() == kind).map(|(n, _)| n.as_str()).collect::<Vec<_>>();
+        match self.connectors.get(connector) {
+            Some(c) if c.kind() == kind => {}
+            Some(c) => out.push(Finding::error(
+                at,
+                format!("connector `{connector}` is of type `{}`; this needs a `{kind}` connector", c.kind()),
+                match of_kind().as_slice() {
+                    [] => format!("declare one with type = \"{kind}\""),
+                    known => format!("use one of: {}", known.join(", ")),
+                },
+            )),
+            None => {
+                let known = of_kind();
+                out.push(Finding::error(
+                    at,
+                    format!("there is no connector named `{connector}`"),
+                    if known.is_empty() {
+                        format!("declare it under [connectors.{connector}] with type = \"{kind}\"")
+                    } else {
+                        format!("declare [connectors.{connector}] or use one of: {}", known.join(", "))
+                    },
+                ));
+            }
+        }
     }
 }
 
@@ -575,8 +815,10 @@ pub struct Resolved {
     pub admin_token: Option<Secret>,
     /// Each `[notify.NAME]`'s URL, looked up when it is `env:NAME`.
     pub notify: BTreeMap<String, Secret>,
-    /// Each outbox flow's database URL, looked up when it is `env:NAME`.
-    pub outbox_urls: BTreeMap<String, Secret>,
+    /// Each PostgreSQL source's (outbox, CDC) database URL, looked up when it is `env:NAME`.
+    pub source_urls: BTreeMap<String, Secret>,
+    /// Each database or broker connector's URL, looked up when it is `env:NAME`.
+    pub connector_urls: BTreeMap<String, Secret>,
 }
 
 #[derive(Clone)]
@@ -632,8 +874,17 @@ impl Loaded {
             found
         };
         let mut connectors = BTreeMap::new();
+        let mut connector_urls = BTreeMap::new();
         for (name, c) in &self.config.connectors {
-            let ConnectorConfig::Http(h) = c;
+            let ConnectorConfig::Http(h) = c else {
+                let url = c.service().map(|s| s.url.as_str()).unwrap_or_default();
+                let url = match SecretRef::parse(url) {
+                    Ok(r) => fetch(&["connectors", name, "url"], &r),
+                    Err(_) => Some(Secret::new(url.to_string())),
+                };
+                connector_urls.extend(url.map(|u| (name.clone(), u)));
+                continue;
+            };
             let at = |key: &'static str| ["connectors", name.as_str(), "auth", key];
             let auth = match &h.auth {
                 None => ResolvedAuth::default(),
@@ -695,7 +946,7 @@ impl Loaded {
         for (name, flow) in &self.config.flows {
             let signature = match &flow.source {
                 SourceConfig::Webhook { signature, .. } => signature.as_ref(),
-                SourceConfig::Poll(_) | SourceConfig::Files(_) | SourceConfig::PostgresOutbox(_) => None,
+                _ => None,
             };
             let verifier = signature.map(|sig| {
                 let refs = sig.secret.iter().chain(sig.secrets.iter());
@@ -725,15 +976,19 @@ impl Loaded {
             flows.insert(name.clone(), ResolvedFlow { verifier, pipeline: std::sync::Arc::new(pipeline) });
         }
         let admin_token = self.config.engine.admin_token.as_ref().and_then(|r| fetch(&["engine", "admin_token"], r));
-        let mut outbox_urls = BTreeMap::new();
+        let mut source_urls = BTreeMap::new();
         for (name, flow) in &self.config.flows {
-            let SourceConfig::PostgresOutbox(o) = &flow.source else { continue };
-            let url = match SecretRef::parse(&o.url) {
+            let url = match &flow.source {
+                SourceConfig::PostgresOutbox(o) => &o.url,
+                SourceConfig::PostgresCdc(c) => &c.url,
+                _ => continue,
+            };
+            let url = match SecretRef::parse(url) {
                 Ok(r) => fetch(&["flows", name, "source", "url"], &r),
-                Err(_) => Some(Secret::new(o.url.clone())),
+                Err(_) => Some(Secret::new(url.clone())),
             };
             if let Some(url) = url {
-                outbox_urls.insert(name.clone(), url);
+                source_urls.insert(name.clone(), url);
             }
         }
         let mut notify = BTreeMap::new();
@@ -759,7 +1014,7 @@ impl Loaded {
         }
         findings.extend(key_errors);
         if findings.is_empty() {
-            Ok(Resolved { flows, connectors, admin_token, notify, outbox_urls })
+            Ok(Resolved { flows, connectors, admin_token, notify, source_urls, connector_urls })
         } else {
             Err(ConfigErrors(self.locate(findings)))
         }
@@ -920,5 +1175,107 @@ sink = { type = "http", connector = "a" }
             .unwrap();
         let shown = format!("{r:?}");
         assert!(!shown.contains("s3cret-token") && !shown.contains("pw-value"), "{shown}");
+    }
+
+    const SERVICES: &str = r#"
+[connectors.db]
+type = "postgres"
+url = "env:WAREHOUSE_DB"
+
+[connectors.bus]
+type = "nats"
+url = "nats://127.0.0.1:4222"
+
+[connectors.mq]
+type = "amqp"
+url = "env:MQ_URL"
+
+[connectors.api]
+type = "http"
+base_url = "https://api.example"
+
+[flows.to_db]
+source = { type = "amqp", connector = "mq", queue = "orders" }
+sink = { type = "postgres", connector = "db", table = "app.orders", key = ["id"], version_column = "version" }
+
+[flows.to_bus]
+source = { type = "nats", connector = "bus", stream = "ORDERS", consumer = "dovetail" }
+sink = { type = "nats", connector = "bus", subject = "orders.accepted" }
+
+[flows.cdc]
+source = { type = "postgres_cdc", url = "env:WAREHOUSE_DB", slot = "dovetail_orders", publication = "dovetail_orders", tables = ["public.orders"], schedule = "every 1s" }
+sink = { type = "amqp", connector = "mq", exchange = "events", routing_key = "orders" }
+"#;
+
+    #[test]
+    fn database_and_broker_connectors_resolve_their_urls() {
+        assert_eq!(errors_of(SERVICES), Vec::<String>::new());
+        let (loaded, _) = load(SERVICES, Path::new("d.toml")).unwrap();
+        let r =
+            loaded.resolve(&env(&[("WAREHOUSE_DB", "postgres://u:p@db/app"), ("MQ_URL", "amqp://u:p@mq")])).unwrap();
+        assert_eq!(r.connector_urls["db"].expose(), "postgres://u:p@db/app");
+        assert_eq!(r.connector_urls["bus"].expose(), "nats://127.0.0.1:4222");
+        assert_eq!(r.source_urls["cdc"].expose(), "postgres://u:p@db/app");
+        let missing = loaded.resolve(&env(&[("WAREHOUSE_DB", "postgres://db/app")])).unwrap_err();
+        assert_eq!(missing.0[0].key, "connectors.mq.url");
+    }
+
+    #[test]
+    fn sinks_and_sources_need_a_connector_of_their_kind() {
+        let cases = [
+            (
+                r#"connector = "db", table"#,
+                r#"connector = "api", table"#,
+                "flows.to_db.sink.connector: connector `api` is of type `http`",
+            ),
+            (
+                r#"connector = "mq", queue"#,
+                r#"connector = "nope", queue"#,
+                "flows.to_db.source.connector: there is no connector named `nope`",
+            ),
+            (r#"subject = "orders.accepted""#, r#"subject = "orders.*""#, "flows.to_bus.sink.subject"),
+            (r#"key = ["id"], version_column"#, r#"key = [], version_column"#, "flows.to_db.sink.key"),
+            (
+                r#"version_column = "version""#,
+                r#"version_column = "version", columns = ["id"]"#,
+                "flows.to_db.sink.columns: `version` (version_column)",
+            ),
+            (r#"tables = ["public.orders"]"#, r#"tables = ["orders; drop"]"#, "flows.cdc.source.tables"),
+            (r#"slot = "dovetail_orders""#, r#"slot = "Bad-Slot""#, "flows.cdc.source.slot"),
+            (
+                r#"url = "nats://127.0.0.1:4222""#,
+                r#"url = "http://127.0.0.1:4222""#,
+                "connectors.bus.url: `http://127.0.0.1:4222` is not a nats:// URL",
+            ),
+            (
+                r#"url = "nats://127.0.0.1:4222""#,
+                r#"url = "nats://me:secret@127.0.0.1:4222""#,
+                "connectors.bus.url: this URL holds a password",
+            ),
+            (r#"consumer = "dovetail""#, r#"consumer = "a.b""#, "flows.to_bus.source.consumer"),
+        ];
+        for (from, to, expected) in cases {
+            assert!(SERVICES.contains(from), "{from}");
+            let errors = errors_of(&SERVICES.replace(from, to));
+            assert!(errors.iter().any(|e| e.starts_with(expected)), "{to}: {errors:?}");
+        }
+        let twice = format!(
+            "{SERVICES}\n[flows.cdc2]\nsource = {{ type = \"postgres_cdc\", url = \"env:WAREHOUSE_DB\", slot = \"dovetail_orders\", publication = \"p2\", tables = [\"t\"], schedule = \"every 1s\" }}\nsink = {{ type = \"nats\", connector = \"bus\", subject = \"x\" }}\n"
+        );
+        assert!(
+            errors_of(&twice).iter().any(|e| e.starts_with("flows.cdc2.source.slot: flow `cdc` reads the same")),
+            "{:?}",
+            errors_of(&twice)
+        );
+        let prefetch = SERVICES.replace(r#"queue = "orders" }"#, r#"queue = "orders", prefetch = 0 }"#);
+        assert!(errors_of(&prefetch).iter().any(|e| e.starts_with("flows.to_db.source.prefetch")));
+    }
+
+    #[test]
+    fn urls_are_shown_without_credentials() {
+        assert_eq!(super::super::without_credentials("amqp://u:p@mq:5672/%2f?x=1"), "amqp://mq:5672/%2f");
+        assert_eq!(super::super::without_credentials("postgres://u:p@db/app?password=x"), "postgres://db/app");
+        assert_eq!(super::super::without_credentials("nats://h:4222"), "nats://h:4222");
+        assert_eq!(super::super::without_credentials("env:DB"), "env:DB");
     }
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::load::{Finding, Loaded};
-use super::{ConfigErrors, MappingConfig, Resolved, SinkConfig};
+use super::{ConfigErrors, MappingConfig, Resolved};
 use crate::mapping::{Mapping, Program};
 use crate::pipeline::{Model, Pipeline};
 use crate::schema::Schema;
@@ -175,9 +175,7 @@ impl Loaded {
             let before = files.findings.len();
             let schema = flow.schema.as_ref().and_then(|f| files.schema(&["flows", name, "schema"], f));
             let mapping = flow.mapping.as_ref().and_then(|m| files.mapping(&["flows", name, "mapping"], m));
-            let SinkConfig::Http { mapping: sink_mapping, .. } = &flow.sink;
-            let sink_mapping =
-                sink_mapping.as_ref().and_then(|m| files.mapping(&["flows", name, "sink", "mapping"], m));
+            let sink_mapping = flow.sink.mapping().and_then(|m| files.mapping(&["flows", name, "sink", "mapping"], m));
             let model = flow.model.as_ref().and_then(|m| models.get(m).cloned());
             let pipeline = Pipeline {
                 schema,

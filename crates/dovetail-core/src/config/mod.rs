@@ -142,10 +142,122 @@ fn default_max_body() -> ByteSize {
 }
 
 /// `[connectors.NAME]`: a named external system.
+// Read once at start-up, a handful per config: the size of the HTTP variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ConnectorConfig {
     Http(HttpConnector),
+    /// A PostgreSQL database, for the `postgres` (upsert) sink.
+    Postgres(ServiceConnector),
+    /// A NATS server with JetStream, for `nats` sources and sinks.
+    Nats(ServiceConnector),
+    /// A RabbitMQ broker (AMQP 0-9-1), for `amqp` sources and sinks.
+    Amqp(ServiceConnector),
+}
+
+/// A database or broker reached by URL: `postgres://`, `nats://`, `amqp://`.
+/// The URL is written as `env:NAME` when it holds a password.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConnector {
+    pub url: String,
+    /// The longest one write (a statement, a publish and its confirm) may take.
+    #[serde(default = "default_timeout", with = "values::duration")]
+    pub timeout: Duration,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Most writes outstanding at once (connections, for PostgreSQL).
+    #[serde(default = "default_service_in_flight")]
+    pub max_in_flight: usize,
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+}
+
+fn default_service_in_flight() -> usize {
+    4
+}
+
+/// The policies every connector kind has, whatever it talks to.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectorPolicies<'a> {
+    pub timeout: Duration,
+    pub retry: &'a RetryConfig,
+    pub max_in_flight: usize,
+    pub rate_limit: Option<RateLimitConfig>,
+    pub breaker: &'a BreakerConfig,
+    pub quota: Option<QuotaConfig>,
+}
+
+impl ConnectorConfig {
+    /// `http`, `postgres`, `nats` or `amqp`, as written in `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConnectorConfig::Http(_) => "http",
+            ConnectorConfig::Postgres(_) => "postgres",
+            ConnectorConfig::Nats(_) => "nats",
+            ConnectorConfig::Amqp(_) => "amqp",
+        }
+    }
+
+    pub fn policies(&self) -> ConnectorPolicies<'_> {
+        match self {
+            ConnectorConfig::Http(h) => ConnectorPolicies {
+                timeout: h.timeout,
+                retry: &h.retry,
+                max_in_flight: h.max_in_flight,
+                rate_limit: h.rate_limit,
+                breaker: &h.breaker,
+                quota: h.quota,
+            },
+            ConnectorConfig::Postgres(s) | ConnectorConfig::Nats(s) | ConnectorConfig::Amqp(s) => ConnectorPolicies {
+                timeout: s.timeout,
+                retry: &s.retry,
+                max_in_flight: s.max_in_flight,
+                rate_limit: s.rate_limit,
+                breaker: &s.breaker,
+                quota: None,
+            },
+        }
+    }
+
+    /// The URL (or `env:NAME`) of a database or broker connector.
+    pub fn service(&self) -> Option<&ServiceConnector> {
+        match self {
+            ConnectorConfig::Http(_) => None,
+            ConnectorConfig::Postgres(s) | ConnectorConfig::Nats(s) | ConnectorConfig::Amqp(s) => Some(s),
+        }
+    }
+
+    /// Where the connector points, for display: the base URL, or the
+    /// service URL without its credentials.
+    pub fn display_target(&self) -> String {
+        match self {
+            ConnectorConfig::Http(h) => h.base_url.clone(),
+            ConnectorConfig::Postgres(s) | ConnectorConfig::Nats(s) | ConnectorConfig::Amqp(s) => {
+                without_credentials(&s.url)
+            }
+        }
+    }
+}
+
+/// `scheme://user:pass@host/x` → `scheme://host/x`; `env:NAME` as it is.
+pub fn without_credentials(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            // A query may carry `password=`: it is left out.
+            let path = path.map(|p| p.split('?').next().unwrap_or_default());
+            match path {
+                Some(p) => format!("{scheme}://{host}/{p}"),
+                None => format!("{scheme}://{host}"),
+            }
+        }
+        None => url.to_string(),
+    }
 }
 
 /// An HTTP partner API.
@@ -433,6 +545,76 @@ pub enum SourceConfig {
     /// ("what changed since I last asked?"), through the connector's auth,
     /// rate limit and breaker.
     Poll(Box<PollConfig>),
+    /// Row changes of chosen tables, decoded from PostgreSQL's logical
+    /// replication (the `pgoutput` plugin) through a replication slot that
+    /// advances only past changes already journalled.
+    PostgresCdc(Box<CdcConfig>),
+    /// Messages of a NATS JetStream stream, read by a durable pull
+    /// consumer and acknowledged only once journalled.
+    Nats(Box<NatsSourceConfig>),
+    /// Messages of a RabbitMQ queue, acknowledged only once journalled.
+    Amqp(Box<AmqpSourceConfig>),
+}
+
+/// `source = { type = "postgres_cdc", url, slot, publication, tables, schedule, batch }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CdcConfig {
+    /// `postgres://user@host/db`, or `env:NAME` when it holds a password.
+    /// The database needs `wal_level = logical`.
+    pub url: String,
+    /// The logical replication slot (created with `pgoutput` if missing).
+    pub slot: String,
+    /// The publication (created `FOR TABLE tables` if missing).
+    pub publication: String,
+    /// `schema.table` or `table` names the publication covers.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// How often the slot is read.
+    pub schedule: crate::schedule::Schedule,
+    /// Most replication messages read per round trip (begin, relation and
+    /// commit messages count too); a transaction is never split, so one
+    /// large transaction comes back whole.
+    #[serde(default = "default_outbox_batch")]
+    pub batch: u32,
+}
+
+/// `source = { type = "nats", connector, stream, consumer, subject, ack_wait }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSourceConfig {
+    pub connector: String,
+    /// The JetStream stream to read.
+    pub stream: String,
+    /// The durable consumer's name (created if missing), so a restart goes
+    /// on where the last run acknowledged.
+    pub consumer: String,
+    /// Only subjects matching this filter (default: the whole stream).
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// How long the server waits for an acknowledgement before redelivering.
+    #[serde(default = "default_ack_wait", with = "values::duration")]
+    pub ack_wait: Duration,
+}
+
+fn default_ack_wait() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `source = { type = "amqp", connector, queue, prefetch }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSourceConfig {
+    pub connector: String,
+    /// The queue to consume (it must exist: Dovetail does not declare topology).
+    pub queue: String,
+    /// Most unacknowledged messages the broker hands over at once.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+}
+
+fn default_prefetch() -> u16 {
+    100
 }
 
 /// `source = { type = "poll", connector, path, schedule, records, cursor, version }`.
@@ -612,6 +794,86 @@ pub enum SinkConfig {
         #[serde(default)]
         mapping: Option<MappingConfig>,
     },
+    /// Upserts into a PostgreSQL table on the record's stable key.
+    Postgres(Box<PostgresSinkConfig>),
+    /// Publishes to a NATS JetStream subject, de-duplicated by message id.
+    Nats {
+        connector: String,
+        subject: String,
+        #[serde(default)]
+        mapping: Option<MappingConfig>,
+    },
+    /// Publishes to a RabbitMQ exchange with publisher confirms.
+    Amqp {
+        connector: String,
+        /// `""` is the default exchange (routing key = queue name).
+        #[serde(default)]
+        exchange: String,
+        routing_key: String,
+        #[serde(default)]
+        mapping: Option<MappingConfig>,
+    },
+}
+
+/// `sink = { type = "postgres", connector, table, key, version_column, columns, batch }`.
+///
+/// Each record is a JSON object whose fields are the table's columns
+/// (converted by PostgreSQL as `jsonb_populate_record` does). A batch is one
+/// `INSERT ... ON CONFLICT (key) DO UPDATE` statement; with a
+/// `version_column`, a row is only replaced by a record whose version is
+/// not older, so a late or replayed old record never overwrites a newer one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSinkConfig {
+    pub connector: String,
+    /// `schema.table` or `table`.
+    pub table: String,
+    /// The columns of the unique key the upsert conflicts on.
+    pub key: Vec<String>,
+    /// A column (a number or a timestamp) that orders versions of a row.
+    #[serde(default)]
+    pub version_column: Option<String>,
+    /// The columns written; default: every column of the table (a field
+    /// missing from a record writes NULL).
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// Records per statement and how long a partial batch waits to fill.
+    #[serde(default)]
+    pub batch: Option<BatchConfig>,
+    #[serde(default)]
+    pub mapping: Option<MappingConfig>,
+}
+
+impl SinkConfig {
+    /// The connector the sink writes through.
+    pub fn connector(&self) -> &str {
+        match self {
+            SinkConfig::Http { connector, .. }
+            | SinkConfig::Nats { connector, .. }
+            | SinkConfig::Amqp { connector, .. } => connector,
+            SinkConfig::Postgres(p) => &p.connector,
+        }
+    }
+
+    /// Canonical model → the target's shape.
+    pub fn mapping(&self) -> Option<&MappingConfig> {
+        match self {
+            SinkConfig::Http { mapping, .. } | SinkConfig::Nats { mapping, .. } | SinkConfig::Amqp { mapping, .. } => {
+                mapping.as_ref()
+            }
+            SinkConfig::Postgres(p) => p.mapping.as_ref(),
+        }
+    }
+
+    /// `http`, `postgres`, `nats` or `amqp`: the connector kind it needs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::Http { .. } => "http",
+            SinkConfig::Postgres(_) => "postgres",
+            SinkConfig::Nats { .. } => "nats",
+            SinkConfig::Amqp { .. } => "amqp",
+        }
+    }
 }
 
 /// `batch = { max_records = 100, max_wait = "1s", results = "per_item" }`.
@@ -661,6 +923,7 @@ impl Config {
     pub fn http_connector(&self, name: &str) -> Option<&HttpConnector> {
         match self.connectors.get(name)? {
             ConnectorConfig::Http(h) => Some(h),
+            _ => None,
         }
     }
 }

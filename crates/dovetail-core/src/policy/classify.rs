@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// What came back from one attempt, reduced to what the policy needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
     /// The partner answered with a status; `retry_after` is already resolved
     /// to a delay relative to the moment the answer arrived.
@@ -29,6 +29,23 @@ pub enum Answer {
     Timeout,
     /// The connection failed or was dropped before a full answer arrived.
     Connection,
+    /// A database or broker sink's answer, in its own terms.
+    Service(ServiceAnswer),
+}
+
+/// What a database or a broker said to one write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceAnswer {
+    /// Committed (a database) or confirmed (a broker's ack).
+    Applied,
+    /// The record itself cannot be written (a constraint or type error, a
+    /// message nobody can route): sending it again changes nothing.
+    Refused,
+    /// Our credentials or permissions were refused.
+    Denied,
+    /// The service failed or is shutting down (a serialization failure, a
+    /// broker's nack): sending again may succeed.
+    Unavailable,
 }
 
 /// Why an attempt did not deliver; stored with each attempt and shown in the DLQ.
@@ -118,6 +135,22 @@ pub fn classify(answer: &Answer, key_sent_before: bool) -> Verdict {
         },
         Answer::Timeout => Verdict::Retry { class: ErrorClass::Timeout, not_before: None },
         Answer::Connection => Verdict::Retry { class: ErrorClass::Connection, not_before: None },
+        Answer::Service(ServiceAnswer::Applied) => Verdict::Delivered,
+        Answer::Service(ServiceAnswer::Refused) => Verdict::DeadLetter(ErrorClass::Rejected),
+        Answer::Service(ServiceAnswer::Denied) => Verdict::PauseFlow,
+        Answer::Service(ServiceAnswer::Unavailable) => Verdict::Retry { class: ErrorClass::Server, not_before: None },
+    }
+}
+
+impl Answer {
+    /// Whether the answer says the other side is working (for the breaker):
+    /// anything but a timeout, a dropped connection or a server failure.
+    pub fn healthy(&self) -> bool {
+        match *self {
+            Answer::Status { status, .. } => !(status == 408 || status >= 500),
+            Answer::Timeout | Answer::Connection | Answer::Service(ServiceAnswer::Unavailable) => false,
+            Answer::Service(_) => true,
+        }
     }
 }
 
@@ -127,6 +160,18 @@ mod tests {
 
     fn status(s: u16) -> Verdict {
         classify(&Answer::Status { status: s, retry_after: None }, false)
+    }
+
+    #[test]
+    fn service_answers_map_onto_the_same_verdicts() {
+        let v = |a| classify(&Answer::Service(a), true);
+        assert_eq!(v(ServiceAnswer::Applied), Verdict::Delivered);
+        assert_eq!(v(ServiceAnswer::Refused), Verdict::DeadLetter(ErrorClass::Rejected));
+        assert_eq!(v(ServiceAnswer::Denied), Verdict::PauseFlow);
+        assert_eq!(v(ServiceAnswer::Unavailable), Verdict::Retry { class: ErrorClass::Server, not_before: None });
+        assert!(!Answer::Service(ServiceAnswer::Unavailable).healthy());
+        assert!(Answer::Service(ServiceAnswer::Refused).healthy());
+        assert!(!Answer::Status { status: 503, retry_after: None }.healthy());
     }
 
     #[test]

@@ -12,7 +12,7 @@ mod retry_after;
 
 pub use backoff::{Jitter, MAX_RETRY_AFTER, RandomJitter, RetryPolicy};
 pub use breaker::{Admission, Breaker, BreakerPolicy, BreakerState, Transition};
-pub use classify::{Answer, ErrorClass, Verdict, classify};
+pub use classify::{Answer, ErrorClass, ServiceAnswer, Verdict, classify};
 pub use quota::{QuotaAlert, QuotaPolicy, QuotaUsage, Window};
 pub use rate::{LimitHint, LimiterState, RateLimit, RateLimiter};
 pub use retry_after::parse_retry_after;
