@@ -1,0 +1,441 @@
+//! End to end, in one run: signed webhooks → `dovetail run` (a child
+//! process, durable SQLite journal) → a fast loopback sink, against the
+//! ceiling: the same load generator straight against the same sink.
+//!
+//! `cargo bench -p dovetail-cli --bench e2e -- [--seconds 10] [--connections 64]`
+//!
+//! Reports ingest records/s and latency (closed loop, as fast as the
+//! engine answers), end-to-end delivered records/s, latency at half the
+//! measured ingest rate (open loop: each request has a scheduled start and
+//! its latency counts from then, so a stall is not hidden), and the
+//! engine's RSS idle and at its peak. Everything runs on this machine's
+//! cores at once: the generator and the sink compete with the engine, as
+//! they do for the ceiling.
+
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dovetail_core::clock::Timestamp;
+use dovetail_core::signature::{Scheme, SigningSecret, sign};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// A ~300-byte order; `{n}` makes each one distinct.
+fn body(n: u64) -> String {
+    format!(
+        r#"{{"id":"ord_{n:010}","customer":{{"id":"cus_42","email":"ada@example.com"}},"currency":"EUR","amount":"129.90","status":"paid","lines":[{{"sku":"A-1","qty":2,"price":"39.95"}},{{"sku":"B-7","qty":1,"price":"50.00"}}],"created_at":"2026-11-23T10:15:00Z"}}"#
+    )
+}
+
+struct Args {
+    seconds: u64,
+    connections: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args { seconds: 10, connections: 64 };
+    let argv: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < argv.len() {
+        let value = argv.get(i + 1).and_then(|v| v.parse::<u64>().ok());
+        match (argv[i].as_str(), value) {
+            ("--seconds", Some(v)) => a.seconds = v.clamp(1, 600),
+            ("--connections", Some(v)) => a.connections = (v as usize).clamp(1, 1024),
+            // `cargo bench` passes `--bench`; anything else is ignored.
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    a
+}
+
+// ---------------------------------------------------------------- the sink
+
+/// A minimal HTTP/1.1 server answering 200 to every request, counting them.
+async fn sink(listener: TcpListener, count: Arc<AtomicU64>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let count = count.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let mut conn = Conn::new(stream);
+            while let Ok(Some(_)) = conn.read_message().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                if conn.stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// One keep-alive connection's reads: a request or a response, head and
+/// `Content-Length` body (chunked bodies too, for completeness).
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    fn new(stream: TcpStream) -> Conn {
+        Conn { stream, buf: Vec::with_capacity(8192) }
+    }
+
+    /// The message's first line's second word (a response's status), or
+    /// `None` at a clean end of stream.
+    async fn read_message(&mut self) -> std::io::Result<Option<u16>> {
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
+                let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                let chunked = head.contains("transfer-encoding: chunked");
+                let start = end + 4;
+                let total = match (length, chunked) {
+                    (Some(n), _) => start + n,
+                    (None, true) => loop {
+                        if let Some(e) = find(&self.buf[start..], b"0\r\n\r\n") {
+                            break start + e + 5;
+                        }
+                        self.fill().await?;
+                    },
+                    (None, false) => start,
+                };
+                while self.buf.len() < total {
+                    self.fill().await?;
+                }
+                self.buf.drain(..total);
+                return Ok(Some(status));
+            }
+            if self.fill().await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn fill(&mut self) -> std::io::Result<usize> {
+        let mut chunk = [0u8; 8192];
+        let n = self.stream.read(&mut chunk).await?;
+        if n == 0 && !self.buf.is_empty() {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed mid-message"));
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+// ------------------------------------------------------ the load generator
+
+/// What one load run measured.
+struct Load {
+    ok: u64,
+    failed: u64,
+    elapsed: Duration,
+    /// Microseconds per successful request, sorted.
+    latencies: Vec<u32>,
+}
+
+impl Load {
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies.len() - 1) as f64 * p).round() as usize;
+        f64::from(self.latencies[i]) / 1000.0
+    }
+}
+
+/// Signed POSTs of distinct records to `addr`+`path` over `connections`
+/// keep-alive connections for `duration`. With `rate`, requests are
+/// scheduled (open loop) and latency counts from the scheduled start.
+/// `next` numbers the records across runs, so no run resends another's
+/// (the engine would answer them as duplicates and deliver nothing).
+async fn load(
+    addr: String,
+    path: &'static str,
+    connections: usize,
+    duration: Duration,
+    rate: Option<f64>,
+    next: Arc<AtomicU64>,
+) -> Load {
+    let secret = Arc::new(SigningSecret::parse(Scheme::StandardWebhooks, SECRET).expect("the bench secret"));
+    let first = next.load(Ordering::Relaxed);
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (addr, secret, next) = (addr.clone(), secret.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(1 << 16);
+            let (mut ok, mut failed) = (0u64, 0u64);
+            let Ok(stream) = TcpStream::connect(&addr).await else { return (lat, 0, 1) };
+            let _ = stream.set_nodelay(true);
+            let mut conn = Conn::new(stream);
+            let mut request = Vec::with_capacity(1024);
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let scheduled = match rate {
+                    Some(r) => start + Duration::from_secs_f64((n - first) as f64 / r),
+                    None => Instant::now(),
+                };
+                if scheduled >= deadline {
+                    break;
+                }
+                tokio::time::sleep_until(scheduled.into()).await;
+                let b = body(n);
+                let now = Timestamp::from_millis(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64),
+                );
+                request.clear();
+                let _ = write!(
+                    request,
+                    "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+                    b.len()
+                );
+                for (name, value) in sign(Scheme::StandardWebhooks, &secret, &format!("msg_{n}"), now, b.as_bytes()) {
+                    let _ = write!(request, "{name}: {value}\r\n");
+                }
+                request.extend_from_slice(b"\r\n");
+                request.extend_from_slice(b.as_bytes());
+                if conn.stream.write_all(&request).await.is_err() {
+                    failed += 1;
+                    break;
+                }
+                match conn.read_message().await {
+                    Ok(Some(200..=299)) => {
+                        ok += 1;
+                        lat.push(scheduled.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                    }
+                    Ok(Some(_)) => failed += 1,
+                    Ok(None) | Err(_) => {
+                        failed += 1;
+                        break;
+                    }
+                }
+            }
+            (lat, ok, failed)
+        }));
+    }
+    let mut out = Load { ok: 0, failed: 0, elapsed: Duration::ZERO, latencies: Vec::new() };
+    for t in tasks {
+        if let Ok((lat, ok, failed)) = t.await {
+            out.latencies.extend(lat);
+            out.ok += ok;
+            out.failed += failed;
+        }
+    }
+    out.elapsed = start.elapsed().max(duration);
+    out.latencies.sort_unstable();
+    out
+}
+
+// ---------------------------------------------------------------- the engine
+
+struct Engine {
+    child: Child,
+    addr: String,
+    dir: PathBuf,
+}
+
+impl Engine {
+    fn start(dir: &Path, sink_port: u16) -> Engine {
+        let port = free_port();
+        let config = format!(
+            r#"[engine]
+store = "sqlite://journal.db"
+listen = "127.0.0.1:{port}"
+
+[connectors.sink]
+type = "http"
+base_url = "http://127.0.0.1:{sink_port}"
+max_in_flight = 64
+
+[flows.bench]
+source = {{ type = "webhook", path = "/hooks/bench", signature = {{ scheme = "standard-webhooks", secret = "env:BENCH_SECRET" }} }}
+sink = {{ type = "http", connector = "sink", path = "/ingest" }}
+"#
+        );
+        std::fs::write(dir.join("dovetail.toml"), config).expect("write the bench config");
+        let log = std::fs::File::create(dir.join("engine.log")).expect("the engine log");
+        let child = Command::new(env!("CARGO_BIN_EXE_dovetail"))
+            .args(["--config", "dovetail.toml", "--log-level", "warn", "run"])
+            .current_dir(dir)
+            .env("BENCH_SECRET", SECRET)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start dovetail");
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready(&addr) {
+            assert!(
+                Instant::now() < deadline,
+                "the engine did not become ready; see {}",
+                dir.join("engine.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Engine { child, addr, dir: dir.to_path_buf() }
+    }
+
+    /// (VmRSS, VmHWM) in MiB.
+    fn memory(&self) -> (f64, f64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let kib = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        let _ = &self.dir;
+    }
+}
+
+fn ready(addr: &str) -> bool {
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return false };
+    let _ = s.write_all(format!("GET /readyz HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes());
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer.starts_with("HTTP/1.1 200")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+// ------------------------------------------------------------------- main
+
+fn main() {
+    let args = args();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(run(args));
+}
+
+async fn run(args: Args) {
+    let seconds = Duration::from_secs(args.seconds);
+    let count = Arc::new(AtomicU64::new(0));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the sink");
+    let sink_port = listener.local_addr().expect("sink address").port();
+    tokio::spawn(sink(listener, count.clone()));
+    let sink_addr = format!("127.0.0.1:{sink_port}");
+
+    println!("e2e bench: {} s per phase, {} connections, ~300-byte records", args.seconds, args.connections);
+    let numbers = Arc::new(AtomicU64::new(0));
+    let ceiling = load(sink_addr, "/ingest", args.connections, seconds, None, numbers.clone()).await;
+    println!(
+        "ceiling (generator → sink): {:.0}/s, p50 {:.2} ms, p99 {:.2} ms",
+        ceiling.rate(),
+        ceiling.percentile(0.5),
+        ceiling.percentile(0.99)
+    );
+    count.store(0, Ordering::Relaxed);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let engine = Engine::start(dir.path(), sink_port);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (idle_rss, _) = engine.memory();
+
+    let sampling = Arc::new(AtomicBool::new(true));
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (sampling, peak, pid) = (sampling.clone(), peak.clone(), engine.child.id());
+        std::thread::spawn(move || {
+            while sampling.load(Ordering::Relaxed) {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                if let Some(kib) = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                {
+                    peak.fetch_max(kib, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+
+    let started = Instant::now();
+    let ingest = load(engine.addr.clone(), "/hooks/bench", args.connections, seconds, None, numbers.clone()).await;
+    let during = count.load(Ordering::Relaxed);
+    // Drain: every acknowledged record reaches the sink.
+    let drain_deadline = Instant::now() + Duration::from_secs(120);
+    while count.load(Ordering::Relaxed) < ingest.ok && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let delivered = count.load(Ordering::Relaxed);
+    let e2e_elapsed = started.elapsed();
+    let e2e = delivered as f64 / e2e_elapsed.as_secs_f64();
+    if delivered < ingest.ok {
+        println!("NOT DRAINED: {delivered} of {} acknowledged records reached the sink within 120 s", ingest.ok);
+    }
+
+    let half = ingest.rate() / 2.0;
+    count.store(0, Ordering::Relaxed);
+    let paced = load(engine.addr.clone(), "/hooks/bench", args.connections, seconds, Some(half), numbers.clone()).await;
+    let drain_deadline = Instant::now() + Duration::from_secs(120);
+    while count.load(Ordering::Relaxed) < paced.ok && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sampling.store(false, Ordering::Relaxed);
+    let _ = sampler.join();
+    let (_, hwm) = engine.memory();
+    let peak_rss = peak.load(Ordering::Relaxed) as f64 / 1024.0;
+    engine.stop();
+
+    let c = ceiling.rate();
+    println!();
+    println!("| measure | value | vs ceiling |");
+    println!("|---|---|---|");
+    println!("| ceiling: generator → sink | {c:.0} req/s | 1.00 |");
+    println!(
+        "| ingest, signed + durable (202) | {:.0} rec/s, p50 {:.2} ms, p99 {:.2} ms, {} failed | {:.2} |",
+        ingest.rate(),
+        ingest.percentile(0.5),
+        ingest.percentile(0.99),
+        ingest.failed,
+        ingest.rate() / c
+    );
+    println!(
+        "| end to end, delivered to the sink | {e2e:.0} rec/s ({delivered} of {} in {:.1} s; {during} during the ingest phase) | {:.2} |",
+        ingest.ok,
+        e2e_elapsed.as_secs_f64(),
+        e2e / c
+    );
+    println!(
+        "| ingest at half that rate ({half:.0}/s, open loop) | p50 {:.2} ms, p99 {:.2} ms, {} of {} ok | |",
+        paced.percentile(0.5),
+        paced.percentile(0.99),
+        paced.ok,
+        paced.ok + paced.failed
+    );
+    println!("| engine RSS | idle {idle_rss:.1} MiB, peak {peak_rss:.1} MiB sampled, {hwm:.1} MiB high-water | |");
+}
