@@ -91,6 +91,9 @@ pub struct Breaker {
     policy: BreakerPolicy,
     state: BreakerState,
     calls: VecDeque<(Timestamp, bool)>,
+    /// How many of `calls` failed, kept as they come and go: counting the
+    /// window on every call cost O(calls in the window) per record.
+    failed: u32,
     consecutive: u32,
     /// Openings since the breaker last closed, for the growing open time.
     openings: u32,
@@ -102,7 +105,7 @@ const PROBE_GRACE: Duration = Duration::from_secs(120);
 
 impl Breaker {
     pub fn new(policy: BreakerPolicy) -> Breaker {
-        Breaker { policy, state: BreakerState::Closed, calls: VecDeque::new(), consecutive: 0, openings: 0 }
+        Breaker { policy, state: BreakerState::Closed, calls: VecDeque::new(), failed: 0, consecutive: 0, openings: 0 }
     }
 
     pub fn state(&self) -> BreakerState {
@@ -142,6 +145,7 @@ impl Breaker {
             BreakerState::HalfOpen { .. } if healthy => {
                 self.openings = 0;
                 self.calls.clear();
+                self.failed = 0;
                 self.consecutive = 0;
                 Some(self.move_to(BreakerState::Closed, "the probe succeeded"))
             }
@@ -150,12 +154,15 @@ impl Breaker {
             BreakerState::Open { .. } => None,
             BreakerState::Closed => {
                 self.calls.push_back((now, healthy));
+                self.failed += u32::from(!healthy);
                 while self.calls.front().is_some_and(|(t, _)| now.since(*t) > self.policy.window) {
-                    self.calls.pop_front();
+                    if let Some((_, false)) = self.calls.pop_front() {
+                        self.failed -= 1;
+                    }
                 }
                 self.consecutive = if healthy { 0 } else { self.consecutive + 1 };
                 let total = self.calls.len() as u32;
-                let failed = self.calls.iter().filter(|(_, ok)| !ok).count() as u32;
+                let failed = self.failed;
                 if self.consecutive >= self.policy.consecutive_failures {
                     Some(self.open(now, format!("{} consecutive failures", self.consecutive)))
                 } else if total >= self.policy.min_calls
@@ -181,6 +188,7 @@ impl Breaker {
         let factor = 1u32.checked_shl(self.openings - 1).unwrap_or(u32::MAX);
         let open_for = self.policy.open_for.saturating_mul(factor).min(self.policy.max_open_for);
         self.calls.clear();
+        self.failed = 0;
         self.consecutive = 0;
         self.move_to(BreakerState::Open { until: now.plus(open_for) }, &reason)
     }
@@ -317,5 +325,20 @@ mod tests {
         }
         assert_eq!(b.record(true, T0), None);
         assert!(matches!(b.state(), BreakerState::Open { .. }));
+    }
+
+    proptest::proptest! {
+        /// The kept count of failures is always the window's.
+        #[test]
+        fn the_failure_count_follows_the_window(calls in proptest::collection::vec((proptest::bool::ANY, 0u64..30_000), 1..300)) {
+            let mut b = Breaker::new(BreakerPolicy { consecutive_failures: u32::MAX, failure_ratio: 2.0, ..BreakerPolicy::default() });
+            let mut now = T0;
+            for (healthy, step_ms) in calls {
+                now = now.plus(Duration::from_millis(step_ms));
+                b.record(healthy, now);
+                let recount = b.calls.iter().filter(|(_, ok)| !ok).count() as u32;
+                proptest::prop_assert_eq!(b.failed, recount);
+            }
+        }
     }
 }
