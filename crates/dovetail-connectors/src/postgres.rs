@@ -337,8 +337,7 @@ fn is_data_error(f: &Failed) -> bool {
 /// What an error means for the write, by SQLSTATE class.
 fn failure(e: &tokio_postgres::Error) -> Failed {
     let Some(db) = e.as_db_error() else {
-        let cause = std::error::Error::source(e).map(|s| format!(": {s}")).unwrap_or_default();
-        return Failed { answer: Answer::Connection, detail: format!("{e}{cause}"), data: false };
+        return Failed { answer: Answer::Connection, detail: pg_error(e), data: false };
     };
     let code = db.code().code();
     let answer = match &code[..2] {
@@ -354,13 +353,25 @@ fn failure(e: &tokio_postgres::Error) -> Failed {
         "42" => ServiceAnswer::Refused,
         _ => ServiceAnswer::Unavailable,
     };
-    let detail = db.detail().map(|d| format!(" ({d})")).unwrap_or_default();
-    let detail = format!("{} [{code}]{detail}", db.message());
-    Failed { answer: Answer::Service(answer), detail, data: matches!(&code[..2], "22" | "23") }
+    Failed { answer: Answer::Service(answer), detail: pg_error(e), data: matches!(&code[..2], "22" | "23") }
 }
 
-/// `a.b` → `"a"."b"`.
-fn quoted(name: &str) -> String {
+/// What PostgreSQL said (code, message, detail), not just "db error"; never the URL.
+pub fn pg_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let detail = db.detail().map(|d| format!(" ({d})")).unwrap_or_default();
+            format!("{} [{}]{detail}", db.message(), db.code().code())
+        }
+        None => {
+            let cause = std::error::Error::source(e).map(|s| format!(": {s}")).unwrap_or_default();
+            format!("{e}{cause}")
+        }
+    }
+}
+
+/// A checked name (letters, digits, `_`, `schema.table`) quoted for SQL: `a.b` → `"a"."b"`.
+pub fn quoted(name: &str) -> String {
     name.split('.').map(|part| format!("\"{part}\"")).collect::<Vec<_>>().join(".")
 }
 

@@ -70,6 +70,8 @@ use tokio::sync::watch;
 use dovetail_core::config::{CdcConfig, Secret};
 use dovetail_journal::Ingested;
 
+use dovetail_connectors::postgres::{pg_error, quoted};
+
 use crate::contract::SourceContext;
 use pgoutput::{Message, OldRow, Relations};
 
@@ -707,27 +709,8 @@ fn commit_time(micros_since_2000: i64) -> Value {
         .map_or(Value::Null, |t| Value::String(t.to_string()))
 }
 
-/// A checked name (letters, digits, `_`, `schema.table`) quoted for SQL.
-fn quoted(name: &str) -> String {
-    name.split('.').map(|part| format!("\"{part}\"")).collect::<Vec<_>>().join(".")
-}
-
 fn failed(e: &tokio_postgres::Error) -> CdcError {
     CdcError::Failed(pg_error(e))
-}
-
-/// What PostgreSQL said (code, message, detail), not just "db error"; never the URL.
-fn pg_error(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => {
-            let detail = db.detail().map(|d| format!(" ({d})")).unwrap_or_default();
-            format!("{} [{}]{detail}", db.message(), db.code().code())
-        }
-        None => {
-            let cause = std::error::Error::source(e).map(|s| format!(": {s}")).unwrap_or_default();
-            format!("{e}{cause}")
-        }
-    }
 }
 
 #[cfg(test)]

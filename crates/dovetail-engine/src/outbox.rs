@@ -17,6 +17,8 @@ use tokio::sync::watch;
 use dovetail_core::config::{OutboxConfig, Secret};
 use dovetail_journal::Ingested;
 
+use dovetail_connectors::postgres::{pg_error, quoted};
+
 use crate::contract::SourceContext;
 
 pub(crate) struct Outbox {
@@ -135,25 +137,6 @@ impl Outbox {
             }
         }
         Ok(run)
-    }
-}
-
-/// A checked name (letters, digits, `_`, `schema.table`) quoted for SQL.
-fn quoted(name: &str) -> String {
-    name.split('.').map(|part| format!("\"{part}\"")).collect::<Vec<_>>().join(".")
-}
-
-/// What PostgreSQL said (code, message, detail), not just "db error"; never the URL.
-fn pg_error(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => {
-            let detail = db.detail().map(|d| format!(" ({d})")).unwrap_or_default();
-            format!("{} [{}]{detail}", db.message(), db.code().code())
-        }
-        None => {
-            let cause = std::error::Error::source(e).map(|s| format!(": {s}")).unwrap_or_default();
-            format!("{e}{cause}")
-        }
     }
 }
 
