@@ -322,53 +322,45 @@ impl Default for SqliteOptions {
     }
 }
 
-/// A unit of work for the writer thread.
+/// A unit of work for the writer thread. A job can be run more than once:
+/// if one job of a group fails, the group's transaction is rolled back and
+/// every job in it run again, each in its own savepoint.
 trait Job: Send {
-    fn run(self: Box<Self>, conn: &Connection) -> Box<dyn Finish>;
-    fn abort(self: Box<Self>, why: &str);
-}
-
-/// A job that has run and waits for the commit before answering.
-trait Finish: Send {
+    /// Runs the job's writes and keeps its result; `false` if it failed.
+    /// `careful`: inside a savepoint, so that a failure undoes only its own
+    /// writes.
+    fn run(&mut self, conn: &Connection, careful: bool) -> bool;
+    /// Answers the caller once the transaction's fate is known.
     fn finish(self: Box<Self>, commit: std::result::Result<(), &str>);
 }
 
 struct Write<F, T> {
     f: F,
-    reply: oneshot::Sender<Result<T>>,
-    location: Arc<str>,
-}
-
-struct Ran<T> {
-    result: Result<T>,
+    result: Option<Result<T>>,
     reply: oneshot::Sender<Result<T>>,
     location: Arc<str>,
 }
 
 impl<F, T> Job for Write<F, T>
 where
-    F: FnOnce(&Connection) -> rusqlite::Result<T> + Send,
+    F: FnMut(&Connection) -> rusqlite::Result<T> + Send,
     T: Send + 'static,
 {
-    fn run(self: Box<Self>, conn: &Connection) -> Box<dyn Finish> {
-        let location = self.location.clone();
-        let result = in_savepoint(conn, self.f).map_err(|e| sql_err(&location, e));
-        Box::new(Ran { result, reply: self.reply, location })
+    fn run(&mut self, conn: &Connection, careful: bool) -> bool {
+        let result = if careful { in_savepoint(conn, &mut self.f) } else { (self.f)(conn) };
+        let ok = result.is_ok();
+        self.result = Some(result.map_err(|e| sql_err(&self.location, e)));
+        ok
     }
 
-    fn abort(self: Box<Self>, why: &str) {
-        let _ =
-            self.reply.send(Err(JournalError::Open { location: self.location.to_string(), reason: why.to_string() }));
-    }
-}
-
-impl<T: Send> Finish for Ran<T> {
     fn finish(self: Box<Self>, commit: std::result::Result<(), &str>) {
-        let result = match commit {
-            Ok(()) => self.result,
-            Err(why) => {
-                Err(JournalError::Open { location: self.location.to_string(), reason: format!("commit failed: {why}") })
-            }
+        let result = match (commit, self.result) {
+            (Ok(()), Some(result)) => result,
+            (Ok(()), None) => Err(JournalError::Open {
+                location: self.location.to_string(),
+                reason: "the job was not run".to_string(),
+            }),
+            (Err(why), _) => Err(JournalError::Open { location: self.location.to_string(), reason: why.to_string() }),
         };
         let _ = self.reply.send(result);
     }
@@ -470,11 +462,11 @@ impl SqliteJournal {
 
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
-        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        F: FnMut(&Connection) -> rusqlite::Result<T> + Send + 'static,
         T: Send + 'static,
     {
         let (reply, rx) = oneshot::channel();
-        let job = Box::new(Write { f, reply, location: self.location.clone() });
+        let job = Box::new(Write { f, result: None, reply, location: self.location.clone() });
         self.jobs.send(job).await.map_err(|_| JournalError::Closed)?;
         rx.await.map_err(|_| JournalError::Closed)?
     }
@@ -567,49 +559,85 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let why = e.to_string();
-            tracing::error!(journal = location, error = %why, "cannot begin a journal transaction");
-            queue.drain(..).for_each(|j| j.abort(&why));
-            continue;
+        let mut group: Vec<Box<dyn Job>> = queue.drain(..queue.len().min(max_batch)).collect();
+        // Most groups run straight through. If a job fails, the transaction
+        // is rolled back and the whole group run again, each job in its own
+        // savepoint so that the failure undoes only that job's writes.
+        let mut outcome = run_group(&conn, &mut group, false);
+        if outcome == GroupRun::JobFailed {
+            let _ = conn.execute_batch("ROLLBACK");
+            outcome = run_group(&conn, &mut group, true);
         }
-        let mut ran: Vec<Box<dyn Finish>> = Vec::with_capacity(queue.len().min(max_batch));
-        let mut lost = false;
-        while ran.len() < max_batch {
-            let Some(job) = queue.pop_front() else { break };
-            ran.push(job.run(&conn));
-            // Some errors (disk full, I/O, out of memory) make SQLite roll
-            // back the whole transaction on its own. Every job run so far
-            // lost its writes; the rest of the queue waits for the next
-            // transaction instead of committing one by one in autocommit.
-            if conn.is_autocommit() {
-                lost = true;
-                break;
+        match outcome {
+            GroupRun::NotBegun(why) => {
+                tracing::error!(journal = location, error = %why, "cannot begin a journal transaction");
+                let why = format!("cannot begin a transaction: {why}");
+                group.into_iter().for_each(|j| j.finish(Err(&why)));
             }
-        }
-        if lost {
-            let why = "SQLite rolled the transaction back after an error";
-            tracing::error!(journal = location, "{why}; {} job(s) failed, nothing of them was acknowledged", ran.len());
-            ran.into_iter().for_each(|r| r.finish(Err(why)));
-            continue;
-        }
-        match conn.execute_batch("COMMIT") {
-            Ok(()) => {
-                use std::sync::atomic::Ordering::Relaxed;
-                stats.commits.fetch_add(1, Relaxed);
-                stats.jobs.fetch_add(ran.len() as u64, Relaxed);
-                ran.into_iter().for_each(|r| r.finish(Ok(())));
-            }
-            Err(e) => {
-                let why = e.to_string();
-                tracing::error!(journal = location, error = %why, "journal commit failed; nothing in this batch was acknowledged");
-                if !conn.is_autocommit() {
-                    let _ = conn.execute_batch("ROLLBACK");
+            GroupRun::Lost(ran) => {
+                // Some errors (disk full, I/O, out of memory) make SQLite roll
+                // back the whole transaction on its own. Every job run so far
+                // lost its writes; the rest wait for the next transaction
+                // instead of committing one by one in autocommit.
+                let why = "SQLite rolled the transaction back after an error";
+                tracing::error!(journal = location, "{why}; {ran} job(s) failed, nothing of them was acknowledged");
+                for job in group.drain(ran..).rev() {
+                    queue.push_front(job);
                 }
-                ran.into_iter().for_each(|r| r.finish(Err(&why)));
+                group.into_iter().for_each(|j| j.finish(Err(why)));
             }
+            GroupRun::Ran | GroupRun::JobFailed => match conn.execute_batch("COMMIT") {
+                Ok(()) => {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    stats.commits.fetch_add(1, Relaxed);
+                    stats.jobs.fetch_add(group.len() as u64, Relaxed);
+                    group.into_iter().for_each(|j| j.finish(Ok(())));
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    tracing::error!(journal = location, error = %why, "journal commit failed; nothing in this batch was acknowledged");
+                    if !conn.is_autocommit() {
+                        let _ = conn.execute_batch("ROLLBACK");
+                    }
+                    let why = format!("commit failed: {why}");
+                    group.into_iter().for_each(|j| j.finish(Err(&why)));
+                }
+            },
         }
     }
+}
+
+/// How running a group of jobs in one transaction went.
+#[derive(Debug, PartialEq, Eq)]
+enum GroupRun {
+    /// Every job ran (in careful mode, some may have failed and been undone):
+    /// the transaction is open, ready to commit.
+    Ran,
+    /// Straight through, a job failed: its writes are mixed with the
+    /// others'; the transaction must be rolled back and the group run
+    /// carefully.
+    JobFailed,
+    /// SQLite rolled the whole transaction back after the first this many
+    /// jobs had run.
+    Lost(usize),
+    /// The transaction could not begin.
+    NotBegun(String),
+}
+
+fn run_group(conn: &Connection, group: &mut [Box<dyn Job>], careful: bool) -> GroupRun {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        return GroupRun::NotBegun(e.to_string());
+    }
+    for (i, job) in group.iter_mut().enumerate() {
+        let ok = job.run(conn, careful);
+        if conn.is_autocommit() {
+            return GroupRun::Lost(i + 1);
+        }
+        if !ok && !careful {
+            return GroupRun::JobFailed;
+        }
+    }
+    GroupRun::Ran
 }
 
 const STATE_PENDING: &str = "pending";
@@ -845,46 +873,48 @@ fn lease_batch_tx(
 fn complete_tx(conn: &Connection, rep: &AttemptReport) -> rusqlite::Result<bool> {
     let a = &rep.attempt;
     let end = a.started_at.plus(Duration::from_millis(a.duration_ms)).as_millis();
-    // The lease is this owner's *and* this attempt's: an owner whose lease
-    // expired and who then re-leased the same record (a paused process, a
-    // clock jump) cannot complete the newer attempt with the older result.
-    let held = "id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3";
-    // A settled batch lets its records go; a batch of unknown fate keeps them.
-    let unbind = if rep.keep_batch { "" } else { ", batch_key = NULL" };
+    // `?1..?3` hold the lease: it is this owner's *and* this attempt's, so an
+    // owner whose lease expired and who then re-leased the same record (a
+    // paused process, a clock jump) cannot complete the newer attempt with
+    // the older result. `?5`: a settled batch lets its records go (false);
+    // a batch of unknown fate keeps them (true).
     if let Some(connector) = &rep.quota {
         count_quota(conn, connector, a.started_at)?;
     }
-    let n = a.number;
+    let (n, keep) = (a.number, rep.keep_batch);
     // `RETURNING flow`: the record's flow, for its roll-up; `None`: the lease is lost.
     let flow: Option<String> = match &rep.outcome {
         Outcome::Delivered => conn
-            .prepare_cached(&format!(
-                "UPDATE records SET state = 'delivered', finished_at = ?4, lease_owner = NULL, lease_until = NULL, leased_at = NULL {unbind}
-                 WHERE {held} RETURNING flow"
-            ))?
-            .query_row(params![rep.id, rep.owner, n, end], |r| r.get(0))
+            .prepare_cached(
+                "UPDATE records SET state = 'delivered', finished_at = ?4, lease_owner = NULL, lease_until = NULL,
+                                    leased_at = NULL, batch_key = CASE WHEN ?5 THEN batch_key END
+                 WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3 RETURNING flow",
+            )?
+            .query_row(params![rep.id, rep.owner, n, end, keep], |r| r.get(0))
             .optional()?,
         Outcome::Retry { at } => conn
-            .prepare_cached(&format!(
+            .prepare_cached(
                 "UPDATE records SET state = 'pending', next_attempt_at = ?4, failures = failures + 1,
-                                    lease_owner = NULL, lease_until = NULL, leased_at = NULL {unbind}
-                 WHERE {held} RETURNING flow"
-            ))?
-            .query_row(params![rep.id, rep.owner, n, at.as_millis()], |r| r.get(0))
+                                    lease_owner = NULL, lease_until = NULL, leased_at = NULL,
+                                    batch_key = CASE WHEN ?5 THEN batch_key END
+                 WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3 RETURNING flow",
+            )?
+            .query_row(params![rep.id, rep.owner, n, at.as_millis(), keep], |r| r.get(0))
             .optional()?,
         Outcome::Hold { at } => conn
-            .prepare_cached(&format!(
-                "UPDATE records SET state = 'pending', next_attempt_at = ?4, lease_owner = NULL, lease_until = NULL, leased_at = NULL {unbind}
-                 WHERE {held} RETURNING flow"
-            ))?
-            .query_row(params![rep.id, rep.owner, n, at.as_millis()], |r| r.get(0))
+            .prepare_cached(
+                "UPDATE records SET state = 'pending', next_attempt_at = ?4, lease_owner = NULL, lease_until = NULL,
+                                    leased_at = NULL, batch_key = CASE WHEN ?5 THEN batch_key END
+                 WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3 RETURNING flow",
+            )?
+            .query_row(params![rep.id, rep.owner, n, at.as_millis(), keep], |r| r.get(0))
             .optional()?,
         Outcome::Dead { class, reason } => conn
-            .prepare_cached(&format!(
+            .prepare_cached(
                 "UPDATE records SET state = 'dead', finished_at = ?4, dead_class = ?5, dead_reason = ?6,
                                     lease_owner = NULL, lease_until = NULL, leased_at = NULL, batch_key = NULL
-                 WHERE {held} RETURNING flow"
-            ))?
+                 WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3 RETURNING flow",
+            )?
             .query_row(params![rep.id, rep.owner, n, end, class.as_str(), reason], |r| r.get(0))
             .optional()?,
     };
@@ -1209,8 +1239,10 @@ impl Journal for SqliteJournal {
 
     async fn resume_flow(&self, flow: &str) -> Result<bool> {
         let flow = flow.to_string();
-        self.write(move |c| c.prepare_cached("DELETE FROM flow_pauses WHERE flow = ?1")?.execute([flow]).map(|n| n > 0))
-            .await
+        self.write(move |c| {
+            c.prepare_cached("DELETE FROM flow_pauses WHERE flow = ?1")?.execute([&flow]).map(|n| n > 0)
+        })
+        .await
     }
 
     async fn pause_of(&self, flow: &str) -> Result<Option<Pause>> {
@@ -1435,5 +1467,69 @@ mod tests {
         assert_eq!(COUNTER_COLUMNS[FIRST_CLASS + class_slot(ErrorClass::InProgress)], "fail_in_progress");
         assert_eq!(COUNTER_COLUMNS[FIRST_BUCKET], "latency_le_5");
         assert_eq!(COUNTER_COLUMNS[COUNTERS - 1], "latency_over");
+    }
+
+    /// A job that fails in the middle of a group undoes only its own writes:
+    /// the group is rolled back and run again carefully, and every other job
+    /// in it commits exactly once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_job_undoes_only_its_own_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Arc::new(SqliteJournal::open(&dir.path().join("j.db"), SqliteOptions::default()).unwrap());
+        // Hold the writer until the whole group is queued behind it.
+        let (gate, gated) = std::sync::mpsc::channel::<()>();
+        let (started, running) = std::sync::mpsc::channel::<()>();
+        let gated = Arc::new(Mutex::new(gated));
+        let held = {
+            let j = j.clone();
+            tokio::spawn(async move {
+                j.write(move |_| {
+                    let _ = started.send(());
+                    let _ = gated.lock().unwrap().recv();
+                    Ok(())
+                })
+                .await
+            })
+        };
+        tokio::task::spawn_blocking(move || running.recv()).await.unwrap().unwrap();
+        let put = |j: Arc<SqliteJournal>, key: &'static str, fail: bool| {
+            tokio::spawn(async move {
+                j.write(move |c| {
+                    c.execute("INSERT INTO engine_state (key, value, updated_at) VALUES (?1, 'v', 0)", [key])?;
+                    if fail {
+                        // Written, then failed: this row must not survive.
+                        c.execute("INSERT INTO engine_state (key, value, updated_at) VALUES (?1, 'v', 0)", [key])?;
+                    }
+                    Ok(())
+                })
+                .await
+            })
+        };
+        let tasks = vec![
+            put(j.clone(), "a", false),
+            put(j.clone(), "b", false),
+            put(j.clone(), "bad", true),
+            put(j.clone(), "c", false),
+        ];
+        while j.jobs.max_capacity() - j.jobs.capacity() < tasks.len() {
+            tokio::task::yield_now().await;
+        }
+        gate.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        let results: Vec<bool> = futures_ok(tasks).await;
+        assert_eq!(results, [true, true, false, true]);
+        for (key, present) in [("a", true), ("b", true), ("bad", false), ("c", true)] {
+            assert_eq!(j.load_state(key).await.unwrap().is_some(), present, "{key}");
+        }
+        // The gate's transaction, then the four jobs in one.
+        assert_eq!(j.writer_stats(), WriterStats { commits: 2, jobs: 5 });
+    }
+
+    async fn futures_ok(tasks: Vec<tokio::task::JoinHandle<Result<()>>>) -> Vec<bool> {
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap().is_ok());
+        }
+        out
     }
 }
