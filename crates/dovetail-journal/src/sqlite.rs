@@ -674,16 +674,16 @@ fn ingest_tx(conn: &Connection, r: &NewRecord) -> rusqlite::Result<Ingested> {
     // A quarantined record is never prepared, whatever the caller says: a
     // replay validates and maps it again.
     let prepared = if r.quarantine.is_some() { None } else { r.prepared.as_ref() };
-    let inserted: Option<i64> = conn
+    // No `RETURNING id`: it buffers its row in a temporary table.
+    let inserted = conn
         .prepare_cached(
             "INSERT INTO records (flow, delivery_id, idempotency_key, correlation_id, content_type, payload, received_at,
                                   state, next_attempt_at, finished_at, dead_class, dead_reason, external_key,
                                   mapped, mapping_version, sink_mapping_version, prepared)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
-             ON CONFLICT (flow, delivery_id) WHERE delivery_id IS NOT NULL DO NOTHING
-             RETURNING id",
+             ON CONFLICT (flow, delivery_id) WHERE delivery_id IS NOT NULL DO NOTHING",
         )?
-        .query_row(
+        .execute(
             params![
                 r.flow,
                 r.delivery_id,
@@ -703,10 +703,9 @@ fn ingest_tx(conn: &Connection, r: &NewRecord) -> rusqlite::Result<Ingested> {
                 prepared.and_then(|p| p.sink_mapping_version),
                 prepared.is_some()
             ],
-            |row| row.get(0),
-        )
-        .optional()?;
-    if let Some(id) = inserted {
+        )?;
+    if inserted == 1 {
+        let id = conn.last_insert_rowid();
         conn.prepare_cached(
             "INSERT INTO flow_minutes (flow, minute, received, quarantined) VALUES (?1, ?2, 1, ?3)
              ON CONFLICT (flow, minute) DO UPDATE SET received = received + 1,
@@ -721,11 +720,12 @@ fn ingest_tx(conn: &Connection, r: &NewRecord) -> rusqlite::Result<Ingested> {
     Ok(Ingested::Duplicate(id))
 }
 
-/// What a lease returns of each record, in the order [`leased_row`] reads it.
-const RETURNING_LEASED: &str = "RETURNING id, flow, idempotency_key, correlation_id, content_type, payload, attempts,
-                                          failures, mapped, mapping_version, sink_mapping_version, prepared";
+/// What a lease reads of each record (before marking it leased), in the
+/// order [`leased_row`] reads it.
+const LEASED_COLUMNS: &str = "r.id, r.flow, r.idempotency_key, r.correlation_id, r.content_type, r.payload, r.attempts,
+                              r.failures, r.mapped, r.mapping_version, r.sink_mapping_version, r.prepared";
 
-/// A row of [`RETURNING_LEASED`].
+/// A row of [`LEASED_COLUMNS`], as it will be once leased: its attempt is the next one.
 fn leased_row(r: &Row<'_>, lease_until: Timestamp) -> rusqlite::Result<LeasedRecord> {
     let prepared = if r.get::<_, bool>(11)? {
         Some(Prepared { body: r.get(8)?, mapping_version: r.get(9)?, sink_mapping_version: r.get(10)? })
@@ -739,7 +739,7 @@ fn leased_row(r: &Row<'_>, lease_until: Timestamp) -> rusqlite::Result<LeasedRec
         correlation_id: r.get(3)?,
         content_type: r.get(4)?,
         payload: r.get(5)?,
-        attempt: r.get(6)?,
+        attempt: r.get::<_, u32>(6)? + 1,
         failures: r.get(7)?,
         lease_until,
         batch_key: None,
@@ -747,35 +747,54 @@ fn leased_row(r: &Row<'_>, lease_until: Timestamp) -> rusqlite::Result<LeasedRec
     })
 }
 
-/// A lease's `flow = ?1` and `LIMIT ?5`, written so that SQLite does not
+/// A lease's `flow = ?1` and `LIMIT ?3`, written so that SQLite does not
 /// re-prepare the statement on every use. With STAT4 (on in the bundled
 /// build), a bare parameter in LIMIT, or compared with an indexed column
 /// in a query with ORDER BY, feeds the query planner; rusqlite clears the
 /// bindings of a cached statement, which then counts as changed. A
 /// re-prepare on every lease cost a quarter of the writer's time.
 const FLOW_1: &str = "CAST(?1 AS TEXT)";
-const LIMIT_5: &str = "CAST(?5 AS INTEGER)";
+const LIMIT_3: &str = "CAST(?3 AS INTEGER)";
 
 /// Only the oldest open record of each key is due.
 const IN_KEY_ORDER: &str = "AND (r.external_key IS NULL OR NOT EXISTS (
        SELECT 1 FROM records p WHERE p.flow = r.flow AND p.external_key = r.external_key
                                  AND p.id < r.id AND p.state IN ('pending', 'in_flight')))";
 
-/// The statement that leases due records, oldest first.
-fn lease_sql(in_key_order: bool) -> &'static str {
+/// The query that finds due records, oldest first (`?1` flow, `?2` now, `?3` limit).
+fn due_sql(in_key_order: bool) -> &'static str {
     static SQL: std::sync::LazyLock<[String; 2]> = std::sync::LazyLock::new(|| {
         [false, true].map(|in_key_order| {
             let order = if in_key_order { IN_KEY_ORDER } else { "" };
             format!(
-                "UPDATE records SET state = 'in_flight', lease_owner = ?2, lease_until = ?3, leased_at = ?4,
-                                    attempts = attempts + 1, next_attempt_at = NULL
-                 WHERE id IN (SELECT r.id FROM records r WHERE r.flow = {FLOW_1} AND r.state = 'pending' AND r.next_attempt_at <= ?4 {order}
-                              ORDER BY r.next_attempt_at, r.id LIMIT {LIMIT_5})
-                 {RETURNING_LEASED}"
+                "SELECT {LEASED_COLUMNS} FROM records r
+                 WHERE r.flow = {FLOW_1} AND r.state = 'pending' AND r.next_attempt_at <= ?2 {order}
+                 ORDER BY r.next_attempt_at, r.id LIMIT {LIMIT_3}"
             )
         })
     });
     &SQL[usize::from(in_key_order)]
+}
+
+/// Marks records read by a lease query as leased, oldest id first. One
+/// point update per record: an `UPDATE … WHERE id IN (…) RETURNING` builds
+/// two temporary tables per lease, which cost more than the updates.
+fn mark_leased(
+    conn: &Connection,
+    mut leased: Vec<LeasedRecord>,
+    owner: &str,
+    now: Timestamp,
+) -> rusqlite::Result<Vec<LeasedRecord>> {
+    leased.sort_by_key(|r| r.id);
+    let mut stmt = conn.prepare_cached(
+        "UPDATE records SET state = 'in_flight', lease_owner = ?2, lease_until = ?3, leased_at = ?4,
+                            attempts = attempts + 1, next_attempt_at = NULL
+         WHERE id = ?1",
+    )?;
+    for r in &leased {
+        stmt.execute(params![r.id, owner, r.lease_until.as_millis(), now.as_millis()])?;
+    }
+    Ok(leased)
 }
 
 fn lease_tx(
@@ -816,14 +835,16 @@ fn lease_tx(
          WHERE flow = ?1 AND state = 'in_flight' AND lease_until <= ?2",
     )?
     .execute(params![flow, now_ms])?;
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
     let until = now.plus(lease_for);
-    let mut stmt = conn.prepare_cached(lease_sql(in_key_order))?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let mut leased: Vec<LeasedRecord> = stmt
-        .query_map(params![flow, owner, until.as_millis(), now_ms, limit], |r| leased_row(r, until))?
+    let due: Vec<LeasedRecord> = conn
+        .prepare_cached(due_sql(in_key_order))?
+        .query_map(params![flow, now_ms, limit], |r| leased_row(r, until))?
         .collect::<rusqlite::Result<_>>()?;
-    leased.sort_by_key(|r| r.id);
-    Ok(leased)
+    mark_leased(conn, due, owner, now)
 }
 
 fn lease_batch_tx(
@@ -846,9 +867,6 @@ fn lease_batch_tx(
         .optional()?;
     let Some(bound) = oldest else { return Ok(Vec::new()) };
     let until = now.plus(lease_for);
-    let select = RETURNING_LEASED;
-    let set = "UPDATE records SET state = 'in_flight', lease_owner = ?2, lease_until = ?3, leased_at = ?4,
-                                  attempts = attempts + 1, next_attempt_at = NULL";
     let row = |r: &Row<'_>| leased_row(r, until);
     if let Some(key) = &bound {
         let in_flight: i64 = conn
@@ -859,21 +877,24 @@ fn lease_batch_tx(
             return Ok(Vec::new());
         }
     }
-    let mut leased: Vec<LeasedRecord> = match &bound {
+    let due: Vec<LeasedRecord> = match &bound {
         // A batch of unknown fate goes again whole, whatever each member's jittered due time.
         Some(key) => conn
-            .prepare_cached(&format!("{set} WHERE flow = ?1 AND state = 'pending' AND batch_key = ?5 {select}"))?
-            .query_map(params![flow, owner, until.as_millis(), now_ms, key], row)?
+            .prepare_cached(&format!(
+                "SELECT {LEASED_COLUMNS} FROM records r WHERE r.flow = ?1 AND r.state = 'pending' AND r.batch_key = ?2"
+            ))?
+            .query_map(params![flow, key], row)?
             .collect::<rusqlite::Result<_>>()?,
         None => conn
             .prepare_cached(&format!(
-                "{set} WHERE id IN (SELECT id FROM records WHERE flow = {FLOW_1} AND state = 'pending' AND next_attempt_at <= ?4
-                                    AND batch_key IS NULL ORDER BY next_attempt_at, id LIMIT {LIMIT_5}) {select}"
+                "SELECT {LEASED_COLUMNS} FROM records r
+                 WHERE r.flow = {FLOW_1} AND r.state = 'pending' AND r.next_attempt_at <= ?2 AND r.batch_key IS NULL
+                 ORDER BY r.next_attempt_at, r.id LIMIT {LIMIT_3}"
             ))?
-            .query_map(params![flow, owner, until.as_millis(), now_ms, i64::try_from(limit).unwrap_or(i64::MAX)], row)?
+            .query_map(params![flow, now_ms, i64::try_from(limit).unwrap_or(i64::MAX)], row)?
             .collect::<rusqlite::Result<_>>()?,
     };
-    leased.sort_by_key(|r| r.id);
+    let mut leased = mark_leased(conn, due, owner, now)?;
     // A new batch gets a new key (its records and their attempt numbers), so
     // a set sent again after per-record failures is not answered from the
     // partner's store; a bound batch keeps the key it was sent under.
@@ -901,43 +922,45 @@ fn complete_tx(conn: &Connection, rep: &AttemptReport) -> rusqlite::Result<bool>
         count_quota(conn, connector, a.started_at)?;
     }
     let (n, keep) = (a.number, rep.keep_batch);
-    // `RETURNING flow`: the record's flow, for its roll-up; `None`: the lease is lost.
-    let flow: Option<String> = match &rep.outcome {
+    // No `RETURNING`: it buffers its rows in a temporary table.
+    let changed = match &rep.outcome {
         Outcome::Delivered => conn
             .prepare_cached(
                 "UPDATE records SET state = 'delivered', finished_at = ?4, lease_owner = NULL, lease_until = NULL,
                                     leased_at = NULL, batch_key = CASE WHEN ?5 THEN batch_key END
-                 WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3 RETURNING flow",
+                 WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3",
             )?
-            .query_row(params![rep.id, rep.owner, n, end, keep], |r| r.get(0))
-            .optional()?,
+            .execute(params![rep.id, rep.owner, n, end, keep])?,
         Outcome::Retry { at } => conn
             .prepare_cached(
                 "UPDATE records SET state = 'pending', next_attempt_at = ?4, failures = failures + 1,
                                     lease_owner = NULL, lease_until = NULL, leased_at = NULL,
                                     batch_key = CASE WHEN ?5 THEN batch_key END
-                 WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3 RETURNING flow",
+                 WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3",
             )?
-            .query_row(params![rep.id, rep.owner, n, at.as_millis(), keep], |r| r.get(0))
-            .optional()?,
+            .execute(params![rep.id, rep.owner, n, at.as_millis(), keep])?,
         Outcome::Hold { at } => conn
             .prepare_cached(
                 "UPDATE records SET state = 'pending', next_attempt_at = ?4, lease_owner = NULL, lease_until = NULL,
                                     leased_at = NULL, batch_key = CASE WHEN ?5 THEN batch_key END
-                 WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3 RETURNING flow",
+                 WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3",
             )?
-            .query_row(params![rep.id, rep.owner, n, at.as_millis(), keep], |r| r.get(0))
-            .optional()?,
+            .execute(params![rep.id, rep.owner, n, at.as_millis(), keep])?,
         Outcome::Dead { class, reason } => conn
             .prepare_cached(
                 "UPDATE records SET state = 'dead', finished_at = ?4, dead_class = ?5, dead_reason = ?6,
                                     lease_owner = NULL, lease_until = NULL, leased_at = NULL, batch_key = NULL
-                 WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3 RETURNING flow",
+                 WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3",
             )?
-            .query_row(params![rep.id, rep.owner, n, end, class.as_str(), reason], |r| r.get(0))
-            .optional()?,
+            .execute(params![rep.id, rep.owner, n, end, class.as_str(), reason])?,
     };
-    let Some(flow) = flow else { return Ok(false) };
+    if changed == 0 {
+        // The lease is lost.
+        return Ok(false);
+    }
+    // The record's flow, for its roll-up.
+    let flow: String =
+        conn.prepare_cached("SELECT flow FROM records WHERE id = ?1")?.query_row([rep.id], |r| r.get(0))?;
     conn.prepare_cached(
         "INSERT OR REPLACE INTO attempts (record_id, number, started_at, duration_ms, status, class, error)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -1179,11 +1202,19 @@ impl Journal for SqliteJournal {
     async fn prepare(&self, id: RecordId, owner: &str, attempt: u32, prepared: Prepared) -> Result<bool> {
         let owner = owner.to_string();
         self.write(move |c| {
-            let changed = c.execute(
-                "UPDATE records SET mapped = ?4, mapping_version = ?5, sink_mapping_version = ?6, prepared = 1
+            let changed = c
+                .prepare_cached(
+                    "UPDATE records SET mapped = ?4, mapping_version = ?5, sink_mapping_version = ?6, prepared = 1
                  WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3",
-                params![id, owner, attempt, prepared.body, prepared.mapping_version, prepared.sink_mapping_version],
-            )?;
+                )?
+                .execute(params![
+                    id,
+                    owner,
+                    attempt,
+                    prepared.body,
+                    prepared.mapping_version,
+                    prepared.sink_mapping_version
+                ])?;
             Ok(changed == 1)
         })
         .await
