@@ -159,6 +159,63 @@ fn key(path: &str, t: JsonType) -> String {
     format!("{path}\t{}", t.as_str())
 }
 
+/// One record's walk over its fields: counts the known ones once per record
+/// and collects the new ones.
+struct Walk<'a> {
+    fields: &'a mut BTreeMap<String, Seen>,
+    seq: u64,
+    record_id: i64,
+    /// Reused for every lookup's `"path\ttype"`.
+    key: String,
+    new: Vec<(String, JsonType)>,
+}
+
+impl Walk<'_> {
+    fn value(&mut self, v: &serde_json::Value, path: &mut String) {
+        let start = path.len();
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, child) in map {
+                    if start > 0 {
+                        path.push('.');
+                    }
+                    path.push_str(k);
+                    self.field(path, JsonType::of(child));
+                    self.value(child, path);
+                    path.truncate(start);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                path.push_str("[]");
+                for item in items {
+                    self.field(path, JsonType::of(item));
+                    self.value(item, path);
+                }
+                path.truncate(start);
+            }
+            _ => {}
+        }
+    }
+
+    fn field(&mut self, path: &str, t: JsonType) {
+        self.key.clear();
+        self.key.push_str(path);
+        self.key.push('\t');
+        self.key.push_str(t.as_str());
+        match self.fields.get_mut(self.key.as_str()) {
+            // Already counted for this record (an array's items share paths).
+            Some(seen) if seen.last_seq == self.seq => {}
+            Some(seen) => {
+                seen.last_seq = self.seq;
+                seen.count += 1;
+                seen.last_record_id = self.record_id;
+                seen.removed_reported = false;
+            }
+            None => self.new.push((path.to_string(), t)),
+        }
+    }
+}
+
 impl Shape {
     pub fn records(&self) -> u64 {
         self.records
@@ -173,35 +230,37 @@ impl Shape {
             .collect()
     }
 
-    /// Learns one record's fields; returns what is new about them.
-    pub fn learn(&mut self, fields: &BTreeSet<(String, JsonType)>, record_id: i64, now: Timestamp) -> Vec<DriftEvent> {
+    /// Learns one record's fields (as [`fields`] lists them); returns what
+    /// is new about them, in path order.
+    ///
+    /// Walks the value once with one path buffer: known fields are counted
+    /// without allocating, and only new ones are collected, since this runs
+    /// for every accepted record.
+    pub fn learn(&mut self, value: &serde_json::Value, record_id: i64, now: Timestamp) -> Vec<DriftEvent> {
         self.records += 1;
         let seq = self.records;
+        let mut walk = Walk { fields: &mut self.fields, seq, record_id, key: String::new(), new: Vec::new() };
+        walk.value(value, &mut String::new());
+        let mut new = walk.new;
+        new.sort();
+        new.dedup();
         let warm = seq > WARMUP;
         let mut events = Vec::new();
-        for (path, t) in fields {
-            let k = key(path, *t);
-            if let Some(seen) = self.fields.get_mut(&k) {
-                seen.last_seq = seq;
-                seen.count += 1;
-                seen.last_record_id = record_id;
-                seen.removed_reported = false;
-                continue;
-            }
+        for (path, t) in new {
             if warm {
-                let previous_types = self.types_of(path);
+                let previous_types = self.types_of(&path);
                 let kind = if previous_types.is_empty() { DriftKind::Added } else { DriftKind::Retyped };
                 events.push(DriftEvent {
                     kind,
                     path: path.clone(),
-                    json_type: *t,
+                    json_type: t,
                     previous_types,
                     at: now,
                     example_record_id: record_id,
                 });
             }
             self.fields.insert(
-                k,
+                key(&path, t),
                 Seen { first_seq: seq, last_seq: seq, count: 1, last_record_id: record_id, removed_reported: false },
             );
         }
@@ -242,7 +301,7 @@ mod tests {
 
     const T: Timestamp = Timestamp::from_secs(1_800_000_000);
 
-    fn order(extra: serde_json::Value) -> BTreeSet<(String, JsonType)> {
+    fn order(extra: serde_json::Value) -> serde_json::Value {
         let mut v =
             json!({"id": "o1", "amount": 12, "customer": {"email": "a@b.c"}, "lines": [{"sku": "A"}], "tags": ["x"]});
         if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
@@ -250,12 +309,12 @@ mod tests {
                 o.insert(k.clone(), val.clone());
             }
         }
-        fields(&v)
+        v
     }
 
     #[test]
     fn fields_are_paths_with_types() {
-        let f = order(json!({}));
+        let f = fields(&order(json!({})));
         let listed: Vec<String> = f.iter().map(|(p, t)| format!("{p}:{}", t.as_str())).collect();
         assert_eq!(
             listed,
@@ -296,14 +355,35 @@ mod tests {
         assert!(s.learn(&order(json!({"coupon": "Y", "amount": "1.00"})), 101, T).is_empty(), "reported once");
     }
 
+    /// Paths shared by an array's items count once per record; a path with
+    /// two new types in one record is reported for each, in order.
+    #[test]
+    fn a_record_counts_each_field_once() {
+        let mut s = Shape::default();
+        let two_lines = order(json!({"lines": [{"sku": "A"}, {"sku": "B"}, {"sku": "C"}]}));
+        for i in 0..WARMUP {
+            s.learn(&two_lines, i as i64, T);
+        }
+        assert!(s.fields.values().all(|seen| seen.count == WARMUP), "{:?}", s.fields);
+        let e = s.learn(&order(json!({"tags": [1, 2.5]})), 50, T);
+        let got: Vec<(DriftKind, &str, JsonType, Vec<JsonType>)> =
+            e.iter().map(|e| (e.kind, e.path.as_str(), e.json_type, e.previous_types.clone())).collect();
+        assert_eq!(
+            got,
+            [
+                (DriftKind::Retyped, "tags[]", JsonType::Integer, vec![JsonType::String]),
+                (DriftKind::Retyped, "tags[]", JsonType::Number, vec![JsonType::Integer, JsonType::String]),
+            ]
+        );
+    }
+
     #[test]
     fn an_established_field_that_stops_appearing_is_removed_once() {
         let mut s = Shape::default();
         for i in 0..100 {
             s.learn(&order(json!({})), i, T);
         }
-        let without =
-            fields(&json!({"id": "o1", "amount": 12, "customer": {"email": "a@b.c"}, "lines": [{"sku": "A"}]}));
+        let without = json!({"id": "o1", "amount": 12, "customer": {"email": "a@b.c"}, "lines": [{"sku": "A"}]});
         for i in 100..(100 + MISSING_RUN as i64 - 1) {
             s.learn(&without, i, T);
             assert!(s.removed(T).is_empty(), "not yet at record {i}");

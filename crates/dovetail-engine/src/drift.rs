@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use dovetail_core::clock::{Clock, Timestamp};
-use dovetail_core::shape::{DriftEvent, Shape, fields};
+use dovetail_core::shape::{DriftEvent, Shape};
 use dovetail_journal::Journal;
 
 /// How often removed fields are looked for and the shape saved.
@@ -44,8 +44,7 @@ impl FlowShape {
 
     /// Learns an accepted record; records and logs what is new.
     pub async fn learn(&self, value: &serde_json::Value, record_id: i64, now: Timestamp, journal: &dyn Journal) {
-        let observed = fields(value);
-        let events = self.lock().learn(&observed, record_id, now);
+        let events = self.lock().learn(value, record_id, now);
         self.dirty.store(true, Ordering::Relaxed);
         self.report(events, journal).await;
     }
