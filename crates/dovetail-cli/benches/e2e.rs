@@ -36,17 +36,30 @@ fn body(n: u64) -> String {
 struct Args {
     seconds: u64,
     connections: usize,
+    /// Run the scale phases instead: backlogs, replay, cost curve.
+    scale: bool,
+    /// The largest backlog of the scale phases (and the last point of the cost curve).
+    backlog: u64,
+    /// Dead letters replayed in the scale phases.
+    replay: u64,
 }
 
 fn args() -> Args {
-    let mut a = Args { seconds: 10, connections: 64 };
+    let mut a = Args { seconds: 10, connections: 64, scale: false, backlog: 1_000_000, replay: 100_000 };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < argv.len() {
+        if argv[i] == "--scale" {
+            a.scale = true;
+            i += 1;
+            continue;
+        }
         let value = argv.get(i + 1).and_then(|v| v.parse::<u64>().ok());
         match (argv[i].as_str(), value) {
             ("--seconds", Some(v)) => a.seconds = v.clamp(1, 600),
             ("--connections", Some(v)) => a.connections = (v as usize).clamp(1, 1024),
+            ("--backlog", Some(v)) => a.backlog = v.clamp(1_000, 5_000_000),
+            ("--replay", Some(v)) => a.replay = v.clamp(1_000, 1_000_000),
             // `cargo bench` passes `--bench`; anything else is ignored.
             _ => {
                 i += 1;
@@ -302,15 +315,7 @@ sink = {{ type = "http", connector = "sink", path = "/ingest" }}
 
     /// (VmRSS, VmHWM) in MiB.
     fn memory(&self) -> (f64, f64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        let kib = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-                .unwrap_or(f64::NAN)
-        };
-        (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+        memory_of(self.child.id())
     }
 
     fn stop(mut self) {
@@ -318,6 +323,55 @@ sink = {{ type = "http", connector = "sink", path = "/ingest" }}
         let _ = self.child.wait();
         let _ = &self.dir;
     }
+}
+
+/// A process's (VmRSS, VmHWM) in MiB; NaN once it is gone.
+fn memory_of(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+}
+
+/// Samples a process's RSS every 100 ms on its own thread, with the sink's
+/// count at each sample, until stopped.
+struct Sampler {
+    running: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(u64, f64)>>,
+}
+
+impl Sampler {
+    fn start(pid: u32, count: Arc<AtomicU64>) -> Sampler {
+        let running = Arc::new(AtomicBool::new(true));
+        let flag = running.clone();
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while flag.load(Ordering::Relaxed) {
+                let (rss, _) = memory_of(pid);
+                if rss.is_finite() {
+                    samples.push((count.load(Ordering::Relaxed), rss));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            samples
+        });
+        Sampler { running, thread }
+    }
+
+    /// (sink count, RSS MiB) samples, oldest first.
+    fn stop(self) -> Vec<(u64, f64)> {
+        self.running.store(false, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+fn peak(samples: &[(u64, f64)]) -> f64 {
+    samples.iter().map(|s| s.1).fold(0.0, f64::max)
 }
 
 fn ready(addr: &str) -> bool {
@@ -337,15 +391,25 @@ fn free_port() -> u16 {
 fn main() {
     let args = args();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    rt.block_on(run(args));
+    if args.scale {
+        rt.block_on(scale(args));
+    } else {
+        rt.block_on(run(args));
+    }
+}
+
+/// The fast sink on a free port: its request counter and its port.
+async fn start_sink() -> (Arc<AtomicU64>, u16) {
+    let count = Arc::new(AtomicU64::new(0));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the sink");
+    let port = listener.local_addr().expect("sink address").port();
+    tokio::spawn(sink(listener, count.clone()));
+    (count, port)
 }
 
 async fn run(args: Args) {
     let seconds = Duration::from_secs(args.seconds);
-    let count = Arc::new(AtomicU64::new(0));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the sink");
-    let sink_port = listener.local_addr().expect("sink address").port();
-    tokio::spawn(sink(listener, count.clone()));
+    let (count, sink_port) = start_sink().await;
     let sink_addr = format!("127.0.0.1:{sink_port}");
 
     println!("e2e bench: {} s per phase, {} connections, ~300-byte records", args.seconds, args.connections);
@@ -364,24 +428,7 @@ async fn run(args: Args) {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (idle_rss, _) = engine.memory();
 
-    let sampling = Arc::new(AtomicBool::new(true));
-    let peak = Arc::new(AtomicU64::new(0));
-    let sampler = {
-        let (sampling, peak, pid) = (sampling.clone(), peak.clone(), engine.child.id());
-        std::thread::spawn(move || {
-            while sampling.load(Ordering::Relaxed) {
-                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                if let Some(kib) = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-                {
-                    peak.fetch_max(kib, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
+    let sampler = Sampler::start(engine.child.id(), count.clone());
 
     let started = Instant::now();
     let ingest = load(engine.addr.clone(), "/hooks/bench", args.connections, seconds, None, numbers.clone()).await;
@@ -405,10 +452,8 @@ async fn run(args: Args) {
     while count.load(Ordering::Relaxed) < paced.ok && Instant::now() < drain_deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    sampling.store(false, Ordering::Relaxed);
-    let _ = sampler.join();
+    let peak_rss = peak(&sampler.stop());
     let (_, hwm) = engine.memory();
-    let peak_rss = peak.load(Ordering::Relaxed) as f64 / 1024.0;
     engine.stop();
 
     let c = ceiling.rate();
@@ -438,4 +483,172 @@ async fn run(args: Args) {
         paced.ok + paced.failed
     );
     println!("| engine RSS | idle {idle_rss:.1} MiB, peak {peak_rss:.1} MiB sampled, {hwm:.1} MiB high-water | |");
+}
+
+// ------------------------------------------------------------ scale phases
+
+/// Writes `n` records of the bench flow straight into the journal at
+/// `path`, as intake would have stored them: pending and prepared, or dead
+/// after a partner's refusal. Returns records/s.
+async fn fill(path: &Path, n: u64, dead: bool) -> f64 {
+    use dovetail_core::policy::ErrorClass;
+    use dovetail_journal::{Journal, NewRecord, Prepared, SqliteJournal, SqliteOptions};
+    let journal = Arc::new(SqliteJournal::open(path, SqliteOptions::default()).expect("open the bench journal"));
+    let received_at = Timestamp::from_millis(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64) - 60_000,
+    );
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..256 {
+        let (journal, next) = (journal.clone(), next.clone());
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let delivery_id = format!("fill_{i}");
+                let record = NewRecord {
+                    flow: "bench".into(),
+                    external_key: None,
+                    idempotency_key: dovetail_core::ids::idempotency_key("bench", Some(&delivery_id)),
+                    delivery_id: Some(delivery_id),
+                    correlation_id: format!("{i:032x}"),
+                    content_type: Some("application/json".into()),
+                    payload: body(i).into_bytes(),
+                    received_at,
+                    quarantine: dead.then(|| (ErrorClass::Rejected, "422 from the partner: unknown customer".into())),
+                    prepared: (!dead).then(Prepared::default),
+                };
+                journal.ingest(record).await.expect("fill the bench journal");
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Waits until the sink has counted `n` (or `limit` passed); the time it took.
+async fn until_counted(count: &AtomicU64, n: u64, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while count.load(Ordering::Relaxed) < n {
+        if started.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Some(started.elapsed())
+}
+
+/// RSS when the sink had counted 0, 25, 50, 75 and 100 % of `n`.
+fn by_progress(samples: &[(u64, f64)], n: u64) -> Vec<f64> {
+    [0, 25, 50, 75, 100]
+        .iter()
+        .map(|pct| {
+            let target = n * pct / 100;
+            samples.iter().find(|(c, _)| *c >= target).or(samples.last()).map_or(f64::NAN, |s| s.1)
+        })
+        .collect()
+}
+
+/// Backlogs of growing size drained into the sink (rate, memory along the
+/// way), then fresh ingest on top of each journal (the cost curve), then a
+/// dead-letter replay.
+async fn scale(args: Args) {
+    let seconds = Duration::from_secs(args.seconds);
+    let (count, sink_port) = start_sink().await;
+    let sink_addr = format!("127.0.0.1:{sink_port}");
+    println!(
+        "e2e scale bench: backlogs up to {}, {} dead letters replayed, {} s ingest per point, {} connections",
+        args.backlog, args.replay, args.seconds, args.connections
+    );
+    let numbers = Arc::new(AtomicU64::new(0));
+    let ceiling = load(sink_addr, "/ingest", args.connections, seconds, None, numbers.clone()).await.rate();
+    println!("ceiling (generator → sink): {ceiling:.0}/s");
+
+    let mut sizes: Vec<u64> = [10_000, 100_000].into_iter().filter(|n| *n < args.backlog).collect();
+    sizes.push(args.backlog);
+    let mut rows = Vec::new();
+    for n in sizes {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let fill_rate = fill(&dir.path().join("journal.db"), n, false).await;
+        count.store(0, Ordering::Relaxed);
+        let engine = Engine::start(dir.path(), sink_port);
+        let sampler = Sampler::start(engine.child.id(), count.clone());
+        // Bounded: even at 1,000 records/s the drain ends within the limit.
+        let drained = until_counted(&count, n, Duration::from_secs(n / 1_000 + 60)).await;
+        let drain_samples = sampler.stop();
+        let Some(drained) = drained else {
+            println!("NOT DRAINED: {} of a backlog of {n} reached the sink", count.load(Ordering::Relaxed));
+            engine.stop();
+            continue;
+        };
+        let sampler = Sampler::start(engine.child.id(), count.clone());
+        let ingest = load(engine.addr.clone(), "/hooks/bench", args.connections, seconds, None, numbers.clone()).await;
+        let ingest_peak = peak(&sampler.stop());
+        let size = std::fs::metadata(dir.path().join("journal.db")).map_or(0, |m| m.len());
+        engine.stop();
+        let quartiles = by_progress(&drain_samples, n);
+        println!(
+            "backlog {n}: filled at {fill_rate:.0}/s; drained at {:.0}/s; RSS while draining {}; ingest on top {:.0}/s",
+            n as f64 / drained.as_secs_f64(),
+            quartiles.iter().map(|r| format!("{r:.1}")).collect::<Vec<_>>().join(" / "),
+            ingest.rate()
+        );
+        rows.push((n, drained, drain_samples, quartiles, ingest, ingest_peak, size));
+    }
+
+    // Dead-letter replay: `dovetail dlq replay --flow bench` against the running engine.
+    let dir = tempfile::tempdir().expect("temp dir");
+    fill(&dir.path().join("journal.db"), args.replay, true).await;
+    count.store(0, Ordering::Relaxed);
+    let engine = Engine::start(dir.path(), sink_port);
+    let sampler = Sampler::start(engine.child.id(), count.clone());
+    let started = Instant::now();
+    let replay = Command::new(env!("CARGO_BIN_EXE_dovetail"))
+        .args(["--config", "dovetail.toml", "--log-level", "warn", "dlq", "replay", "--flow", "bench"])
+        .current_dir(dir.path())
+        .env("BENCH_SECRET", SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run dovetail dlq replay");
+    let replayed = until_counted(&count, args.replay, Duration::from_secs(args.replay / 1_000 + 60)).await;
+    let replayed = replayed.map(|_| started.elapsed());
+    let replay_peak = peak(&sampler.stop());
+    engine.stop();
+
+    println!();
+    println!("ceiling (generator → sink): {ceiling:.0} req/s");
+    println!();
+    println!(
+        "| records in the journal | drained at | RSS while draining (0/25/50/75/100 %) | peak | ingest on top | vs ceiling | p99 | RSS peak | journal file |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (n, drained, samples, quartiles, ingest, ingest_peak, size) in &rows {
+        println!(
+            "| {n} | {:.0} rec/s | {} MiB | {:.1} MiB | {:.0} rec/s | {:.2} | {:.2} ms | {ingest_peak:.1} MiB | {:.0} MiB |",
+            *n as f64 / drained.as_secs_f64(),
+            quartiles.iter().map(|r| format!("{r:.1}")).collect::<Vec<_>>().join(" / "),
+            peak(samples),
+            ingest.rate(),
+            ingest.rate() / ceiling,
+            ingest.percentile(0.99),
+            *size as f64 / 1048576.0
+        );
+    }
+    match replayed {
+        Some(t) if replay.success() => println!(
+            "\ndead-letter replay: {} records replayed and delivered in {:.1} s: {:.0} rec/s (engine RSS peak {replay_peak:.1} MiB)",
+            args.replay,
+            t.as_secs_f64(),
+            args.replay as f64 / t.as_secs_f64()
+        ),
+        _ => println!(
+            "\ndead-letter replay FAILED: `dlq replay` {replay}, {} of {} delivered",
+            count.load(Ordering::Relaxed),
+            args.replay
+        ),
+    }
 }

@@ -1,7 +1,7 @@
 //! One dispatcher per flow: lease due records, attempt each, write back.
 //!
-//! Concurrency is bounded by the connector's permits, taken before the
-//! lease so that a leased record is never waiting for a permit while its
+//! Requests in flight are bounded by the connector's permits, taken before
+//! the lease so that a leased record is never waiting for a permit while its
 //! lease runs down. The dispatcher sleeps until the earliest due record,
 //! an intake wakes it, or the idle poll comes round.
 
@@ -105,8 +105,7 @@ pub(crate) async fn run(
             let max_wait = batch.max_wait;
             let (f, journal, options) = (flow.clone(), journal.clone(), options.clone());
             inflight.spawn(async move {
-                attempt_batch(&f, &*journal, &options, &batch, leased, probe).await;
-                drop(permits);
+                attempt_batch(&f, &*journal, &options, &batch, leased, probe, permits).await;
             });
             if partial {
                 // Let the next batch fill: a lone record waits at most max_wait.
@@ -117,8 +116,7 @@ pub(crate) async fn run(
         for (record, permit) in leased.into_iter().zip(permits) {
             let (flow, journal, options) = (flow.clone(), journal.clone(), options.clone());
             inflight.spawn(async move {
-                attempt(&flow, &*journal, &options, record, probe).await;
-                drop(permit);
+                attempt(&flow, &*journal, &options, record, probe, permit).await;
             });
         }
     }
@@ -197,6 +195,7 @@ async fn attempt(
     options: &EngineOptions,
     mut record: LeasedRecord,
     probe: bool,
+    permit: OwnedSemaphorePermit,
 ) {
     let started_at = options.clock.now();
     match prepare(flow, journal, options, &mut record).await {
@@ -213,6 +212,9 @@ async fn attempt(
         }
     }
     let result = flow.sink.send(outbound(&record), || options.clock.now()).await;
+    // The permit bounds requests to the partner, not journal writes: the
+    // next request may go out while this result is being recorded.
+    drop(permit);
     let now = options.clock.now();
     let (breaker_open_until, change) = flow.connector.observe(&result, now);
     connector::record(change, journal).await;
@@ -244,6 +246,7 @@ async fn attempt_batch(
     batch: &BatchConfig,
     records: Vec<LeasedRecord>,
     probe: bool,
+    permits: Vec<OwnedSemaphorePermit>,
 ) {
     let started_at = options.clock.now();
     let mut sendable = Vec::with_capacity(records.len());
@@ -264,6 +267,7 @@ async fn attempt_batch(
         dovetail_core::ids::batch_idempotency_key(records.iter().map(|r| r.idempotency_key.as_str()))
     });
     let result = flow.sink.send_batch(&outs, &key, batch.results, &batch.results_field, || options.clock.now()).await;
+    drop(permits);
     // Without a per-record answer nobody knows what the partner applied:
     // a retry must send exactly these records under the same key again.
     let keep_batch = !matches!(result.items, Ok(Some(_)));
