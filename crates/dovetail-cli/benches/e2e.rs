@@ -574,10 +574,13 @@ async fn scale(args: Args) {
         let dir = tempfile::tempdir().expect("temp dir");
         let fill_rate = fill(&dir.path().join("journal.db"), n, false).await;
         count.store(0, Ordering::Relaxed);
+        // The drain is timed from the engine's start: it delivers before it
+        // answers /readyz.
+        let started = Instant::now();
         let engine = Engine::start(dir.path(), sink_port);
         let sampler = Sampler::start(engine.child.id(), count.clone());
         // Bounded: even at 1,000 records/s the drain ends within the limit.
-        let drained = until_counted(&count, n, Duration::from_secs(n / 1_000 + 60)).await;
+        let drained = until_counted(&count, n, Duration::from_secs(n / 1_000 + 60)).await.map(|_| started.elapsed());
         let drain_samples = sampler.stop();
         let Some(drained) = drained else {
             println!("NOT DRAINED: {} of a backlog of {n} reached the sink", count.load(Ordering::Relaxed));
@@ -587,7 +590,10 @@ async fn scale(args: Args) {
         let sampler = Sampler::start(engine.child.id(), count.clone());
         let ingest = load(engine.addr.clone(), "/hooks/bench", args.connections, seconds, None, numbers.clone()).await;
         let ingest_peak = peak(&sampler.stop());
-        let size = std::fs::metadata(dir.path().join("journal.db")).map_or(0, |m| m.len());
+        let size: u64 = ["journal.db", "journal.db-wal"]
+            .iter()
+            .map(|f| std::fs::metadata(dir.path().join(f)).map_or(0, |m| m.len()))
+            .sum();
         engine.stop();
         let quartiles = by_progress(&drain_samples, n);
         println!(
@@ -606,14 +612,20 @@ async fn scale(args: Args) {
     let engine = Engine::start(dir.path(), sink_port);
     let sampler = Sampler::start(engine.child.id(), count.clone());
     let started = Instant::now();
-    let replay = Command::new(env!("CARGO_BIN_EXE_dovetail"))
-        .args(["--config", "dovetail.toml", "--log-level", "warn", "dlq", "replay", "--flow", "bench"])
-        .current_dir(dir.path())
-        .env("BENCH_SECRET", SECRET)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("run dovetail dlq replay");
+    // Waited for on the blocking pool: the sink shares this runtime's two workers.
+    let cwd = dir.path().to_path_buf();
+    let replay = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_dovetail"))
+            .args(["--config", "dovetail.toml", "--log-level", "warn", "dlq", "replay", "--flow", "bench"])
+            .current_dir(cwd)
+            .env("BENCH_SECRET", SECRET)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run dovetail dlq replay")
+    })
+    .await
+    .expect("the replay command's thread");
     let replayed = until_counted(&count, args.replay, Duration::from_secs(args.replay / 1_000 + 60)).await;
     let replayed = replayed.map(|_| started.elapsed());
     let replay_peak = peak(&sampler.stop());

@@ -212,11 +212,12 @@ async fn attempt(
         }
     }
     let result = flow.sink.send(outbound(&record), || options.clock.now()).await;
-    // The permit bounds requests to the partner, not journal writes: the
-    // next request may go out while this result is being recorded.
-    drop(permit);
     let now = options.clock.now();
     let (breaker_open_until, change) = flow.connector.observe(&result, now);
+    // The permit bounds requests to the partner, not journal writes: once the
+    // breaker and the limiter have seen this answer, the next request may go
+    // out while it is being recorded.
+    drop(permit);
     connector::record(change, journal).await;
     let sent = Sent { started_at, breaker_open_until, quota: flow.connector.quota_name(), keep_batch: false };
     let report = conclude(flow, journal, options, &record, &result, sent).await;
@@ -267,12 +268,12 @@ async fn attempt_batch(
         dovetail_core::ids::batch_idempotency_key(records.iter().map(|r| r.idempotency_key.as_str()))
     });
     let result = flow.sink.send_batch(&outs, &key, batch.results, &batch.results_field, || options.clock.now()).await;
-    drop(permits);
     // Without a per-record answer nobody knows what the partner applied:
     // a retry must send exactly these records under the same key again.
     let keep_batch = !matches!(result.items, Ok(Some(_)));
     let now = options.clock.now();
     let (breaker_open_until, change) = flow.connector.observe(&result.request, now);
+    drop(permits);
     connector::record(change, journal).await;
     // The request counts once against the quota.
     let mut quota = flow.connector.quota_name();
@@ -464,6 +465,7 @@ async fn settle_unsent(
 }
 
 async fn record_outcome(flow: &FlowRuntime, journal: &dyn Journal, record: &LeasedRecord, report: AttemptReport) {
+    let back_to_pending = matches!(report.outcome, Outcome::Retry { .. } | Outcome::Hold { .. });
     match journal.complete(report).await {
         Ok(true) => {}
         Ok(false) => tracing::warn!(flow = %flow.name, record_id = record.id,
@@ -472,8 +474,10 @@ async fn record_outcome(flow: &FlowRuntime, journal: &dyn Journal, record: &Leas
         // same idempotency key, so the partner sees no double effect.
         Err(e) => tracing::error!(flow = %flow.name, record_id = record.id, error = %e, "cannot record an attempt"),
     }
-    if flow.in_key_order {
-        // The next record of this key may be due now.
+    if flow.in_key_order || back_to_pending {
+        // The next record of this key may be due now; or this one has a new
+        // due time, which a dispatcher that went idle while the attempt was
+        // being recorded (its permit came back before) has not seen.
         flow.wake.notify_one();
     }
 }

@@ -107,6 +107,17 @@ async fn deliver(j: Arc<SqliteJournal>, n: usize, window: usize) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
+    // `-- --records N`: only N records ingested by 64 callers, then leased
+    // and completed; small enough to run under callgrind, whose instruction
+    // counts do not vary from run to run as timings do.
+    let argv: Vec<String> = std::env::args().collect();
+    if let Some(n) = argv.iter().position(|a| a == "--records").and_then(|i| argv.get(i + 1)?.parse::<usize>().ok()) {
+        let (rate, _) = journal(dir.path(), "profile.db", n, 64).await;
+        let j = Arc::new(SqliteJournal::open(&dir.path().join("profile.db"), SqliteOptions::default()).unwrap());
+        let delivered = deliver(j, n, 64).await;
+        println!("{n} records: ingest {rate:.0}/s, lease and complete {delivered:.0}/s");
+        return;
+    }
     let base = baseline(dir.path(), 2_000);
     println!("journal ingest, {} byte payload, synchronous=FULL", PAYLOAD.len());
     println!("{:<44} {:>10} records/s", "baseline: one transaction per record", format!("{base:.0}"));
