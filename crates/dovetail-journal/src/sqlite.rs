@@ -435,10 +435,12 @@ fn in_savepoint<T>(tx: &Tx<'_>, f: impl FnOnce(&Tx<'_>) -> rusqlite::Result<T>) 
     let result = f(tx).and_then(|v| tx.execute_batch("RELEASE job").map(|()| v));
     if result.is_err() {
         tx.restore(counted);
-        if !tx.is_autocommit() {
-            // If this fails too, the outer transaction is gone; the writer sees
-            // that through `is_autocommit` and fails the whole batch.
-            let _ = tx.execute_batch("ROLLBACK TO job; RELEASE job");
+        if !tx.is_autocommit() && tx.execute_batch("ROLLBACK TO job; RELEASE job").is_err() {
+            // The job's writes cannot be undone on their own (its savepoint is
+            // gone): give up the whole transaction rather than commit them.
+            // The writer sees that through `is_autocommit` and fails the jobs
+            // run so far.
+            let _ = tx.execute_batch("ROLLBACK");
         }
     }
     result
@@ -1599,22 +1601,7 @@ mod tests {
     async fn a_failing_job_undoes_only_its_own_writes() {
         let dir = tempfile::tempdir().unwrap();
         let j = Arc::new(SqliteJournal::open(&dir.path().join("j.db"), SqliteOptions::default()).unwrap());
-        // Hold the writer until the whole group is queued behind it.
-        let (gate, gated) = std::sync::mpsc::channel::<()>();
-        let (started, running) = std::sync::mpsc::channel::<()>();
-        let gated = Arc::new(Mutex::new(gated));
-        let held = {
-            let j = j.clone();
-            tokio::spawn(async move {
-                j.write(move |_| {
-                    let _ = started.send(());
-                    let _ = gated.lock().unwrap().recv();
-                    Ok(())
-                })
-                .await
-            })
-        };
-        tokio::task::spawn_blocking(move || running.recv()).await.unwrap().unwrap();
+        let (gate, held) = hold_the_writer(&j).await;
         let put = |j: Arc<SqliteJournal>, key: &'static str, fail: bool| {
             tokio::spawn(async move {
                 j.write(move |c| {
@@ -1755,6 +1742,69 @@ mod tests {
             }
         }
         assert!(offenders.is_empty(), "re-prepared:\n{}", offenders.join("\n"));
+    }
+
+    /// A failed job whose savepoint cannot be rolled back (here it released
+    /// the savepoint itself) must not have its writes committed: the whole
+    /// transaction is given up, and every job in it hears an error or is
+    /// stored, never half of one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_that_cannot_be_undone_takes_its_transaction_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Arc::new(SqliteJournal::open(&dir.path().join("j.db"), SqliteOptions::default()).unwrap());
+        let (gate, held) = hold_the_writer(&j).await;
+        let good = {
+            let j = j.clone();
+            tokio::spawn(async move {
+                j.write(|c| c.execute("INSERT INTO engine_state (key, value, updated_at) VALUES ('good', 'v', 0)", []))
+                    .await
+            })
+        };
+        let evil = {
+            let j = j.clone();
+            tokio::spawn(async move {
+                j.write(|c| {
+                    c.execute_batch("RELEASE job")?;
+                    c.execute("INSERT INTO engine_state (key, value, updated_at) VALUES ('evil', 'v', 0)", [])?;
+                    Err::<(), _>(rusqlite::Error::InvalidQuery)
+                })
+                .await
+            })
+        };
+        while j.jobs.max_capacity() - j.jobs.capacity() < 2 {
+            tokio::task::yield_now().await;
+        }
+        gate.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        let good_ok = good.await.unwrap().is_ok();
+        assert!(evil.await.unwrap().is_err());
+        assert_eq!(j.load_state("evil").await.unwrap(), None, "a failed job's writes were committed");
+        assert_eq!(j.load_state("good").await.unwrap().is_some(), good_ok, "an answer that does not match the journal");
+        // The writer carries on.
+        j.save_state("after", "v".into(), Timestamp::from_secs(0)).await.unwrap();
+    }
+
+    /// Holds the writer thread in a job of its own until `gate` is sent
+    /// to, so that the jobs queued meanwhile run as one group.
+    async fn hold_the_writer(
+        j: &Arc<SqliteJournal>,
+    ) -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<Result<()>>) {
+        let (gate, gated) = std::sync::mpsc::channel::<()>();
+        let (started, running) = std::sync::mpsc::channel::<()>();
+        let gated = Arc::new(Mutex::new(gated));
+        let held = {
+            let j = j.clone();
+            tokio::spawn(async move {
+                j.write(move |_| {
+                    let _ = started.send(());
+                    let _ = gated.lock().unwrap().recv();
+                    Ok(())
+                })
+                .await
+            })
+        };
+        tokio::task::spawn_blocking(move || running.recv()).await.unwrap().unwrap();
+        (gate, held)
     }
 
     async fn futures_ok(tasks: Vec<tokio::task::JoinHandle<Result<()>>>) -> Vec<bool> {
