@@ -434,10 +434,7 @@ async fn run(args: Args) {
     let ingest = load(engine.addr.clone(), "/hooks/bench", args.connections, seconds, None, numbers.clone()).await;
     let during = count.load(Ordering::Relaxed);
     // Drain: every acknowledged record reaches the sink.
-    let drain_deadline = Instant::now() + Duration::from_secs(120);
-    while count.load(Ordering::Relaxed) < ingest.ok && Instant::now() < drain_deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_counted(&count, ingest.ok, Duration::from_secs(120)).await;
     let delivered = count.load(Ordering::Relaxed);
     let e2e_elapsed = started.elapsed();
     let e2e = delivered as f64 / e2e_elapsed.as_secs_f64();
@@ -448,10 +445,7 @@ async fn run(args: Args) {
     let half = ingest.rate() / 2.0;
     count.store(0, Ordering::Relaxed);
     let paced = load(engine.addr.clone(), "/hooks/bench", args.connections, seconds, Some(half), numbers.clone()).await;
-    let drain_deadline = Instant::now() + Duration::from_secs(120);
-    while count.load(Ordering::Relaxed) < paced.ok && Instant::now() < drain_deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_counted(&count, paced.ok, Duration::from_secs(120)).await;
     let peak_rss = peak(&sampler.stop());
     let (_, hwm) = engine.memory();
     engine.stop();

@@ -76,28 +76,41 @@ impl JsonType {
 
 /// Every (path, type) in a payload. The root itself is not listed.
 pub fn fields(value: &serde_json::Value) -> BTreeSet<(String, JsonType)> {
-    fn walk(v: &serde_json::Value, path: &str, out: &mut BTreeSet<(String, JsonType)>) {
-        match v {
-            serde_json::Value::Object(map) => {
-                for (k, child) in map {
-                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-                    out.insert((p.clone(), JsonType::of(child)));
-                    walk(child, &p, out);
-                }
-            }
-            serde_json::Value::Array(items) => {
-                let p = format!("{path}[]");
-                for item in items {
-                    out.insert((p.clone(), JsonType::of(item)));
-                    walk(item, &p, out);
-                }
-            }
-            _ => {}
-        }
-    }
     let mut out = BTreeSet::new();
-    walk(value, "", &mut out);
+    visit_fields(value, &mut String::new(), &mut |path, t| {
+        out.insert((path.to_string(), t));
+    });
     out
+}
+
+/// Calls `visit` with the path and type of every field under `v`, in
+/// document order; an array's items share their path (`lines[]`), so a
+/// path can come more than once. `path` is the buffer the paths are built
+/// in: nothing is allocated per field.
+fn visit_fields(v: &serde_json::Value, path: &mut String, visit: &mut impl FnMut(&str, JsonType)) {
+    let start = path.len();
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, child) in map {
+                if start > 0 {
+                    path.push('.');
+                }
+                path.push_str(k);
+                visit(path, JsonType::of(child));
+                visit_fields(child, path, visit);
+                path.truncate(start);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            path.push_str("[]");
+            for item in items {
+                visit(path, JsonType::of(item));
+                visit_fields(item, path, visit);
+            }
+            path.truncate(start);
+        }
+        _ => {}
+    }
 }
 
 /// What changed.
@@ -159,63 +172,6 @@ fn key(path: &str, t: JsonType) -> String {
     format!("{path}\t{}", t.as_str())
 }
 
-/// One record's walk over its fields: counts the known ones once per record
-/// and collects the new ones.
-struct Walk<'a> {
-    fields: &'a mut BTreeMap<String, Seen>,
-    seq: u64,
-    record_id: i64,
-    /// Reused for every lookup's `"path\ttype"`.
-    key: String,
-    new: Vec<(String, JsonType)>,
-}
-
-impl Walk<'_> {
-    fn value(&mut self, v: &serde_json::Value, path: &mut String) {
-        let start = path.len();
-        match v {
-            serde_json::Value::Object(map) => {
-                for (k, child) in map {
-                    if start > 0 {
-                        path.push('.');
-                    }
-                    path.push_str(k);
-                    self.field(path, JsonType::of(child));
-                    self.value(child, path);
-                    path.truncate(start);
-                }
-            }
-            serde_json::Value::Array(items) => {
-                path.push_str("[]");
-                for item in items {
-                    self.field(path, JsonType::of(item));
-                    self.value(item, path);
-                }
-                path.truncate(start);
-            }
-            _ => {}
-        }
-    }
-
-    fn field(&mut self, path: &str, t: JsonType) {
-        self.key.clear();
-        self.key.push_str(path);
-        self.key.push('\t');
-        self.key.push_str(t.as_str());
-        match self.fields.get_mut(self.key.as_str()) {
-            // Already counted for this record (an array's items share paths).
-            Some(seen) if seen.last_seq == self.seq => {}
-            Some(seen) => {
-                seen.last_seq = self.seq;
-                seen.count += 1;
-                seen.last_record_id = self.record_id;
-                seen.removed_reported = false;
-            }
-            None => self.new.push((path.to_string(), t)),
-        }
-    }
-}
-
 impl Shape {
     pub fn records(&self) -> u64 {
         self.records
@@ -233,15 +189,31 @@ impl Shape {
     /// Learns one record's fields (as [`fields`] lists them); returns what
     /// is new about them, in path order.
     ///
-    /// Walks the value once with one path buffer: known fields are counted
-    /// without allocating, and only new ones are collected, since this runs
-    /// for every accepted record.
+    /// Walks the value once with one path buffer and one key buffer: known
+    /// fields are counted without allocating, since this runs for every
+    /// accepted record.
     pub fn learn(&mut self, value: &serde_json::Value, record_id: i64, now: Timestamp) -> Vec<DriftEvent> {
         self.records += 1;
         let seq = self.records;
-        let mut walk = Walk { fields: &mut self.fields, seq, record_id, key: String::new(), new: Vec::new() };
-        walk.value(value, &mut String::new());
-        let mut new = walk.new;
+        // Known fields are counted once per record; new ones collected.
+        let (known, mut lookup, mut new) = (&mut self.fields, String::new(), Vec::new());
+        visit_fields(value, &mut String::new(), &mut |path, t| {
+            lookup.clear();
+            lookup.push_str(path);
+            lookup.push('\t');
+            lookup.push_str(t.as_str());
+            match known.get_mut(lookup.as_str()) {
+                // Already counted for this record (an array's items share paths).
+                Some(seen) if seen.last_seq == seq => {}
+                Some(seen) => {
+                    seen.last_seq = seq;
+                    seen.count += 1;
+                    seen.last_record_id = record_id;
+                    seen.removed_reported = false;
+                }
+                None => new.push((path.to_string(), t)),
+            }
+        });
         new.sort();
         new.dedup();
         let warm = seq > WARMUP;

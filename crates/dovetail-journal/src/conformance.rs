@@ -54,7 +54,7 @@ macro_rules! journal_conformance {
     };
 }
 
-fn new_record(flow: &str, delivery_id: Option<&str>, body: &str) -> NewRecord {
+pub(crate) fn new_record(flow: &str, delivery_id: Option<&str>, body: &str) -> NewRecord {
     NewRecord {
         flow: flow.to_string(),
         external_key: None,

@@ -254,8 +254,11 @@ impl Tally {
 /// the connection through `Deref`.
 pub(crate) struct Tx<'c> {
     conn: &'c Connection,
-    tallies: std::cell::RefCell<std::collections::BTreeMap<(String, i64), Tally>>,
+    tallies: std::cell::RefCell<Tallies>,
 }
+
+/// Roll-up counts by flow, then minute.
+type Tallies = std::collections::BTreeMap<String, std::collections::BTreeMap<i64, Tally>>;
 
 impl std::ops::Deref for Tx<'_> {
     type Target = Connection;
@@ -272,27 +275,34 @@ impl<'c> Tx<'c> {
     /// Adds `tally` to the roll-up of `flow`'s `minute` when this transaction commits.
     fn count(&self, flow: &str, minute: i64, tally: &Tally) {
         let mut tallies = self.tallies.borrow_mut();
-        match tallies.get_mut(&(flow.to_string(), minute)) {
+        // Looked up by `&str`: the flow's name is copied once per transaction, not per record.
+        let minutes = match tallies.get_mut(flow) {
+            Some(minutes) => minutes,
+            None => tallies.entry(flow.to_string()).or_default(),
+        };
+        match minutes.get_mut(&minute) {
             Some(t) => t.add(tally),
             None => {
-                tallies.insert((flow.to_string(), minute), tally.clone());
+                minutes.insert(minute, tally.clone());
             }
         }
     }
 
-    fn snapshot(&self) -> std::collections::BTreeMap<(String, i64), Tally> {
+    fn snapshot(&self) -> Tallies {
         self.tallies.borrow().clone()
     }
 
-    fn restore(&self, saved: std::collections::BTreeMap<(String, i64), Tally>) {
+    fn restore(&self, saved: Tallies) {
         *self.tallies.borrow_mut() = saved;
     }
 
     /// Writes the counted roll-ups; the transaction can then commit.
     fn flush(&self) -> rusqlite::Result<()> {
         let tallies = std::mem::take(&mut *self.tallies.borrow_mut());
-        for ((flow, minute), tally) in &tallies {
-            add_tally(self.conn, flow, *minute, tally)?;
+        for (flow, minutes) in &tallies {
+            for (minute, tally) in minutes {
+                add_tally(self.conn, flow, *minute, tally)?;
+            }
         }
         Ok(())
     }
@@ -440,7 +450,7 @@ fn in_savepoint<T>(tx: &Tx<'_>, f: impl FnOnce(&Tx<'_>) -> rusqlite::Result<T>) 
             // gone): give up the whole transaction rather than commit them.
             // The writer sees that through `is_autocommit` and fails the jobs
             // run so far.
-            let _ = tx.execute_batch("ROLLBACK");
+            roll_back(tx);
         }
     }
     result
@@ -633,9 +643,8 @@ fn writer_loop(
         let tx = Tx::new(&conn);
         let mut outcome = run_group(&tx, &mut group, false);
         if outcome == GroupRun::JobFailed {
-            let _ = conn.execute_batch("ROLLBACK");
             tx.restore(Default::default());
-            outcome = if conn.is_autocommit() {
+            outcome = if roll_back(&conn) {
                 run_group(&tx, &mut group, true)
             } else {
                 GroupRun::NotBegun("the failed transaction could not be rolled back".to_string())
@@ -644,10 +653,8 @@ fn writer_loop(
         match outcome {
             GroupRun::NotBegun(why) => {
                 tracing::error!(journal = location, error = %why, "cannot begin a journal transaction");
-                if !conn.is_autocommit() {
-                    // A transaction left open would fail every later BEGIN.
-                    let _ = conn.execute_batch("ROLLBACK");
-                }
+                // A transaction left open would fail every later BEGIN.
+                roll_back(&conn);
                 let why = format!("cannot begin a transaction: {why}");
                 group.into_iter().for_each(|j| j.finish(Err(&why)));
             }
@@ -673,15 +680,22 @@ fn writer_loop(
                 Err(e) => {
                     let why = e.to_string();
                     tracing::error!(journal = location, error = %why, "journal commit failed; nothing in this batch was acknowledged");
-                    if !conn.is_autocommit() {
-                        let _ = conn.execute_batch("ROLLBACK");
-                    }
+                    roll_back(&conn);
                     let why = format!("commit failed: {why}");
                     group.into_iter().for_each(|j| j.finish(Err(&why)));
                 }
             },
         }
     }
+}
+
+/// Rolls back the open transaction, if there is one; `true` when none is
+/// left open.
+fn roll_back(conn: &Connection) -> bool {
+    if !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    conn.is_autocommit()
 }
 
 /// How running a group of jobs in one transaction went.
@@ -836,19 +850,25 @@ const IN_KEY_ORDER: &str = "AND (r.external_key IS NULL OR NOT EXISTS (
        SELECT 1 FROM records p WHERE p.flow = r.flow AND p.external_key = r.external_key
                                  AND p.id < r.id AND p.state IN ('pending', 'in_flight')))";
 
-/// The query that finds due records, oldest first (`?1` flow, `?2` now, `?3` limit).
-fn due_sql(in_key_order: bool) -> &'static str {
-    static SQL: std::sync::LazyLock<[String; 2]> = std::sync::LazyLock::new(|| {
-        [false, true].map(|in_key_order| {
-            let order = if in_key_order { IN_KEY_ORDER } else { "" };
+/// The query that finds a lease's due records, oldest first (`?1` flow,
+/// `?2` now, `?3` limit); for a new batch, only records in none.
+fn due_sql(mode: LeaseMode) -> &'static str {
+    const MODES: [LeaseMode; 3] = [LeaseMode::Oldest, LeaseMode::InKeyOrder, LeaseMode::Batch];
+    static SQL: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
+        MODES.map(|mode| {
+            let only = match mode {
+                LeaseMode::Oldest => "",
+                LeaseMode::InKeyOrder => IN_KEY_ORDER,
+                LeaseMode::Batch => "AND r.batch_key IS NULL",
+            };
             format!(
                 "SELECT {LEASED_COLUMNS} FROM records r
-                 WHERE r.flow = {FLOW_1} AND r.state = 'pending' AND r.next_attempt_at <= ?2 {order}
+                 WHERE r.flow = {FLOW_1} AND r.state = 'pending' AND r.next_attempt_at <= ?2 {only}
                  ORDER BY r.next_attempt_at, r.id LIMIT {LIMIT_3}"
             )
         })
     });
-    &SQL[usize::from(in_key_order)]
+    &SQL[MODES.iter().position(|m| *m == mode).unwrap_or(0)]
 }
 
 /// Marks records read by a lease query as leased, oldest id first. One
@@ -916,7 +936,7 @@ fn lease_tx(
     let until = now.plus(lease_for);
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let due: Vec<LeasedRecord> = conn
-        .prepare_cached(due_sql(in_key_order))?
+        .prepare_cached(due_sql(if in_key_order { LeaseMode::InKeyOrder } else { LeaseMode::Oldest }))?
         .query_map(params![flow, now_ms, limit], |r| leased_row(r, until))?
         .collect::<rusqlite::Result<_>>()?;
     mark_leased(conn, due, owner, now)
@@ -961,11 +981,7 @@ fn lease_batch_tx(
             .query_map(params![flow, key], row)?
             .collect::<rusqlite::Result<_>>()?,
         None => conn
-            .prepare_cached(&format!(
-                "SELECT {LEASED_COLUMNS} FROM records r
-                 WHERE r.flow = {FLOW_1} AND r.state = 'pending' AND r.next_attempt_at <= ?2 AND r.batch_key IS NULL
-                 ORDER BY r.next_attempt_at, r.id LIMIT {LIMIT_3}"
-            ))?
+            .prepare_cached(due_sql(LeaseMode::Batch))?
             .query_map(params![flow, now_ms, i64::try_from(limit).unwrap_or(i64::MAX)], row)?
             .collect::<rusqlite::Result<_>>()?,
     };
@@ -985,14 +1001,37 @@ fn lease_batch_tx(
     Ok(leased)
 }
 
+/// A completion's `UPDATE`: the new state (`$set`), the lease let go, the
+/// batch binding (`$batch`), only where the lease is still held (`?1` id,
+/// `?2` owner, `?3` attempt). Spelled out whole at compile time, so that
+/// nothing is formatted per record.
+macro_rules! complete_sql {
+    ($set:literal, $batch:expr) => {
+        concat!(
+            "UPDATE records SET ",
+            $set,
+            ", lease_owner = NULL, lease_until = NULL, leased_at = NULL, ",
+            $batch,
+            " WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3"
+        )
+    };
+}
+
+/// `?5` true: the batch's fate is unknown and its records stay bound to it,
+/// to go again whole; false: a settled batch lets them go.
+macro_rules! keep_batch_5 {
+    () => {
+        "batch_key = CASE WHEN ?5 THEN batch_key END"
+    };
+}
+
 fn complete_tx(conn: &Tx<'_>, rep: &AttemptReport) -> rusqlite::Result<bool> {
     let a = &rep.attempt;
     let end = a.started_at.plus(Duration::from_millis(a.duration_ms)).as_millis();
-    // `?1..?3` hold the lease: it is this owner's *and* this attempt's, so an
-    // owner whose lease expired and who then re-leased the same record (a
-    // paused process, a clock jump) cannot complete the newer attempt with
-    // the older result. `?5`: a settled batch lets its records go (false);
-    // a batch of unknown fate keeps them (true).
+    // The lease is this owner's *and* this attempt's (`?2`, `?3`): an owner
+    // whose lease expired and who then re-leased the same record (a paused
+    // process, a clock jump) cannot complete the newer attempt with the
+    // older result.
     if let Some(connector) = &rep.quota {
         count_quota(conn, connector, a.started_at)?;
     }
@@ -1000,33 +1039,22 @@ fn complete_tx(conn: &Tx<'_>, rep: &AttemptReport) -> rusqlite::Result<bool> {
     // No `RETURNING`: it buffers its rows in a temporary table.
     let changed = match &rep.outcome {
         Outcome::Delivered => conn
-            .prepare_cached(
-                "UPDATE records SET state = 'delivered', finished_at = ?4, lease_owner = NULL, lease_until = NULL,
-                                    leased_at = NULL, batch_key = CASE WHEN ?5 THEN batch_key END
-                 WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3",
-            )?
+            .prepare_cached(complete_sql!("state = 'delivered', finished_at = ?4", keep_batch_5!()))?
             .execute(params![rep.id, rep.owner, n, end, keep])?,
         Outcome::Retry { at } => conn
-            .prepare_cached(
-                "UPDATE records SET state = 'pending', next_attempt_at = ?4, failures = failures + 1,
-                                    lease_owner = NULL, lease_until = NULL, leased_at = NULL,
-                                    batch_key = CASE WHEN ?5 THEN batch_key END
-                 WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3",
-            )?
+            .prepare_cached(complete_sql!(
+                "state = 'pending', next_attempt_at = ?4, failures = failures + 1",
+                keep_batch_5!()
+            ))?
             .execute(params![rep.id, rep.owner, n, at.as_millis(), keep])?,
         Outcome::Hold { at } => conn
-            .prepare_cached(
-                "UPDATE records SET state = 'pending', next_attempt_at = ?4, lease_owner = NULL, lease_until = NULL,
-                                    leased_at = NULL, batch_key = CASE WHEN ?5 THEN batch_key END
-                 WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3",
-            )?
+            .prepare_cached(complete_sql!("state = 'pending', next_attempt_at = ?4", keep_batch_5!()))?
             .execute(params![rep.id, rep.owner, n, at.as_millis(), keep])?,
         Outcome::Dead { class, reason } => conn
-            .prepare_cached(
-                "UPDATE records SET state = 'dead', finished_at = ?4, dead_class = ?5, dead_reason = ?6,
-                                    lease_owner = NULL, lease_until = NULL, leased_at = NULL, batch_key = NULL
-                 WHERE id = ?1 AND state = 'in_flight' AND lease_owner = ?2 AND attempts = ?3",
-            )?
+            .prepare_cached(complete_sql!(
+                "state = 'dead', finished_at = ?4, dead_class = ?5, dead_reason = ?6",
+                "batch_key = NULL"
+            ))?
             .execute(params![rep.id, rep.owner, n, end, class.as_str(), reason])?,
     };
     if changed == 0 {
@@ -1618,18 +1646,7 @@ mod tests {
         // Ingests count in the minute roll-ups; a failed one must not.
         let ingest = |j: Arc<SqliteJournal>, id: &'static str, fail: bool| {
             tokio::spawn(async move {
-                let record = NewRecord {
-                    flow: "orders".into(),
-                    external_key: None,
-                    delivery_id: Some(id.into()),
-                    idempotency_key: format!("key-{id}"),
-                    correlation_id: "corr".into(),
-                    content_type: None,
-                    payload: b"{}".to_vec(),
-                    received_at: Timestamp::from_secs(1_700_000_000),
-                    quarantine: None,
-                    prepared: None,
-                };
+                let record = crate::conformance::new_record("orders", Some(id), "{}");
                 j.write(move |c| {
                     ingest_tx(c, &record)?;
                     if fail {
@@ -1682,18 +1699,9 @@ mod tests {
             let now = Timestamp::from_secs(1_700_000_000 + i * 90);
             let flow = ["orders", "refunds"][i as usize % 2];
             for n in 0..3 {
-                let record = NewRecord {
-                    flow: flow.to_string(),
-                    external_key: Some(format!("k{n}")),
-                    delivery_id: Some(format!("msg-{i}-{n}")),
-                    idempotency_key: format!("key-{i}-{n}"),
-                    correlation_id: format!("corr-{i}"),
-                    content_type: Some("application/json".to_string()),
-                    payload: b"{}".to_vec(),
-                    received_at: now,
-                    quarantine: None,
-                    prepared: None,
-                };
+                let mut record = crate::conformance::new_record(flow, Some(&format!("msg-{i}-{n}")), "{}");
+                record.external_key = Some(format!("k{n}"));
+                record.received_at = now;
                 ingest_tx(&tx, &record).unwrap();
             }
             let mode = i < 2;
