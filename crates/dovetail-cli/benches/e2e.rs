@@ -8,7 +8,10 @@
 //! engine answers), end-to-end delivered records/s, latency at half the
 //! measured ingest rate (open loop: each request has a scheduled start and
 //! its latency counts from then, so a stall is not hidden), and the
-//! engine's RSS idle and at its peak. Everything runs on this machine's
+//! engine's RSS idle and at its peak, and CPU time per record: the
+//! engine's per delivered record, the generator's and sink's per request at
+//! the ceiling. `DOVETAIL_BENCH_ENGINE=<path>` runs another build of the
+//! engine, to compare two in alternating runs. Everything runs on this machine's
 //! cores at once: the generator and the sink compete with the engine, as
 //! they do for the ceiling.
 
@@ -292,7 +295,10 @@ sink = {{ type = "http", connector = "sink", path = "/ingest" }}
         );
         std::fs::write(dir.join("dovetail.toml"), config).expect("write the bench config");
         let log = std::fs::File::create(dir.join("engine.log")).expect("the engine log");
-        let child = Command::new(env!("CARGO_BIN_EXE_dovetail"))
+        // Another build of the engine, for comparing two in alternating runs.
+        let program =
+            std::env::var_os("DOVETAIL_BENCH_ENGINE").unwrap_or_else(|| env!("CARGO_BIN_EXE_dovetail").into());
+        let child = Command::new(program)
             .args(["--config", "dovetail.toml", "--log-level", "warn", "run"])
             .current_dir(dir)
             .env("BENCH_SECRET", SECRET)
@@ -336,6 +342,17 @@ fn memory_of(pid: u32) -> (f64, f64) {
             .unwrap_or(f64::NAN)
     };
     (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+}
+
+/// A process's CPU time (user + system, all its threads) in seconds;
+/// `/proc` counts it in clock ticks, 100 per second on Linux.
+fn cpu_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name may hold spaces; the fields after it do not.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Samples a process's RSS every 100 ms on its own thread, with the sink's
@@ -414,7 +431,9 @@ async fn run(args: Args) {
 
     println!("e2e bench: {} s per phase, {} connections, ~300-byte records", args.seconds, args.connections);
     let numbers = Arc::new(AtomicU64::new(0));
+    let bench_cpu = cpu_of(std::process::id());
     let ceiling = load(sink_addr, "/ingest", args.connections, seconds, None, numbers.clone()).await;
+    let bench_cpu = cpu_of(std::process::id()) - bench_cpu;
     println!(
         "ceiling (generator → sink): {:.0}/s, p50 {:.2} ms, p99 {:.2} ms",
         ceiling.rate(),
@@ -431,12 +450,14 @@ async fn run(args: Args) {
     let sampler = Sampler::start(engine.child.id(), count.clone());
 
     let started = Instant::now();
+    let engine_cpu = cpu_of(engine.child.id());
     let ingest = load(engine.addr.clone(), "/hooks/bench", args.connections, seconds, None, numbers.clone()).await;
     let during = count.load(Ordering::Relaxed);
     // Drain: every acknowledged record reaches the sink.
     until_counted(&count, ingest.ok, Duration::from_secs(120)).await;
     let delivered = count.load(Ordering::Relaxed);
     let e2e_elapsed = started.elapsed();
+    let engine_cpu = cpu_of(engine.child.id()) - engine_cpu;
     let e2e = delivered as f64 / e2e_elapsed.as_secs_f64();
     if delivered < ingest.ok {
         println!("NOT DRAINED: {delivered} of {} acknowledged records reached the sink within 120 s", ingest.ok);
@@ -477,6 +498,13 @@ async fn run(args: Args) {
         paced.ok + paced.failed
     );
     println!("| engine RSS | idle {idle_rss:.1} MiB, peak {peak_rss:.1} MiB sampled, {hwm:.1} MiB high-water | |");
+    // CPU per record is steadier than rates on a shared machine: it is what
+    // the rates divide two cores by.
+    println!(
+        "| CPU per record | engine {:.1} µs (ingest and delivery, from the ingest phase to the drain); generator + sink {:.1} µs per request at the ceiling | |",
+        engine_cpu * 1e6 / delivered.max(1) as f64,
+        bench_cpu * 1e6 / ceiling.ok.max(1) as f64
+    );
 }
 
 // ------------------------------------------------------------ scale phases

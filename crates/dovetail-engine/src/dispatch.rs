@@ -104,9 +104,11 @@ pub(crate) async fn run(
             let partial = leased.len() < batch.max_records;
             let max_wait = batch.max_wait;
             let (f, journal, options) = (flow.clone(), journal.clone(), options.clone());
-            inflight.spawn(async move {
+            // Boxed: the task's cell then holds a pointer, not the whole
+            // future, which tokio would otherwise copy at every stage.
+            inflight.spawn(Box::pin(async move {
                 attempt_batch(&f, &*journal, &options, &batch, leased, probe, permits).await;
-            });
+            }));
             if partial {
                 // Let the next batch fill: a lone record waits at most max_wait.
                 pause_for(max_wait, &mut stop).await;
@@ -115,9 +117,9 @@ pub(crate) async fn run(
         }
         for (record, permit) in leased.into_iter().zip(permits) {
             let (flow, journal, options) = (flow.clone(), journal.clone(), options.clone());
-            inflight.spawn(async move {
+            inflight.spawn(Box::pin(async move {
                 attempt(&flow, &*journal, &options, record, probe, permit).await;
-            });
+            }));
         }
     }
     // Attempts already sent finish and are recorded; nothing new starts.
