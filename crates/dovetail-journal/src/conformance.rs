@@ -22,10 +22,15 @@ const LEASE: Duration = Duration::from_secs(30);
 
 /// Generates one `#[tokio::test]` per conformance check; `$make` is an
 /// expression evaluating to a future of a fresh `Arc<J>` where `J: Journal`.
+/// With `after = check`, `check(&journal)` (an async fn taking `&J`) runs
+/// after every check: a backend's own consistency checks.
 #[macro_export]
 macro_rules! journal_conformance {
     ($make:expr) => {
-        $crate::journal_conformance!(@tests $make;
+        $crate::journal_conformance!($make, after = $crate::conformance::nothing_more);
+    };
+    ($make:expr, after = $after:path) => {
+        $crate::journal_conformance!(@tests $make; $after;
             ingest_lease_deliver, duplicate_delivery_is_journalled_once, lease_is_exclusive_until_it_expires,
             retry_waits_until_due, dead_letter_and_replay_keep_the_key, discard_keeps_the_record,
             quarantine_is_dead_at_intake, hold_does_not_spend_the_budget, pause_and_resume,
@@ -43,16 +48,20 @@ macro_rules! journal_conformance {
             complete_many_counts_every_applied_report, rollups_are_per_minute, minutes_filter_by_flow_and_time,
             prune_minutes_deletes_only_older_minutes);
     };
-    (@tests $make:expr; $($name:ident),*) => {
+    (@tests $make:expr; $after:path; $($name:ident),*) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let journal = $make.await;
                 $crate::conformance::$name(&*journal).await;
+                $after(&*journal).await;
             }
         )*
     };
 }
+
+/// The `after` check of a backend that has none of its own.
+pub async fn nothing_more<J: ?Sized>(_: &J) {}
 
 pub(crate) fn new_record(flow: &str, delivery_id: Option<&str>, body: &str) -> NewRecord {
     NewRecord {

@@ -36,8 +36,12 @@ use crate::{
 /// 3: `records.mapped`, `mapping_version`, `sink_mapping_version`, `prepared`
 /// (records of older files are not prepared: validated and mapped again at
 /// their next lease). 4: the `flow_minutes` roll-ups (an older file starts
-/// with none).
-const SCHEMA_VERSION: i64 = 4;
+/// with none). 5: `flow_counts`, the records of each flow in each state,
+/// kept by every write in its own transaction (counted from the records
+/// once, when an older file is opened), instead of the `records_state`
+/// index, which every state change rewrote twice and every `counts()`
+/// scanned whole.
+const SCHEMA_VERSION: i64 = 5;
 
 /// Columns added to `records` since version 1, with their declarations.
 /// `CREATE TABLE IF NOT EXISTS` leaves an older file's table as it was, so
@@ -84,7 +88,12 @@ CREATE UNIQUE INDEX IF NOT EXISTS records_delivery ON records (flow, delivery_id
 CREATE INDEX IF NOT EXISTS records_pending  ON records (flow, next_attempt_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS records_inflight ON records (flow, lease_until)     WHERE state = 'in_flight';
 CREATE INDEX IF NOT EXISTS records_dead     ON records (flow, id)              WHERE state = 'dead';
-CREATE INDEX IF NOT EXISTS records_state    ON records (flow, state);
+CREATE TABLE IF NOT EXISTS flow_counts (
+    flow  TEXT    NOT NULL,
+    state TEXT    NOT NULL,
+    n     INTEGER NOT NULL,
+    PRIMARY KEY (flow, state)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS attempts (
     record_id   INTEGER NOT NULL,
     number      INTEGER NOT NULL,
@@ -254,11 +263,25 @@ impl Tally {
 /// the connection through `Deref`.
 pub(crate) struct Tx<'c> {
     conn: &'c Connection,
-    tallies: std::cell::RefCell<Tallies>,
+    counted: std::cell::RefCell<Counted>,
 }
 
-/// Roll-up counts by flow, then minute.
-type Tallies = std::collections::BTreeMap<String, std::collections::BTreeMap<i64, Tally>>;
+/// What a transaction's jobs counted, written just before it commits.
+#[derive(Clone, Default)]
+struct Counted {
+    /// Roll-up counts by flow, then minute.
+    tallies: std::collections::BTreeMap<String, std::collections::BTreeMap<i64, Tally>>,
+    /// Records that entered (positive) or left (negative) each state, by
+    /// flow, in the order of [`STATES`].
+    moves: std::collections::BTreeMap<String, [i64; STATES.len()]>,
+}
+
+/// Every state a record can be in, as `flow_counts` and `records` spell it.
+const STATES: [&str; 5] = [STATE_PENDING, STATE_IN_FLIGHT, STATE_DELIVERED, STATE_DEAD, STATE_DISCARDED];
+
+fn state_slot(state: &str) -> usize {
+    STATES.iter().position(|s| *s == state).unwrap_or_else(|| unreachable!("unknown record state `{state}`"))
+}
 
 impl std::ops::Deref for Tx<'_> {
     type Target = Connection;
@@ -269,12 +292,31 @@ impl std::ops::Deref for Tx<'_> {
 
 impl<'c> Tx<'c> {
     fn new(conn: &'c Connection) -> Tx<'c> {
-        Tx { conn, tallies: Default::default() }
+        Tx { conn, counted: Default::default() }
+    }
+
+    /// Counts `n` records of `flow` moved from state `from` (`None`: new
+    /// records) to state `to`, for `flow_counts` when this transaction commits.
+    fn moved(&self, flow: &str, from: Option<&str>, to: &str, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        let mut counted = self.counted.borrow_mut();
+        let moves = match counted.moves.get_mut(flow) {
+            Some(moves) => moves,
+            None => counted.moves.entry(flow.to_string()).or_default(),
+        };
+        if let Some(from) = from {
+            moves[state_slot(from)] -= n;
+        }
+        moves[state_slot(to)] += n;
     }
 
     /// Adds `tally` to the roll-up of `flow`'s `minute` when this transaction commits.
     fn count(&self, flow: &str, minute: i64, tally: &Tally) {
-        let mut tallies = self.tallies.borrow_mut();
+        let mut counted = self.counted.borrow_mut();
+        let tallies = &mut counted.tallies;
         // Looked up by `&str`: the flow's name is copied once per transaction, not per record.
         let minutes = match tallies.get_mut(flow) {
             Some(minutes) => minutes,
@@ -288,20 +330,31 @@ impl<'c> Tx<'c> {
         }
     }
 
-    fn snapshot(&self) -> Tallies {
-        self.tallies.borrow().clone()
+    fn snapshot(&self) -> Counted {
+        self.counted.borrow().clone()
     }
 
-    fn restore(&self, saved: Tallies) {
-        *self.tallies.borrow_mut() = saved;
+    fn restore(&self, saved: Counted) {
+        *self.counted.borrow_mut() = saved;
     }
 
-    /// Writes the counted roll-ups; the transaction can then commit.
+    /// Writes the counted roll-ups and state counts; the transaction can then commit.
     fn flush(&self) -> rusqlite::Result<()> {
-        let tallies = std::mem::take(&mut *self.tallies.borrow_mut());
-        for (flow, minutes) in &tallies {
+        let counted = std::mem::take(&mut *self.counted.borrow_mut());
+        for (flow, minutes) in &counted.tallies {
             for (minute, tally) in minutes {
                 add_tally(self.conn, flow, *minute, tally)?;
+            }
+        }
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO flow_counts (flow, state, n) VALUES (?1, ?2, ?3)
+             ON CONFLICT (flow, state) DO UPDATE SET n = n + excluded.n",
+        )?;
+        for (flow, moves) in &counted.moves {
+            for (state, n) in STATES.iter().zip(moves) {
+                if *n != 0 {
+                    stmt.execute(params![flow, state, n])?;
+                }
             }
         }
         Ok(())
@@ -597,11 +650,26 @@ fn migrate(conn: &Connection, location: &str) -> Result<()> {
         "CREATE INDEX IF NOT EXISTS records_batch ON records (flow, batch_key) WHERE batch_key IS NOT NULL",
     )
     .map_err(|e| sql_err(location, e))?;
+    // Retention's: finished records whose payload is still there.
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS records_unpurged ON records (flow, finished_at)
+         WHERE state IN ('delivered', 'discarded') AND payload_purged_at IS NULL",
+    )
+    .map_err(|e| sql_err(location, e))?;
     conn.execute_batch(
         "CREATE INDEX IF NOT EXISTS records_open_by_key ON records (flow, external_key, id)
          WHERE state IN ('pending', 'in_flight') AND external_key IS NOT NULL",
     )
     .map_err(|e| sql_err(location, e))?;
+    if version < 5 {
+        // Counted once from the records; from here on every write keeps them.
+        conn.execute_batch(
+            "DROP INDEX IF EXISTS records_state;
+             DELETE FROM flow_counts;
+             INSERT INTO flow_counts (flow, state, n) SELECT flow, state, COUNT(*) FROM records GROUP BY flow, state;",
+        )
+        .map_err(|e| sql_err(location, e))?;
+    }
     if version < 3 {
         // A record already attempted under an older version went out as its
         // raw payload, under its key: that is its preparation. Mapping it now
@@ -797,6 +865,7 @@ fn ingest_tx(conn: &Tx<'_>, r: &NewRecord) -> rusqlite::Result<Ingested> {
         )?;
     if inserted == 1 {
         let id = conn.last_insert_rowid();
+        conn.moved(&r.flow, None, state, 1);
         let mut tally = Tally::new();
         tally.counters[RECEIVED] = 1;
         tally.counters[QUARANTINED] = i64::from(r.quarantine.is_some());
@@ -875,12 +944,14 @@ fn due_sql(mode: LeaseMode) -> &'static str {
 /// point update per record: an `UPDATE … WHERE id IN (…) RETURNING` builds
 /// two temporary tables per lease, which cost more than the updates.
 fn mark_leased(
-    conn: &Connection,
+    conn: &Tx<'_>,
+    flow: &str,
     mut leased: Vec<LeasedRecord>,
     owner: &str,
     now: Timestamp,
 ) -> rusqlite::Result<Vec<LeasedRecord>> {
     leased.sort_by_key(|r| r.id);
+    conn.moved(flow, Some(STATE_PENDING), STATE_IN_FLIGHT, leased.len());
     let mut stmt = conn.prepare_cached(
         "UPDATE records SET state = 'in_flight', lease_owner = ?2, lease_until = ?3, leased_at = ?4,
                             attempts = attempts + 1, next_attempt_at = NULL
@@ -893,7 +964,7 @@ fn mark_leased(
 }
 
 fn lease_tx(
-    conn: &Connection,
+    conn: &Tx<'_>,
     flow: &str,
     owner: &str,
     now: Timestamp,
@@ -924,12 +995,14 @@ fn lease_tx(
         )?
         .execute(params![flow, now_ms])?;
     }
-    conn.prepare_cached(
-        "UPDATE records SET state = 'pending', next_attempt_at = ?2, failures = failures + 1,
-                            lease_owner = NULL, lease_until = NULL, leased_at = NULL
-         WHERE flow = ?1 AND state = 'in_flight' AND lease_until <= ?2",
-    )?
-    .execute(params![flow, now_ms])?;
+    let back = conn
+        .prepare_cached(
+            "UPDATE records SET state = 'pending', next_attempt_at = ?2, failures = failures + 1,
+                                lease_owner = NULL, lease_until = NULL, leased_at = NULL
+             WHERE flow = ?1 AND state = 'in_flight' AND lease_until <= ?2",
+        )?
+        .execute(params![flow, now_ms])?;
+    conn.moved(flow, Some(STATE_IN_FLIGHT), STATE_PENDING, back);
     if limit == 0 {
         return Ok(Vec::new());
     }
@@ -939,11 +1012,11 @@ fn lease_tx(
         .prepare_cached(due_sql(if in_key_order { LeaseMode::InKeyOrder } else { LeaseMode::Oldest }))?
         .query_map(params![flow, now_ms, limit], |r| leased_row(r, until))?
         .collect::<rusqlite::Result<_>>()?;
-    mark_leased(conn, due, owner, now)
+    mark_leased(conn, flow, due, owner, now)
 }
 
 fn lease_batch_tx(
-    conn: &Connection,
+    conn: &Tx<'_>,
     flow: &str,
     owner: &str,
     now: Timestamp,
@@ -985,7 +1058,7 @@ fn lease_batch_tx(
             .query_map(params![flow, now_ms, i64::try_from(limit).unwrap_or(i64::MAX)], row)?
             .collect::<rusqlite::Result<_>>()?,
     };
-    let mut leased = mark_leased(conn, due, owner, now)?;
+    let mut leased = mark_leased(conn, flow, due, owner, now)?;
     // A new batch gets a new key (its records and their attempt numbers), so
     // a set sent again after per-record failures is not answered from the
     // partner's store; a bound batch keeps the key it was sent under.
@@ -1064,6 +1137,12 @@ fn complete_tx(conn: &Tx<'_>, rep: &AttemptReport) -> rusqlite::Result<bool> {
     // The record's flow, for its roll-up.
     let flow: String =
         conn.prepare_cached("SELECT flow FROM records WHERE id = ?1")?.query_row([rep.id], |r| r.get(0))?;
+    let to = match &rep.outcome {
+        Outcome::Delivered => STATE_DELIVERED,
+        Outcome::Retry { .. } | Outcome::Hold { .. } => STATE_PENDING,
+        Outcome::Dead { .. } => STATE_DEAD,
+    };
+    conn.moved(&flow, Some(STATE_IN_FLIGHT), to, 1);
     conn.prepare_cached(
         "INSERT OR REPLACE INTO attempts (record_id, number, started_at, duration_ms, status, class, error)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -1177,17 +1256,33 @@ fn record_tx(conn: &Connection, id: RecordId) -> rusqlite::Result<Option<RecordD
     Ok(Some(detail))
 }
 
+/// Counts, by flow, the records `chosen` (a query of ids over `?1` to `?3`)
+/// as moving from `from` to `to`; the caller then moves exactly those.
+fn count_moves(
+    conn: &Tx<'_>,
+    chosen: &str,
+    (param, now, limit): (&str, Timestamp, i64),
+    from: &str,
+    to: &str,
+) -> rusqlite::Result<()> {
+    let sql = format!("SELECT flow, COUNT(*) FROM records WHERE id IN ({chosen}) GROUP BY flow");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows =
+        stmt.query_map(params![param, now.as_millis(), limit], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    for row in rows {
+        let (flow, n) = row?;
+        conn.moved(&flow, Some(from), to, usize::try_from(n).unwrap_or(0));
+    }
+    Ok(())
+}
+
 fn counts_tx(conn: &Connection) -> rusqlite::Result<Vec<FlowCounts>> {
     let mut by_flow: std::collections::BTreeMap<String, FlowCounts> = Default::default();
-    let mut stmt = conn.prepare_cached(
-        "SELECT flow, state, COUNT(*), MIN(CASE WHEN state IN ('pending', 'in_flight') THEN received_at END)
-         FROM records GROUP BY flow, state",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, Option<i64>>(3)?))
-    })?;
+    // O(flows): the counts are kept, not counted.
+    let mut stmt = conn.prepare_cached("SELECT flow, state, n FROM flow_counts WHERE n <> 0")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))?;
     for row in rows {
-        let (flow, state, n, oldest) = row?;
+        let (flow, state, n) = row?;
         let c = by_flow.entry(flow.clone()).or_insert_with(|| FlowCounts { flow, ..Default::default() });
         let n = u64::try_from(n).unwrap_or(0);
         match state.as_str() {
@@ -1198,8 +1293,24 @@ fn counts_tx(conn: &Connection) -> rusqlite::Result<Vec<FlowCounts>> {
             STATE_DISCARDED => c.discarded = n,
             _ => {}
         }
-        if let Some(o) = ts(oldest) {
-            c.oldest_pending_at = Some(c.oldest_pending_at.map_or(o, |prev| prev.min(o)));
+    }
+    // The oldest open record, through the partial indexes of open records
+    // (each visits only that flow's pending or in-flight records).
+    for c in by_flow.values_mut() {
+        for (state, open) in [(STATE_PENDING, c.pending), (STATE_IN_FLIGHT, c.in_flight)] {
+            if open == 0 {
+                continue;
+            }
+            let oldest: Option<i64> = conn
+                .prepare_cached(if state == STATE_PENDING {
+                    "SELECT MIN(received_at) FROM records WHERE flow = ?1 AND state = 'pending'"
+                } else {
+                    "SELECT MIN(received_at) FROM records WHERE flow = ?1 AND state = 'in_flight'"
+                })?
+                .query_row([&c.flow], |r| r.get(0))?;
+            if let Some(o) = ts(oldest) {
+                c.oldest_pending_at = Some(c.oldest_pending_at.map_or(o, |prev| prev.min(o)));
+            }
         }
     }
     let mut stmt = conn.prepare_cached(
@@ -1354,12 +1465,15 @@ impl Journal for SqliteJournal {
         let (cond, param) = selector_sql(selector);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.write(move |c| {
+            let chosen = format!(
+                "SELECT id FROM records WHERE state = 'dead' AND finished_at <= ?2 AND {cond} ORDER BY id LIMIT ?3"
+            );
+            count_moves(c, &chosen, (&param, now, limit), STATE_DEAD, STATE_PENDING)?;
             let sql = format!(
                 "UPDATE records SET state = 'pending', next_attempt_at = ?2, failures = 0, finished_at = NULL,
                                     dead_class = NULL, dead_reason = NULL, prepared = 0, mapped = NULL,
                                     mapping_version = NULL, sink_mapping_version = NULL
-                 WHERE id IN (SELECT id FROM records WHERE state = 'dead' AND finished_at <= ?2 AND {cond}
-                              ORDER BY id LIMIT ?3)"
+                 WHERE id IN ({chosen})"
             );
             c.prepare_cached(&sql)?.execute(params![param, now.as_millis(), limit]).map(|n| n as u64)
         })
@@ -1370,11 +1484,11 @@ impl Journal for SqliteJournal {
         let (cond, param) = selector_sql(selector);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.write(move |c| {
-            let sql = format!(
-                "UPDATE records SET state = 'discarded', finished_at = ?2
-                 WHERE id IN (SELECT id FROM records WHERE state = 'dead' AND finished_at <= ?2 AND {cond}
-                              ORDER BY id LIMIT ?3)"
+            let chosen = format!(
+                "SELECT id FROM records WHERE state = 'dead' AND finished_at <= ?2 AND {cond} ORDER BY id LIMIT ?3"
             );
+            count_moves(c, &chosen, (&param, now, limit), STATE_DEAD, STATE_DISCARDED)?;
+            let sql = format!("UPDATE records SET state = 'discarded', finished_at = ?2 WHERE id IN ({chosen})");
             c.prepare_cached(&sql)?.execute(params![param, now.as_millis(), limit]).map(|n| n as u64)
         })
         .await
@@ -1705,8 +1819,8 @@ mod tests {
                 ingest_tx(&tx, &record).unwrap();
             }
             let mode = i < 2;
-            let leased = lease_tx(&conn, flow, "me", now, lease_for, 1 + i as usize, mode).unwrap();
-            let batch = lease_batch_tx(&conn, flow, "me", now, lease_for, 2 + i as usize).unwrap();
+            let leased = lease_tx(&tx, flow, "me", now, lease_for, 1 + i as usize, mode).unwrap();
+            let batch = lease_batch_tx(&tx, flow, "me", now, lease_for, 2 + i as usize).unwrap();
             for (k, r) in leased.iter().chain(&batch).enumerate() {
                 let outcome = match k % 3 {
                     0 => Outcome::Delivered,

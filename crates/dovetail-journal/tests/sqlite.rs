@@ -18,7 +18,20 @@ async fn fresh() -> Arc<SqliteJournal> {
     Arc::new(SqliteJournal::open(&path, SqliteOptions::default()).unwrap())
 }
 
-dovetail_journal::journal_conformance!(fresh());
+dovetail_journal::journal_conformance!(fresh(), after = counts_match_the_records);
+
+/// `flow_counts` is kept by every write, not counted: after each check it
+/// must say what counting the records says.
+async fn counts_match_the_records(j: &SqliteJournal) {
+    let conn = rusqlite::Connection::open(j.path()).unwrap();
+    let query = |sql: &str| -> Vec<(String, String, i64)> {
+        let mut stmt = conn.prepare(sql).unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap().map(Result::unwrap).collect()
+    };
+    let kept = query("SELECT flow, state, n FROM flow_counts WHERE n <> 0 ORDER BY flow, state");
+    let counted = query("SELECT flow, state, COUNT(*) FROM records GROUP BY flow, state ORDER BY flow, state");
+    assert_eq!(kept, counted, "flow_counts drifted from the records");
+}
 
 #[tokio::test]
 async fn acknowledged_records_survive_reopening() {
@@ -155,6 +168,68 @@ async fn deliver_and_purge(j: &SqliteJournal, id: i64) -> RecordDetail {
     j.record(id).await.unwrap().unwrap()
 }
 
+/// A record of `flow` received at [`AT`], named `delivery_id`.
+fn received(flow: &str, delivery_id: &str) -> NewRecord {
+    NewRecord {
+        flow: flow.into(),
+        external_key: None,
+        delivery_id: Some(delivery_id.into()),
+        idempotency_key: format!("k-{delivery_id}"),
+        correlation_id: "c".into(),
+        content_type: None,
+        payload: b"{}".to_vec(),
+        received_at: AT,
+        quarantine: None,
+        prepared: None,
+    }
+}
+
+/// The schema version this build writes.
+const CURRENT: i64 = 5;
+
+/// A journal of schema 4 kept no state counts: they are counted from its
+/// records once, and kept from then on; the `records_state` index they
+/// replace is dropped.
+#[tokio::test]
+async fn a_version_4_journal_gets_its_state_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v4.db");
+    {
+        let j = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
+        for d in ["a", "b", "c"] {
+            j.ingest(received("orders", d)).await.unwrap();
+        }
+        j.ingest(received("refunds", "r")).await.unwrap();
+        j.lease("orders", "n", AT, Duration::from_secs(30), 1).await.unwrap();
+    }
+    {
+        // What a version 4 file is: no `flow_counts`, a `records_state` index.
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "DROP TABLE flow_counts; CREATE INDEX records_state ON records (flow, state); PRAGMA user_version = 4;",
+        )
+        .unwrap();
+    }
+    let j = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
+    assert_eq!(schema_of(&path).1, CURRENT);
+    counts_match_the_records(&j).await;
+    let counts = j.counts().await.unwrap();
+    let orders = counts.iter().find(|c| c.flow == "orders").unwrap();
+    assert_eq!((orders.pending, orders.in_flight, orders.oldest_pending_at), (2, 1, Some(AT)));
+    assert_eq!(counts.iter().find(|c| c.flow == "refunds").unwrap().pending, 1);
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let index: i64 = c
+        .query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'records_state'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(index, 0, "the index the counts replace is gone");
+    drop(j);
+    // Opening it again counts nothing twice.
+    let j = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
+    counts_match_the_records(&j).await;
+}
+
 /// A journal written by the first release (schema 1) opens, keeps its
 /// records and gains the columns of every later version; its records are not
 /// prepared.
@@ -179,7 +254,8 @@ async fn a_version_1_journal_is_migrated() {
     }
     let j = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
     let (columns, version) = schema_of(&path);
-    assert_eq!(version, 4);
+    assert_eq!(version, CURRENT);
+    counts_match_the_records(&j).await;
     for (name, declared) in ADDED {
         assert!(columns.iter().any(|(n, t)| n == name && t.starts_with(declared)), "{name} {declared} in {columns:?}");
     }
@@ -230,7 +306,8 @@ async fn a_version_2_journal_is_migrated() {
     }
     let j = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
     let (columns, version) = schema_of(&path);
-    assert_eq!(version, 4);
+    assert_eq!(version, CURRENT);
+    counts_match_the_records(&j).await;
     for (name, _) in ADDED {
         assert_eq!(columns.iter().filter(|(n, _)| n == name).count(), 1, "{name} in {columns:?}");
     }
@@ -254,18 +331,7 @@ async fn a_version_2_journal_is_migrated() {
 async fn a_version_3_journal_is_migrated() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v3.db");
-    let record = |d: &str| NewRecord {
-        flow: "orders".into(),
-        external_key: None,
-        delivery_id: Some(d.into()),
-        idempotency_key: format!("k-{d}"),
-        correlation_id: "c".into(),
-        content_type: None,
-        payload: b"{}".to_vec(),
-        received_at: AT,
-        quarantine: None,
-        prepared: None,
-    };
+    let record = |d: &str| received("orders", d);
     {
         let j = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
         j.ingest(record("old")).await.unwrap();
@@ -276,7 +342,7 @@ async fn a_version_3_journal_is_migrated() {
         c.execute_batch("DROP TABLE flow_minutes; PRAGMA user_version = 3;").unwrap();
     }
     let j = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
-    assert_eq!(schema_of(&path).1, 4);
+    assert_eq!(schema_of(&path).1, CURRENT);
     assert!(orders_minutes(&j).await.is_empty(), "records from before version 4 are not counted");
     let id = j.find("old", 1).await.unwrap()[0];
     deliver_and_purge(&j, id).await;
@@ -322,19 +388,6 @@ async fn missing_rollup_columns_are_added() {
             == 1
     };
     assert!(has("fail_in_progress") && has("latency_le_60000"));
-    j.ingest(NewRecord {
-        flow: "orders".into(),
-        external_key: None,
-        delivery_id: None,
-        idempotency_key: "k".into(),
-        correlation_id: "c".into(),
-        content_type: None,
-        payload: b"{}".to_vec(),
-        received_at: AT,
-        quarantine: None,
-        prepared: None,
-    })
-    .await
-    .unwrap();
+    j.ingest(NewRecord { delivery_id: None, ..received("orders", "k") }).await.unwrap();
     assert_eq!(orders_minutes(&j).await.len(), 1);
 }
