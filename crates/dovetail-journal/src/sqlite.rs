@@ -662,11 +662,14 @@ fn migrate(conn: &Connection, location: &str) -> Result<()> {
     )
     .map_err(|e| sql_err(location, e))?;
     if version < 5 {
-        // Counted once from the records; from here on every write keeps them.
+        // Counted once from the records (from the old index, while it is
+        // there, not from the rows); from here on every write keeps them.
         conn.execute_batch(
-            "DROP INDEX IF EXISTS records_state;
+            "BEGIN IMMEDIATE;
              DELETE FROM flow_counts;
-             INSERT INTO flow_counts (flow, state, n) SELECT flow, state, COUNT(*) FROM records GROUP BY flow, state;",
+             INSERT INTO flow_counts (flow, state, n) SELECT flow, state, COUNT(*) FROM records GROUP BY flow, state;
+             DROP INDEX IF EXISTS records_state;
+             COMMIT;",
         )
         .map_err(|e| sql_err(location, e))?;
     }
@@ -1278,11 +1281,14 @@ fn count_moves(
 
 fn counts_tx(conn: &Connection) -> rusqlite::Result<Vec<FlowCounts>> {
     let mut by_flow: std::collections::BTreeMap<String, FlowCounts> = Default::default();
-    // O(flows): the counts are kept, not counted.
+    // Kept, not counted: one row per flow and state.
     let mut stmt = conn.prepare_cached("SELECT flow, state, n FROM flow_counts WHERE n <> 0")?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))?;
     for row in rows {
         let (flow, state, n) = row?;
+        if n < 0 {
+            tracing::error!(%flow, %state, n, "the journal's state counts went below zero; please report this");
+        }
         let c = by_flow.entry(flow.clone()).or_insert_with(|| FlowCounts { flow, ..Default::default() });
         let n = u64::try_from(n).unwrap_or(0);
         match state.as_str() {
@@ -1294,8 +1300,9 @@ fn counts_tx(conn: &Connection) -> rusqlite::Result<Vec<FlowCounts>> {
             _ => {}
         }
     }
-    // The oldest open record, through the partial indexes of open records
-    // (each visits only that flow's pending or in-flight records).
+    // The oldest open record, through the partial indexes of open records:
+    // this visits each of the flow's pending and in-flight records (not its
+    // finished ones), so it grows with a backlog.
     for c in by_flow.values_mut() {
         for (state, open) in [(STATE_PENDING, c.pending), (STATE_IN_FLIGHT, c.in_flight)] {
             if open == 0 {
@@ -1381,7 +1388,14 @@ impl Journal for SqliteJournal {
     }
 
     async fn counts(&self) -> Result<Vec<FlowCounts>> {
-        self.read(counts_tx).await
+        // One read transaction: the counts and the oldest records agree.
+        self.read(|c| {
+            let tx = c.unchecked_transaction()?;
+            let counts = counts_tx(&tx)?;
+            tx.commit()?;
+            Ok(counts)
+        })
+        .await
     }
 
     async fn dead_letters(&self, flow: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>> {
