@@ -329,6 +329,15 @@ fn state_slot(state: &str) -> usize {
     STATES.iter().position(|s| *s == state).unwrap_or_else(|| unreachable!("unknown record state `{state}`"))
 }
 
+/// `flow`'s entry, looked up by `&str`: the flow's name is copied once per
+/// transaction, not per record.
+fn of_flow<'m, V: Default>(by_flow: &'m mut std::collections::BTreeMap<String, V>, flow: &str) -> &'m mut V {
+    if !by_flow.contains_key(flow) {
+        by_flow.insert(flow.to_string(), V::default());
+    }
+    by_flow.get_mut(flow).unwrap_or_else(|| unreachable!("inserted above"))
+}
+
 impl std::ops::Deref for Tx<'_, '_> {
     type Target = Connection;
     fn deref(&self) -> &Connection {
@@ -346,27 +355,21 @@ impl<'c, 'h> Tx<'c, 'h> {
     /// are dropped, so one kept across jobs starts each use afresh.
     fn hot(&self, sql: &'static str) -> rusqlite::Result<HotStatement<'h, 'c>> {
         let hot: &'h Hot<'c> = self.hot;
-        for slot in &hot.slots {
-            let Some(found) = slot.get() else {
-                // Persistent, as rusqlite's cache prepares them: a kept
-                // statement on SQLite's lookaside memory would leave every
-                // other allocation to malloc (a lease cost 15 % more).
-                let stmt = self.conn.prepare_with_flags(sql, rusqlite::PrepFlags::SQLITE_PREPARE_PERSISTENT)?;
-                let stmt = std::cell::RefCell::new(stmt);
-                let _ = slot.set(HotSlot { sql, stmt });
-                return match slot.get().and_then(|s| s.stmt.try_borrow_mut().ok()) {
-                    Some(s) => Ok(HotStatement::Hot(s)),
-                    None => Ok(HotStatement::Cached(self.conn.prepare_cached(sql)?)),
-                };
-            };
-            if std::ptr::eq(found.sql, sql) {
-                return match found.stmt.try_borrow_mut() {
-                    Ok(s) => Ok(HotStatement::Hot(s)),
-                    Err(_) => Ok(HotStatement::Cached(self.conn.prepare_cached(sql)?)),
-                };
-            }
+        // This statement's slot, or the first free one.
+        let slot = hot.slots.iter().find(|slot| slot.get().is_none_or(|found| std::ptr::eq(found.sql, sql)));
+        if let Some(slot) = slot
+            && slot.get().is_none()
+        {
+            // Persistent, as rusqlite's cache prepares them: a kept
+            // statement on SQLite's lookaside memory would leave every
+            // other allocation to malloc (a lease cost 15 % more).
+            let stmt = self.conn.prepare_with_flags(sql, rusqlite::PrepFlags::SQLITE_PREPARE_PERSISTENT)?;
+            let _ = slot.set(HotSlot { sql, stmt: std::cell::RefCell::new(stmt) });
         }
-        Ok(HotStatement::Cached(self.conn.prepare_cached(sql)?))
+        match slot.and_then(|slot| slot.get()?.stmt.try_borrow_mut().ok()) {
+            Some(stmt) => Ok(HotStatement::Hot(stmt)),
+            None => Ok(HotStatement::Cached(self.conn.prepare_cached(sql)?)),
+        }
     }
 
     /// Counts `n` records of `flow` moved from state `from` (`None`: new
@@ -377,10 +380,7 @@ impl<'c, 'h> Tx<'c, 'h> {
         }
         let n = i64::try_from(n).unwrap_or(i64::MAX);
         let mut counted = self.counted.borrow_mut();
-        let moves = match counted.moves.get_mut(flow) {
-            Some(moves) => moves,
-            None => counted.moves.entry(flow.to_string()).or_default(),
-        };
+        let moves = of_flow(&mut counted.moves, flow);
         if let Some(from) = from {
             moves[state_slot(from)] -= n;
         }
@@ -390,12 +390,7 @@ impl<'c, 'h> Tx<'c, 'h> {
     /// Adds `tally` to the roll-up of `flow`'s `minute` when this transaction commits.
     fn count(&self, flow: &str, minute: i64, tally: &Tally) {
         let mut counted = self.counted.borrow_mut();
-        let tallies = &mut counted.tallies;
-        // Looked up by `&str`: the flow's name is copied once per transaction, not per record.
-        let minutes = match tallies.get_mut(flow) {
-            Some(minutes) => minutes,
-            None => tallies.entry(flow.to_string()).or_default(),
-        };
+        let minutes = of_flow(&mut counted.tallies, flow);
         match minutes.get_mut(&minute) {
             Some(t) => t.add(tally),
             None => {
@@ -1188,34 +1183,41 @@ fn complete_tx(conn: &Tx<'_, '_>, rep: &AttemptReport) -> rusqlite::Result<bool>
     }
     let (n, keep) = (a.number, rep.keep_batch);
     // No `RETURNING`: it buffers its rows in a temporary table.
-    let changed = match &rep.outcome {
-        Outcome::Delivered => conn
-            .hot(complete_sql!("state = 'delivered', finished_at = ?4", keep_batch_5!()))?
-            .execute(params![rep.id, rep.owner, n, end, keep])?,
-        Outcome::Retry { at } => conn
-            .hot(complete_sql!("state = 'pending', next_attempt_at = ?4, failures = failures + 1", keep_batch_5!()))?
-            .execute(params![rep.id, rep.owner, n, at.as_millis(), keep])?,
-        Outcome::Hold { at } => conn
-            .hot(complete_sql!("state = 'pending', next_attempt_at = ?4", keep_batch_5!()))?
-            .execute(params![rep.id, rep.owner, n, at.as_millis(), keep])?,
-        Outcome::Dead { class, reason } => conn
-            .hot(complete_sql!(
-                "state = 'dead', finished_at = ?4, dead_class = ?5, dead_reason = ?6",
-                "batch_key = NULL"
-            ))?
-            .execute(params![rep.id, rep.owner, n, end, class.as_str(), reason])?,
-    };
+    let (changed, to) =
+        match &rep.outcome {
+            Outcome::Delivered => (
+                conn.hot(complete_sql!("state = 'delivered', finished_at = ?4", keep_batch_5!()))?
+                    .execute(params![rep.id, rep.owner, n, end, keep])?,
+                STATE_DELIVERED,
+            ),
+            Outcome::Retry { at } => (
+                conn.hot(complete_sql!(
+                    "state = 'pending', next_attempt_at = ?4, failures = failures + 1",
+                    keep_batch_5!()
+                ))?
+                .execute(params![rep.id, rep.owner, n, at.as_millis(), keep])?,
+                STATE_PENDING,
+            ),
+            Outcome::Hold { at } => (
+                conn.hot(complete_sql!("state = 'pending', next_attempt_at = ?4", keep_batch_5!()))?
+                    .execute(params![rep.id, rep.owner, n, at.as_millis(), keep])?,
+                STATE_PENDING,
+            ),
+            Outcome::Dead { class, reason } => (
+                conn.hot(complete_sql!(
+                    "state = 'dead', finished_at = ?4, dead_class = ?5, dead_reason = ?6",
+                    "batch_key = NULL"
+                ))?
+                .execute(params![rep.id, rep.owner, n, end, class.as_str(), reason])?,
+                STATE_DEAD,
+            ),
+        };
     if changed == 0 {
         // The lease is lost.
         return Ok(false);
     }
     // The record's flow, for its roll-up.
     let flow: String = conn.hot("SELECT flow FROM records WHERE id = ?1")?.query_row([rep.id], |r| r.get(0))?;
-    let to = match &rep.outcome {
-        Outcome::Delivered => STATE_DELIVERED,
-        Outcome::Retry { .. } | Outcome::Hold { .. } => STATE_PENDING,
-        Outcome::Dead { .. } => STATE_DEAD,
-    };
     conn.moved(&flow, Some(STATE_IN_FLIGHT), to, 1);
     conn.hot(
         "INSERT OR REPLACE INTO attempts (record_id, number, started_at, duration_ms, status, class, error)
@@ -1330,24 +1332,28 @@ fn record_tx(conn: &Connection, id: RecordId) -> rusqlite::Result<Option<RecordD
     Ok(Some(detail))
 }
 
-/// Counts, by flow, the records `chosen` (a query of ids over `?1` to `?3`)
-/// as moving from `from` to `to`; the caller then moves exactly those.
-fn count_moves(
+/// Moves up to `limit` dead records that `cond` (over `?1`, `param`) selects
+/// and that died by `now`, oldest first, to state `to`, setting `set` too
+/// (`?2` is `now`); counted by flow for `flow_counts`. How many moved.
+fn move_dead(
     conn: &Tx<'_, '_>,
-    chosen: &str,
-    (param, now, limit): (&str, Timestamp, i64),
-    from: &str,
+    (cond, param): (&str, &str),
+    now: Timestamp,
+    limit: i64,
     to: &str,
-) -> rusqlite::Result<()> {
-    let sql = format!("SELECT flow, COUNT(*) FROM records WHERE id IN ({chosen}) GROUP BY flow");
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let rows =
-        stmt.query_map(params![param, now.as_millis(), limit], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-    for row in rows {
+    set: &str,
+) -> rusqlite::Result<u64> {
+    let chosen =
+        format!("SELECT id FROM records WHERE state = 'dead' AND finished_at <= ?2 AND {cond} ORDER BY id LIMIT ?3");
+    let args = params![param, now.as_millis(), limit];
+    let by_flow = format!("SELECT flow, COUNT(*) FROM records WHERE id IN ({chosen}) GROUP BY flow");
+    let mut stmt = conn.prepare_cached(&by_flow)?;
+    for row in stmt.query_map(args, |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
         let (flow, n) = row?;
-        conn.moved(&flow, Some(from), to, usize::try_from(n).unwrap_or(0));
+        conn.moved(&flow, Some(STATE_DEAD), to, usize::try_from(n).unwrap_or(0));
     }
-    Ok(())
+    let update = format!("UPDATE records SET state = '{to}', {set} WHERE id IN ({chosen})");
+    conn.prepare_cached(&update)?.execute(args).map(|n| n as u64)
 }
 
 fn counts_tx(conn: &Connection) -> rusqlite::Result<Vec<FlowCounts>> {
@@ -1375,17 +1381,12 @@ fn counts_tx(conn: &Connection) -> rusqlite::Result<Vec<FlowCounts>> {
     // this visits each of the flow's pending and in-flight records (not its
     // finished ones), so it grows with a backlog.
     for c in by_flow.values_mut() {
-        for (state, open) in [(STATE_PENDING, c.pending), (STATE_IN_FLIGHT, c.in_flight)] {
-            if open == 0 {
-                continue;
-            }
-            let oldest: Option<i64> = conn
-                .prepare_cached(if state == STATE_PENDING {
-                    "SELECT MIN(received_at) FROM records WHERE flow = ?1 AND state = 'pending'"
-                } else {
-                    "SELECT MIN(received_at) FROM records WHERE flow = ?1 AND state = 'in_flight'"
-                })?
-                .query_row([&c.flow], |r| r.get(0))?;
+        let open = [
+            (c.pending, "SELECT MIN(received_at) FROM records WHERE flow = ?1 AND state = 'pending'"),
+            (c.in_flight, "SELECT MIN(received_at) FROM records WHERE flow = ?1 AND state = 'in_flight'"),
+        ];
+        for (_, sql) in open.into_iter().filter(|(n, _)| *n > 0) {
+            let oldest: Option<i64> = conn.prepare_cached(sql)?.query_row([&c.flow], |r| r.get(0))?;
             if let Some(o) = ts(oldest) {
                 c.oldest_pending_at = Some(c.oldest_pending_at.map_or(o, |prev| prev.min(o)));
             }
@@ -1550,17 +1551,9 @@ impl Journal for SqliteJournal {
         let (cond, param) = selector_sql(selector);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.write(move |c| {
-            let chosen = format!(
-                "SELECT id FROM records WHERE state = 'dead' AND finished_at <= ?2 AND {cond} ORDER BY id LIMIT ?3"
-            );
-            count_moves(c, &chosen, (&param, now, limit), STATE_DEAD, STATE_PENDING)?;
-            let sql = format!(
-                "UPDATE records SET state = 'pending', next_attempt_at = ?2, failures = 0, finished_at = NULL,
-                                    dead_class = NULL, dead_reason = NULL, prepared = 0, mapped = NULL,
-                                    mapping_version = NULL, sink_mapping_version = NULL
-                 WHERE id IN ({chosen})"
-            );
-            c.prepare_cached(&sql)?.execute(params![param, now.as_millis(), limit]).map(|n| n as u64)
+            let set = "next_attempt_at = ?2, failures = 0, finished_at = NULL, dead_class = NULL, dead_reason = NULL,
+                       prepared = 0, mapped = NULL, mapping_version = NULL, sink_mapping_version = NULL";
+            move_dead(c, (cond, &param), now, limit, STATE_PENDING, set)
         })
         .await
     }
@@ -1568,15 +1561,7 @@ impl Journal for SqliteJournal {
     async fn discard(&self, selector: &Selector, now: Timestamp, limit: usize) -> Result<u64> {
         let (cond, param) = selector_sql(selector);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.write(move |c| {
-            let chosen = format!(
-                "SELECT id FROM records WHERE state = 'dead' AND finished_at <= ?2 AND {cond} ORDER BY id LIMIT ?3"
-            );
-            count_moves(c, &chosen, (&param, now, limit), STATE_DEAD, STATE_DISCARDED)?;
-            let sql = format!("UPDATE records SET state = 'discarded', finished_at = ?2 WHERE id IN ({chosen})");
-            c.prepare_cached(&sql)?.execute(params![param, now.as_millis(), limit]).map(|n| n as u64)
-        })
-        .await
+        self.write(move |c| move_dead(c, (cond, &param), now, limit, STATE_DISCARDED, "finished_at = ?2")).await
     }
 
     async fn pause_flow(&self, flow: &str, reason: &str, now: Timestamp) -> Result<()> {
