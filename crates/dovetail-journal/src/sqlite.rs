@@ -801,15 +801,18 @@ fn writer_loop(
             }
             GroupRun::Lost(ran) => {
                 // Some errors (disk full, I/O, out of memory) make SQLite roll
-                // back the whole transaction on its own. Every job run so far
-                // lost its writes; the rest wait for the next transaction
-                // instead of committing one by one in autocommit.
+                // back the whole transaction on its own. The job that was
+                // running fails; the others did nothing wrong and go again in
+                // the next transaction, in their order (each such round fails
+                // one job, so the queue keeps moving). A journal at its size
+                // cap thus still takes what fits.
                 let why = "SQLite rolled the transaction back after an error";
-                tracing::error!(journal = location, "{why}; {ran} job(s) failed, nothing of them was acknowledged");
-                for job in group.drain(ran..).rev() {
+                tracing::error!(journal = location, "{why}; the job that was running failed, the others go again");
+                let culprit = group.remove(ran - 1);
+                for job in group.into_iter().rev() {
                     queue.push_front(job);
                 }
-                group.into_iter().for_each(|j| j.finish(Err(why)));
+                culprit.finish(Err(why));
             }
             GroupRun::Ran | GroupRun::JobFailed => match tx.flush().and_then(|()| conn.execute_batch("COMMIT")) {
                 Ok(()) => {
@@ -849,8 +852,8 @@ enum GroupRun {
     /// others'; the transaction must be rolled back and the group run
     /// carefully.
     JobFailed,
-    /// SQLite rolled the whole transaction back after the first this many
-    /// jobs had run.
+    /// SQLite rolled the whole transaction back while the job numbered this
+    /// (from 1) was running.
     Lost(usize),
     /// The transaction could not begin.
     NotBegun(String),
@@ -2003,6 +2006,40 @@ mod tests {
         assert_eq!(j.load_state("good").await.unwrap().is_some(), good_ok, "an answer that does not match the journal");
         // The writer carries on.
         j.save_state("after", "v".into(), Timestamp::from_secs(0)).await.unwrap();
+    }
+
+    /// When SQLite rolls a whole transaction back (disk full, I/O), only the
+    /// job that was running fails: the jobs before and after it go again.
+    #[tokio::test]
+    async fn a_lost_transaction_fails_only_the_job_that_lost_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Arc::new(SqliteJournal::open(&dir.path().join("j.db"), SqliteOptions::default()).unwrap());
+        let (gate, held) = hold_the_writer(&j).await;
+        let put = |key: &'static str, lose: bool| {
+            let j = j.clone();
+            tokio::spawn(async move {
+                j.write(move |c| {
+                    c.execute("INSERT INTO engine_state (key, value, updated_at) VALUES (?1, 'v', 0)", [key])?;
+                    if lose {
+                        // As SQLite does on its own after SQLITE_FULL.
+                        c.execute_batch("ROLLBACK")?;
+                    }
+                    Ok(())
+                })
+                .await
+            })
+        };
+        let tasks = vec![put("before", false), put("loser", true), put("after", false)];
+        while j.jobs.max_capacity() - j.jobs.capacity() < tasks.len() {
+            tokio::task::yield_now().await;
+        }
+        gate.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        let results: Vec<bool> = futures_ok(tasks).await;
+        assert_eq!(results, [true, false, true]);
+        for (key, present) in [("before", true), ("loser", false), ("after", true)] {
+            assert_eq!(j.load_state(key).await.unwrap().is_some(), present, "{key}");
+        }
     }
 
     /// Holds the writer thread in a job of its own until `gate` is sent
