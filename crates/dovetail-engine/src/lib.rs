@@ -62,6 +62,8 @@ pub enum EngineError {
     Stopped { reason: String },
     #[error("cannot serve on {addr}: {source}")]
     Serve { addr: String, source: std::io::Error },
+    #[error("cannot start the delivery threads: {0}")]
+    Runtime(String),
 }
 
 /// The process environment as a [`SecretSource`] for `env:` references.
@@ -180,6 +182,45 @@ pub struct RunningEngine {
     pub addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// Declared after `tasks`: dropped after them.
+    _delivery: DeliveryRuntime,
+}
+
+/// The runtime the dispatchers run on, apart from the one that takes
+/// webhooks. Tokio has no task priorities; separate threads let the
+/// operating system share the cores between acknowledging and delivering,
+/// so a backlog being delivered cannot crowd out acknowledgements.
+struct DeliveryRuntime(Option<tokio::runtime::Runtime>);
+
+impl DeliveryRuntime {
+    fn start(threads: usize) -> std::io::Result<DeliveryRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("dovetail-delivery")
+            .enable_all()
+            .build()?;
+        Ok(DeliveryRuntime(Some(runtime)))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("the delivery runtime lives as long as the engine").handle()
+    }
+}
+
+impl Drop for DeliveryRuntime {
+    fn drop(&mut self) {
+        // Dropped from async code (the engine's own runtime), where a
+        // blocking shutdown would panic. By then the dispatchers have
+        // finished; what is left is idle connections.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Half the cores, at least one: the rest take webhooks.
+fn default_delivery_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get() / 2).max(1)
 }
 
 impl RunningEngine {
@@ -228,6 +269,8 @@ pub async fn start(
 ) -> Result<RunningEngine, EngineError> {
     let addr =
         listener.local_addr().map_err(|e| EngineError::Serve { addr: config.engine.listen.clone(), source: e })?;
+    let threads = config.engine.delivery_threads.unwrap_or_else(default_delivery_threads);
+    let delivery = DeliveryRuntime::start(threads).map_err(|e| EngineError::Runtime(e.to_string()))?;
     let mut clients = BTreeMap::new();
     let mut connectors = BTreeMap::new();
     let mut token_sources = BTreeMap::new();
@@ -440,7 +483,8 @@ pub async fn start(
             tracing::warn!(flow = %name, since = %p.since, reason = %p.reason,
                 "flow is paused; its records are held. After fixing the cause run `dovetail resume {name}`");
         }
-        tasks.spawn(dispatch::run(runtime, journal.clone(), options.clone(), shutdown_rx.clone()));
+        tasks
+            .spawn_on(dispatch::run(runtime, journal.clone(), options.clone(), shutdown_rx.clone()), delivery.handle());
     }
     tasks.spawn(drift::run(shapes, journal.clone(), options.clock.clone(), shutdown_rx.clone()));
     let mut notifiers = Vec::new();
@@ -477,7 +521,8 @@ pub async fn start(
             jq_time_limit: options.jq_time_limit,
             metrics: metrics.clone(),
         });
-        tasks.spawn(dispatch::run(runtime, journal.clone(), options.clone(), shutdown_rx.clone()));
+        tasks
+            .spawn_on(dispatch::run(runtime, journal.clone(), options.clone(), shutdown_rx.clone()), delivery.handle());
         notifiers.push(alerting::Notifier { name: name.clone(), format: n.format, min_severity: n.min_severity, wake });
     }
     let saved = alerting::load(journal.as_ref(), now).await;
@@ -536,5 +581,5 @@ pub async fn start(
         }
     });
     tracing::info!(%addr, flows = config.flows.len(), node = %options.node_id, "engine started");
-    Ok(RunningEngine { addr, shutdown, tasks })
+    Ok(RunningEngine { addr, shutdown, tasks, _delivery: delivery })
 }

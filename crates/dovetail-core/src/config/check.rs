@@ -453,6 +453,13 @@ impl Config {
                 "use e.g. \"1MiB\"",
             ));
         }
+        if let Some(n) = e.delivery_threads.filter(|n| !(1..=MAX_DELIVERY_THREADS).contains(n)) {
+            out.push(Finding::error(
+                &["engine", "delivery_threads"],
+                format!("{n} delivery threads is outside 1..={MAX_DELIVERY_THREADS}"),
+                "leave it out (half the cores), or use e.g. 2",
+            ));
+        }
     }
 }
 
@@ -783,6 +790,8 @@ fn check_http_connector(out: &mut Vec<Finding>, name: &str, h: &HttpConnector) {
 
 /// Most concurrent requests a connector may allow.
 const MAX_IN_FLIGHT: usize = 10_000;
+/// More delivery threads than this is a typo, not a machine.
+const MAX_DELIVERY_THREADS: usize = 1024;
 
 /// Headers every outbound request carries from the engine itself; a static
 /// header of the same name would be sent twice.
@@ -1158,6 +1167,14 @@ sink = { type = "http", connector = "a" }
         let errors = errors_of(&text);
         assert!(errors.iter().any(|e| e.starts_with("connectors.a.headers.Idempotency-Key: ")), "{errors:?}");
         assert!(errors.iter().any(|e| e.starts_with("connectors.a.headers.Bad Name: ")), "{errors:?}");
+    }
+
+    #[test]
+    fn delivery_threads_must_be_at_least_one() {
+        let with = |n: &str| format!("[engine]\ndelivery_threads = {n}\n{CONFIG}");
+        let errors = errors_of(&with("0"));
+        assert!(errors.iter().any(|e| e.starts_with("engine.delivery_threads: ")), "{errors:?}");
+        assert!(errors_of(&with("2")).is_empty());
     }
 
     #[test]

@@ -116,6 +116,11 @@ pub struct EngineConfig {
     /// actions require, as `env:NAME`. Without it the API is read-only.
     #[serde(default)]
     pub admin_token: Option<SecretRef>,
+    /// Threads for delivery (the dispatchers and their requests), apart
+    /// from the ones that take webhooks, so that delivering a backlog
+    /// cannot slow acknowledgements down. Default: half the cores, at least 1.
+    #[serde(default)]
+    pub delivery_threads: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -125,6 +130,7 @@ impl Default for EngineConfig {
             listen: default_listen(),
             max_body: default_max_body(),
             admin_token: None,
+            delivery_threads: None,
         }
     }
 }
