@@ -8,6 +8,10 @@
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector as TcpConnector;
+use hyper_util::client::proxy::matcher::Matcher;
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::oauth::TokenSource;
@@ -50,11 +54,32 @@ pub struct Outbound<'a> {
     pub correlation_id: &'a str,
 }
 
+/// hyper's pooled client (HTTP/1.1 and HTTP/2 over rustls), without
+/// reqwest's per-request layers.
+type DirectClient = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<TcpConnector>, Full<Bytes>>;
+
+/// A connector's HTTP clients, shared by every flow that uses it.
+#[derive(Clone)]
+pub struct ConnectorClient {
+    /// For token fetches, pollers' pages, and records whose partner is
+    /// reached through a proxy (`HTTPS_PROXY` and the like).
+    pub general: reqwest::Client,
+    /// For records' sends, when no proxy applies: hyper's pooled client
+    /// directly. Per request, reqwest's redirect layer (the engine follows
+    /// no redirects), URL re-parsing and header merging cost about as much
+    /// CPU as the rest of the send (see the README's profile).
+    direct: DirectClient,
+    /// The proxy settings `general` reads from the environment.
+    proxies: Arc<Matcher>,
+}
+
 /// One flow's HTTP sink through one connector.
 #[derive(Clone)]
 pub struct HttpSink {
     connector: String,
     client: reqwest::Client,
+    /// The direct client and the target as a URI, unless a proxy applies.
+    direct: Option<(DirectClient, http::Uri)>,
     method: reqwest::Method,
     /// For display: without credentials.
     url: String,
@@ -87,16 +112,48 @@ pub fn install_crypto_provider() {
     });
 }
 
-/// A client for one connector, shared by every flow that uses it.
-pub fn client_for(name: &str, c: &HttpConnector) -> Result<reqwest::Client, HttpSinkError> {
+const USER_AGENT: &str = concat!("dovetail/", env!("CARGO_PKG_VERSION"));
+
+/// The clients for one connector, shared by every flow that uses it.
+pub fn client_for(name: &str, c: &HttpConnector) -> Result<ConnectorClient, HttpSinkError> {
     install_crypto_provider();
-    reqwest::Client::builder()
-        .user_agent(concat!("dovetail/", env!("CARGO_PKG_VERSION")))
+    let failed = |reason: String| HttpSinkError::Client { connector: name.to_string(), reason };
+    let connect_timeout = c.timeout.min(Duration::from_secs(10));
+    let general = reqwest::Client::builder()
+        .user_agent(USER_AGENT)
         .pool_max_idle_per_host(c.max_in_flight)
-        .connect_timeout(c.timeout.min(Duration::from_secs(10)))
+        .connect_timeout(connect_timeout)
         .redirect(reqwest::redirect::Policy::none())
         .build()
-        .map_err(|e| HttpSinkError::Client { connector: name.to_string(), reason: e.to_string() })
+        .map_err(|e| failed(e.to_string()))?;
+    // The same TLS as reqwest builds: the process's crypto provider and the
+    // platform's certificate verifier, offering HTTP/2 and HTTP/1.1.
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+    let verifier = rustls_platform_verifier::Verifier::new(provider.clone()).map_err(|e| failed(e.to_string()))?;
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| failed(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    let mut tcp = TcpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(connect_timeout));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(tcp);
+    let direct = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(c.max_in_flight)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .build(connector);
+    Ok(ConnectorClient { general, direct, proxies: Arc::new(Matcher::from_env()) })
 }
 
 impl HttpSink {
@@ -105,7 +162,7 @@ impl HttpSink {
         config: &HttpConnector,
         auth: &ResolvedAuth,
         tokens: Option<Arc<TokenSource>>,
-        client: reqwest::Client,
+        client: ConnectorClient,
         method: &str,
         path: &str,
     ) -> Result<HttpSink, HttpSinkError> {
@@ -122,6 +179,9 @@ impl HttpSink {
             headers.insert(n, v);
             Ok(())
         };
+        // What reqwest sends by default, so that both paths send the same.
+        put("accept", "*/*", false)?;
+        put("user-agent", USER_AGENT, false)?;
         for (name, value) in &config.headers {
             put(name, value, false)?;
         }
@@ -141,9 +201,16 @@ impl HttpSink {
         if let Some((name, value)) = &auth.query {
             target.query_pairs_mut().append_pair(name, value.expose());
         }
+        // The URL was already parsed; a URI refusing it (it should not)
+        // just means the general client sends.
+        let direct = http::Uri::try_from(target.as_str())
+            .ok()
+            .filter(|uri| client.proxies.intercept(uri).is_none())
+            .map(|uri| (client.direct.clone(), uri));
         Ok(HttpSink {
             connector: connector.to_string(),
-            client,
+            client: client.general,
+            direct,
             method,
             url,
             target,
@@ -239,6 +306,9 @@ impl HttpSink {
         body_limit: usize,
         now: &impl Fn() -> Timestamp,
     ) -> AttemptResult {
+        if let Some((client, uri)) = &self.direct {
+            return self.send_direct(client, uri, out, bearer, body_limit, now).await;
+        }
         let started = Instant::now();
         let mut request = self
             .client
@@ -269,7 +339,7 @@ impl HttpSink {
             Ok(r) => r,
             Err(e) => return transport_failure(e, started),
         };
-        let (answer, hint) = answer_of(&response, now());
+        let (answer, hint) = answer_of(response.status(), response.headers(), now());
         let body = read_excerpt(response, body_limit).await;
         let detail = match body {
             Ok(b) if b.is_empty() => None,
@@ -279,6 +349,107 @@ impl HttpSink {
         };
         AttemptResult { answer, duration: started.elapsed(), detail, hint }
     }
+
+    /// [`HttpSink::send_once`] through the direct client: the same request
+    /// (headers, body, timeout over the answer and its body) and the same
+    /// reading of the answer.
+    async fn send_direct(
+        &self,
+        client: &DirectClient,
+        uri: &http::Uri,
+        out: Outbound<'_>,
+        bearer: Option<&Secret>,
+        body_limit: usize,
+        now: &impl Fn() -> Timestamp,
+    ) -> AttemptResult {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + self.timeout);
+        let refused = |detail: String| AttemptResult {
+            answer: Answer::Connection,
+            duration: started.elapsed(),
+            detail: Some(detail),
+            hint: LimitHint::default(),
+        };
+        let mut request = http::Request::new(Full::new(Bytes::copy_from_slice(out.payload)));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = uri.clone();
+        let headers = request.headers_mut();
+        headers.reserve(self.headers.len() + 5);
+        headers.extend(self.headers.iter().map(|(n, v)| (n.clone(), v.clone())));
+        let content_type = out.content_type.unwrap_or("application/json");
+        let record_headers = [
+            (header::CONTENT_TYPE, content_type),
+            (HeaderName::from_static("idempotency-key"), out.idempotency_key),
+            (HeaderName::from_static("x-correlation-id"), out.correlation_id),
+        ];
+        for (name, value) in record_headers {
+            match HeaderValue::from_str(value) {
+                Ok(v) => headers.insert(name, v),
+                Err(_) => return refused(format!("the record's `{name}` cannot be sent in a header")),
+            };
+        }
+        if let Some(tp) = traceparent(out.correlation_id).and_then(|tp| HeaderValue::try_from(tp).ok()) {
+            headers.insert(HeaderName::from_static("traceparent"), tp);
+        }
+        if let Some(token) = bearer {
+            match HeaderValue::from_str(&format!("Bearer {}", token.expose())) {
+                Ok(mut v) => {
+                    v.set_sensitive(true);
+                    headers.insert(header::AUTHORIZATION, v);
+                }
+                Err(_) => {
+                    let detail = Some("the partner's token cannot be sent in a header".to_string());
+                    let answer = Answer::Status { status: 401, retry_after: None };
+                    return AttemptResult { answer, duration: started.elapsed(), detail, hint: LimitHint::default() };
+                }
+            }
+        }
+        let response = match tokio::time::timeout_at(deadline, client.request(request)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                let answer = if timed_out(&e) { Answer::Timeout } else { Answer::Connection };
+                let detail = Some(format!("error sending request: {}", error_chain(&e)));
+                return AttemptResult { answer, duration: started.elapsed(), detail, hint: LimitHint::default() };
+            }
+            Err(_) => {
+                let detail = Some("error sending request: operation timed out".to_string());
+                return AttemptResult {
+                    answer: Answer::Timeout,
+                    duration: started.elapsed(),
+                    detail,
+                    hint: LimitHint::default(),
+                };
+            }
+        };
+        let (answer, hint) = answer_of(response.status(), response.headers(), now());
+        let detail = match tokio::time::timeout_at(deadline, read_body(response.into_body(), body_limit)).await {
+            Ok(Ok(b)) if b.is_empty() => None,
+            Ok(Ok(b)) => Some(b),
+            // The status arrived; a body cut short does not change what it means.
+            Ok(Err(e)) => Some(format!("(response body unreadable: {})", error_chain(&e))),
+            Err(_) => Some("(response body unreadable: operation timed out)".to_string()),
+        };
+        AttemptResult { answer, duration: started.elapsed(), detail, hint }
+    }
+}
+
+/// Whether a transport error was a timeout (connecting, say).
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source())
+        .any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut))
+}
+
+/// Up to `limit` bytes of a body, as text.
+async fn read_body(mut body: hyper::body::Incoming, limit: usize) -> Result<String, hyper::Error> {
+    let mut buf = Vec::new();
+    while buf.len() < limit {
+        let Some(frame) = body.frame().await else { break };
+        if let Ok(chunk) = frame?.into_data() {
+            let room = limit - buf.len();
+            buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 /// One page read from a partner by a poller.
@@ -357,7 +528,7 @@ impl HttpSink {
             Ok(r) => r,
             Err(e) => return failed(transport_failure(e, started)),
         };
-        let (answer, hint) = answer_of(&response, now());
+        let (answer, hint) = answer_of(response.status(), response.headers(), now());
         let request_url = response.url().clone();
         let next_link = response
             .headers()
@@ -387,11 +558,10 @@ impl HttpSink {
 }
 
 /// A response's status with its `Retry-After`, and what it says about the rate limit.
-fn answer_of(response: &reqwest::Response, now: Timestamp) -> (Answer, LimitHint) {
-    let headers = response.headers();
+fn answer_of(status: http::StatusCode, headers: &HeaderMap, now: Timestamp) -> (Answer, LimitHint) {
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let retry_after = text("retry-after").and_then(|v| parse_retry_after(v, now));
-    (Answer::Status { status: response.status().as_u16(), retry_after }, limit_hint(&text, now))
+    (Answer::Status { status: status.as_u16(), retry_after }, limit_hint(&text, now))
 }
 
 /// The `rel="next"` target of an RFC 8288 `Link` header (commas inside

@@ -280,7 +280,8 @@ pub async fn start(
             let client = client_for(name, h)?;
             // One token cache per connector: its flows share the partner's token.
             let oauth = resolved.connectors.get(name).and_then(|a| a.oauth.clone());
-            token_sources.insert(name.clone(), oauth.map(|o| Arc::new(TokenSource::new(o, client.clone(), h.timeout))));
+            token_sources
+                .insert(name.clone(), oauth.map(|o| Arc::new(TokenSource::new(o, client.general.clone(), h.timeout))));
             clients.insert(name.clone(), client);
         }
         let policies = c.policies();
