@@ -141,6 +141,11 @@ pub fn client_for(name: &str, c: &HttpConnector) -> Result<ConnectorClient, Http
     let mut tcp = TcpConnector::new();
     tcp.enforce_http(false);
     tcp.set_nodelay(true);
+    // reqwest's defaults: a pooled connection that died silently (a NAT or
+    // firewall dropped it) is noticed instead of hanging until the timeout.
+    tcp.set_keepalive(Some(Duration::from_secs(15)));
+    tcp.set_keepalive_interval(Some(Duration::from_secs(15)));
+    tcp.set_keepalive_retries(Some(3));
     tcp.set_connect_timeout(Some(connect_timeout));
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
@@ -179,9 +184,6 @@ impl HttpSink {
             headers.insert(n, v);
             Ok(())
         };
-        // What reqwest sends by default, so that both paths send the same.
-        put("accept", "*/*", false)?;
-        put("user-agent", USER_AGENT, false)?;
         for (name, value) in &config.headers {
             put(name, value, false)?;
         }
@@ -201,11 +203,15 @@ impl HttpSink {
         if let Some((name, value)) = &auth.query {
             target.query_pairs_mut().append_pair(name, value.expose());
         }
-        // The URL was already parsed; a URI refusing it (it should not)
-        // just means the general client sends.
+        // Records go through the direct client unless a proxy applies. The
+        // URL was already parsed; a URI refusing it (it should not) just
+        // means the general client sends.
+        // Credentials in the URL (`https://user:pass@host`) become reqwest's
+        // Basic header; the direct client would drop them.
+        let userinfo = !target.username().is_empty() || target.password().is_some();
         let direct = http::Uri::try_from(target.as_str())
             .ok()
-            .filter(|uri| client.proxies.intercept(uri).is_none())
+            .filter(|uri| !userinfo && client.proxies.intercept(uri).is_none())
             .map(|uri| (client.direct.clone(), uri));
         Ok(HttpSink {
             connector: connector.to_string(),
@@ -370,12 +376,11 @@ impl HttpSink {
             detail: Some(detail),
             hint: LimitHint::default(),
         };
-        let mut request = http::Request::new(Full::new(Bytes::copy_from_slice(out.payload)));
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = uri.clone();
-        let headers = request.headers_mut();
-        headers.reserve(self.headers.len() + 5);
+        let mut headers = HeaderMap::with_capacity(self.headers.len() + 7);
         headers.extend(self.headers.iter().map(|(n, v)| (n.clone(), v.clone())));
+        // What reqwest adds when the connector's headers do not say otherwise.
+        headers.entry(header::ACCEPT).or_insert(HeaderValue::from_static("*/*"));
+        headers.entry(header::USER_AGENT).or_insert(HeaderValue::from_static(USER_AGENT));
         let content_type = out.content_type.unwrap_or("application/json");
         let record_headers = [
             (header::CONTENT_TYPE, content_type),
@@ -404,7 +409,27 @@ impl HttpSink {
                 }
             }
         }
-        let response = match tokio::time::timeout_at(deadline, client.request(request)).await {
+        let body = Bytes::copy_from_slice(out.payload);
+        let request = || {
+            let mut request = http::Request::new(Full::new(body.clone()));
+            *request.method_mut() = self.method.clone();
+            *request.uri_mut() = uri.clone();
+            *request.headers_mut() = headers.clone();
+            request
+        };
+        let mut sent = tokio::time::timeout_at(deadline, client.request(request())).await;
+        // As reqwest does: an HTTP/2 partner that closes the connection
+        // gracefully (GOAWAY, NO_ERROR) or refuses the stream has not
+        // processed the request; it goes again on another connection.
+        for _ in 0..2 {
+            match &sent {
+                Ok(Err(e)) if refused_unprocessed(e) => {
+                    sent = tokio::time::timeout_at(deadline, client.request(request())).await;
+                }
+                _ => break,
+            }
+        }
+        let response = match sent {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 let answer = if timed_out(&e) { Answer::Timeout } else { Answer::Connection };
@@ -431,6 +456,17 @@ impl HttpSink {
         };
         AttemptResult { answer, duration: started.elapsed(), detail, hint }
     }
+}
+
+/// An HTTP/2 graceful close (GOAWAY with NO_ERROR) or a refused stream:
+/// the partner says it did not process the request (RFC 9113, 8.7).
+fn refused_unprocessed(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).filter_map(|e| e.downcast_ref::<h2::Error>()).any(|h2| {
+        let reason = h2.reason();
+        h2.is_remote()
+            && ((h2.is_go_away() && reason == Some(h2::Reason::NO_ERROR))
+                || (h2.is_reset() && reason == Some(h2::Reason::REFUSED_STREAM)))
+    })
 }
 
 /// Whether a transport error was a timeout (connecting, say).
@@ -711,6 +747,18 @@ fn fastrand_span_id() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_the_url_go_through_reqwest_which_sends_them() {
+        let sink_for = |base_url: &str| {
+            let config: HttpConnector = serde_json::from_value(serde_json::json!({ "base_url": base_url })).unwrap();
+            let client = client_for("partner", &config).unwrap();
+            HttpSink::new("partner", &config, &Default::default(), None, client, "POST", "/orders").unwrap()
+        };
+        assert!(sink_for("http://127.0.0.1:9").direct.is_some());
+        assert!(sink_for("http://user:secret@127.0.0.1:9").direct.is_none());
+        assert!(sink_for("http://user@127.0.0.1:9").direct.is_none());
+    }
 
     #[test]
     fn per_item_results_must_each_say_their_status() {

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
-use common::{OK, recorder, send, sink};
+use common::{OK, header_values, recorder, request_lines, send, sink};
 use dovetail_core::policy::Answer;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -46,7 +46,9 @@ fn records_go_over_tls_to_a_partner_whose_certificate_is_trusted() {
             let (answer, detail) = send(&sink(&format!("https://{host}:{port}"))).await;
             assert_eq!(answer, OK, "{host}: {detail:?}");
         }
-        assert_eq!(*seen.lock().unwrap(), ["POST /orders HTTP/1.1", "POST /orders HTTP/1.1"]);
+        assert_eq!(request_lines(&seen), ["POST /orders HTTP/1.1", "POST /orders HTTP/1.1"]);
+        let hosts: Vec<Vec<String>> = seen.lock().unwrap().iter().map(|h| header_values(h, "host")).collect();
+        assert_eq!(hosts, [[format!("localhost:{port}")], [format!("127.0.0.1:{port}")]]);
 
         // Signed by the trusted CA, but for another name: refused before anything is sent.
         let (port, seen) = recorder(Some(acceptor("other"))).await;

@@ -1,5 +1,5 @@
 //! A partner double for the HTTP client tests: answers 200 to every
-//! request, over plain TCP or TLS, and keeps each request line.
+//! request, over plain TCP or TLS, and keeps each request's head.
 
 use std::sync::{Arc, Mutex};
 
@@ -13,7 +13,8 @@ use tokio_rustls::TlsAcceptor;
 
 pub type Lines = Arc<Mutex<Vec<String>>>;
 
-/// A listener on a free loopback port; with `tls`, it speaks TLS.
+/// A listener on a free loopback port; with `tls`, it speaks TLS. It
+/// keeps each request's head: the request line and the headers, one per line.
 pub async fn recorder(tls: Option<TlsAcceptor>) -> (u16, Lines) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -58,7 +59,7 @@ async fn answer(mut socket: impl AsyncRead + AsyncWrite + Unpin, lines: Lines) {
         if buf.len() < head_end + 4 + length {
             continue;
         }
-        lines.lock().unwrap().push(text.lines().next().unwrap_or("").to_string());
+        lines.lock().unwrap().push(text[..head_end].to_string());
         buf.drain(..head_end + 4 + length);
         let _ = socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
     }
@@ -81,6 +82,21 @@ pub async fn send(sink: &HttpSink) -> (Answer, Option<String>) {
     };
     let result = sink.send(out, || Timestamp::from_millis(0)).await;
     (result.answer, result.detail)
+}
+
+/// The request lines of the heads kept.
+pub fn request_lines(heads: &Lines) -> Vec<String> {
+    heads.lock().unwrap().iter().map(|h| h.lines().next().unwrap_or("").to_string()).collect()
+}
+
+/// The values of header `name` in one kept head.
+pub fn header_values(head: &str, name: &str) -> Vec<String> {
+    head.lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim().to_string())
+        .collect()
 }
 
 pub const OK: Answer = Answer::Status { status: 200, retry_after: None };
