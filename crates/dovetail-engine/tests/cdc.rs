@@ -213,6 +213,15 @@ async fn confirmed(db: &tokio_postgres::Client, slot: &str) -> Option<String> {
         .and_then(|r| r.get(0))
 }
 
+/// Whether no session holds the slot: the engine's connection has ended
+/// on the server too (its backend exits a moment after the socket closes).
+async fn released(db: &tokio_postgres::Client, slot: &str) -> bool {
+    db.query_one("SELECT NOT coalesce((SELECT active FROM pg_replication_slots WHERE slot_name = $1), false)", &[&slot])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Whether the slot is confirmed at or past the WAL flushed now (the engine caught up).
 async fn caught_up(db: &tokio_postgres::Client, slot: &str, flushed: &str) -> bool {
     db.query_one(
@@ -403,6 +412,7 @@ async fn a_crash_before_the_slot_advance_rereads_and_deduplicates() {
 
     // The crash: the slot back where it was before those 3 changes were
     // confirmed, as if the engine died between the journal and the advance.
+    until(deadline, "the slot to be released", async || released(&db, &name).await).await;
     db.execute("SELECT pg_drop_replication_slot($1)", &[&name]).await.unwrap();
     db.execute("SELECT pg_copy_logical_replication_slot($1, $2)", &[&backup, &name]).await.unwrap();
     db.execute("SELECT pg_drop_replication_slot($1)", &[&backup]).await.unwrap();
@@ -492,6 +502,8 @@ async fn a_slot_dropped_after_reading_is_not_made_again_until_an_operator_does()
     engine.shutdown().await;
 
     // Lost while the engine is down (a manual drop, a failover), with a change in between.
+    // An operator can drop it once the engine's session has let go of it.
+    until(deadline, "the slot to be released", async || released(&db, &name).await).await;
     db.execute("SELECT pg_drop_replication_slot($1)", &[&name]).await.unwrap();
     db.batch_execute(&format!("INSERT INTO {items} VALUES (2)")).await.unwrap();
     let engine = setup.start(journal.clone()).await;
