@@ -203,11 +203,11 @@ impl HttpSink {
         if let Some((name, value)) = &auth.query {
             target.query_pairs_mut().append_pair(name, value.expose());
         }
-        // Records go through the direct client unless a proxy applies. The
-        // URL was already parsed; a URI refusing it (it should not) just
-        // means the general client sends.
-        // Credentials in the URL (`https://user:pass@host`) become reqwest's
-        // Basic header; the direct client would drop them.
+        // Records go through the direct client unless a proxy applies or
+        // the URL carries credentials (`https://user:pass@host`), which
+        // reqwest turns into a Basic header and the direct client would
+        // drop. The URL was already parsed; a URI refusing it (it should
+        // not) just means the general client sends.
         let userinfo = !target.username().is_empty() || target.password().is_some();
         let direct = http::Uri::try_from(target.as_str())
             .ok()
@@ -312,35 +312,20 @@ impl HttpSink {
         body_limit: usize,
         now: &impl Fn() -> Timestamp,
     ) -> AttemptResult {
-        if let Some((client, uri)) = &self.direct {
-            return self.send_direct(client, uri, out, bearer, body_limit, now).await;
-        }
         let started = Instant::now();
-        let mut request = self
+        let headers = match self.record_headers(out, bearer, started) {
+            Ok(h) => h,
+            Err(unsent) => return unsent,
+        };
+        if let Some((client, uri)) = &self.direct {
+            return self.send_direct(client, uri, (out, bearer, headers), body_limit, now, started).await;
+        }
+        let request = self
             .client
             .request(self.method.clone(), self.target.clone())
-            .headers(self.headers.clone())
-            .header(header::CONTENT_TYPE, out.content_type.unwrap_or("application/json"))
-            .header("idempotency-key", out.idempotency_key)
-            .header("x-correlation-id", out.correlation_id)
+            .headers(headers)
             .timeout(self.timeout)
             .body(out.payload.to_vec());
-        if let Some(tp) = traceparent(out.correlation_id) {
-            request = request.header("traceparent", tp);
-        }
-        if let Some(token) = bearer {
-            match HeaderValue::from_str(&format!("Bearer {}", token.expose())) {
-                Ok(mut v) => {
-                    v.set_sensitive(true);
-                    request = request.header(header::AUTHORIZATION, v);
-                }
-                Err(_) => {
-                    let detail = Some("the partner's token cannot be sent in a header".to_string());
-                    let answer = Answer::Status { status: 401, retry_after: None };
-                    return AttemptResult { answer, duration: started.elapsed(), detail, hint: LimitHint::default() };
-                }
-            }
-        }
         let response = match request.send().await {
             Ok(r) => r,
             Err(e) => return transport_failure(e, started),
@@ -356,29 +341,17 @@ impl HttpSink {
         AttemptResult { answer, duration: started.elapsed(), detail, hint }
     }
 
-    /// [`HttpSink::send_once`] through the direct client: the same request
-    /// (headers, body, timeout over the answer and its body) and the same
-    /// reading of the answer.
-    async fn send_direct(
+    /// One record's request headers: the connector's, what reqwest adds
+    /// when they do not say otherwise, and the record's own. `Err` is the
+    /// attempt's result when one of them cannot be sent in a header.
+    fn record_headers(
         &self,
-        client: &DirectClient,
-        uri: &http::Uri,
         out: Outbound<'_>,
         bearer: Option<&Secret>,
-        body_limit: usize,
-        now: &impl Fn() -> Timestamp,
-    ) -> AttemptResult {
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::from_std(started + self.timeout);
-        let refused = |detail: String| AttemptResult {
-            answer: Answer::Connection,
-            duration: started.elapsed(),
-            detail: Some(detail),
-            hint: LimitHint::default(),
-        };
+        started: Instant,
+    ) -> Result<HeaderMap, AttemptResult> {
         let mut headers = HeaderMap::with_capacity(self.headers.len() + 7);
         headers.extend(self.headers.iter().map(|(n, v)| (n.clone(), v.clone())));
-        // What reqwest adds when the connector's headers do not say otherwise.
         headers.entry(header::ACCEPT).or_insert(HeaderValue::from_static("*/*"));
         headers.entry(header::USER_AGENT).or_insert(HeaderValue::from_static(USER_AGENT));
         let content_type = out.content_type.unwrap_or("application/json");
@@ -388,43 +361,60 @@ impl HttpSink {
             (HeaderName::from_static("x-correlation-id"), out.correlation_id),
         ];
         for (name, value) in record_headers {
-            match HeaderValue::from_str(value) {
-                Ok(v) => headers.insert(name, v),
-                Err(_) => return refused(format!("the record's `{name}` cannot be sent in a header")),
+            let Ok(v) = HeaderValue::from_str(value) else {
+                let detail = format!("the record's `{name}` cannot be sent in a header");
+                return Err(unsent(Answer::Connection, detail, started));
             };
+            headers.insert(name, v);
         }
         if let Some(tp) = traceparent(out.correlation_id).and_then(|tp| HeaderValue::try_from(tp).ok()) {
             headers.insert(HeaderName::from_static("traceparent"), tp);
         }
         if let Some(token) = bearer {
-            match HeaderValue::from_str(&format!("Bearer {}", token.expose())) {
-                Ok(mut v) => {
-                    v.set_sensitive(true);
-                    headers.insert(header::AUTHORIZATION, v);
-                }
-                Err(_) => {
-                    let detail = Some("the partner's token cannot be sent in a header".to_string());
-                    let answer = Answer::Status { status: 401, retry_after: None };
-                    return AttemptResult { answer, duration: started.elapsed(), detail, hint: LimitHint::default() };
-                }
-            }
+            let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", token.expose())) else {
+                let detail = "the partner's token cannot be sent in a header".to_string();
+                return Err(unsent(Answer::Status { status: 401, retry_after: None }, detail, started));
+            };
+            v.set_sensitive(true);
+            headers.insert(header::AUTHORIZATION, v);
         }
+        Ok(headers)
+    }
+
+    /// [`HttpSink::send_once`] through the direct client: the same request
+    /// (`headers` from [`HttpSink::record_headers`], body, timeout over the
+    /// answer and its body) and the same reading of the answer.
+    async fn send_direct(
+        &self,
+        client: &DirectClient,
+        uri: &http::Uri,
+        (out, bearer, headers): (Outbound<'_>, Option<&Secret>, HeaderMap),
+        body_limit: usize,
+        now: &impl Fn() -> Timestamp,
+        started: Instant,
+    ) -> AttemptResult {
+        let deadline = tokio::time::Instant::from_std(started + self.timeout);
         let body = Bytes::copy_from_slice(out.payload);
-        let request = || {
+        let request = |headers: HeaderMap| {
             let mut request = http::Request::new(Full::new(body.clone()));
             *request.method_mut() = self.method.clone();
             *request.uri_mut() = uri.clone();
-            *request.headers_mut() = headers.clone();
+            *request.headers_mut() = headers;
             request
         };
-        let mut sent = tokio::time::timeout_at(deadline, client.request(request())).await;
+        let mut sent = tokio::time::timeout_at(deadline, client.request(request(headers))).await;
         // As reqwest does: an HTTP/2 partner that closes the connection
         // gracefully (GOAWAY, NO_ERROR) or refuses the stream has not
-        // processed the request; it goes again on another connection.
+        // processed the request; it goes again on another connection (its
+        // headers made again: they were sent with the first).
         for _ in 0..2 {
             match &sent {
                 Ok(Err(e)) if refused_unprocessed(e) => {
-                    sent = tokio::time::timeout_at(deadline, client.request(request())).await;
+                    let headers = match self.record_headers(out, bearer, started) {
+                        Ok(h) => h,
+                        Err(unsent) => return unsent,
+                    };
+                    sent = tokio::time::timeout_at(deadline, client.request(request(headers))).await;
                 }
                 _ => break,
             }
@@ -433,18 +423,9 @@ impl HttpSink {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 let answer = if timed_out(&e) { Answer::Timeout } else { Answer::Connection };
-                let detail = Some(format!("error sending request: {}", error_chain(&e)));
-                return AttemptResult { answer, duration: started.elapsed(), detail, hint: LimitHint::default() };
+                return unsent(answer, format!("error sending request: {}", error_chain(&e)), started);
             }
-            Err(_) => {
-                let detail = Some("error sending request: operation timed out".to_string());
-                return AttemptResult {
-                    answer: Answer::Timeout,
-                    duration: started.elapsed(),
-                    detail,
-                    hint: LimitHint::default(),
-                };
-            }
+            Err(_) => return unsent(Answer::Timeout, "error sending request: operation timed out".into(), started),
         };
         let (answer, hint) = answer_of(response.status(), response.headers(), now());
         let detail = match tokio::time::timeout_at(deadline, read_body(response.into_body(), body_limit)).await {
@@ -456,6 +437,11 @@ impl HttpSink {
         };
         AttemptResult { answer, duration: started.elapsed(), detail, hint }
     }
+}
+
+/// An attempt that got no answer from the partner.
+fn unsent(answer: Answer, detail: String, started: Instant) -> AttemptResult {
+    AttemptResult { answer, duration: started.elapsed(), detail: Some(detail), hint: LimitHint::default() }
 }
 
 /// An HTTP/2 graceful close (GOAWAY with NO_ERROR) or a refused stream:
@@ -699,8 +685,7 @@ fn limit_hint<'a>(text: &impl Fn(&str) -> Option<&'a str>, now: Timestamp) -> Li
 /// The URL is left out of transport errors: it may carry an API key.
 fn transport_failure(e: reqwest::Error, started: Instant) -> AttemptResult {
     let answer = if e.is_timeout() { Answer::Timeout } else { Answer::Connection };
-    let e = e.without_url();
-    AttemptResult { answer, duration: started.elapsed(), detail: Some(error_chain(&e)), hint: LimitHint::default() }
+    unsent(answer, error_chain(&e.without_url()), started)
 }
 
 /// The error and its causes on one line ("error sending request: connection closed before message completed").
