@@ -115,14 +115,31 @@ fn main() -> ExitCode {
         LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).init(),
     }
     dovetail_connectors::http::install_crypto_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // `run` reads its config first: the engine's runtimes split the cores
+    // between them (the dispatchers get their own), and this one is the
+    // intake's.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let mut config = None;
+    if matches!(cli.command, Command::Run) {
+        match project::load(&cli.config) {
+            Ok(loaded) => {
+                builder.worker_threads(dovetail_engine::thread_split(&loaded.config.engine).intake);
+                config = Some(loaded);
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let code = match runtime.block_on(dispatch(cli)) {
+    let code = match runtime.block_on(dispatch(cli, config)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -134,10 +151,14 @@ fn main() -> ExitCode {
     code
 }
 
-async fn dispatch(cli: Cli) -> Result<ExitCode> {
+/// `loaded`: the config, when `main` has read it already (`run`).
+async fn dispatch(cli: Cli, loaded: Option<dovetail_core::config::Loaded>) -> Result<ExitCode> {
     let config = cli.config;
     match cli.command {
-        Command::Run => project::run(&config).await,
+        Command::Run => match loaded {
+            Some(loaded) => project::run(loaded).await,
+            None => project::run(project::load(&config)?).await,
+        },
         Command::Check => project::check(&config),
         Command::Status { json } => status::status(&config, json).await,
         Command::Dlq(cmd) => dlq::run(&config, cmd).await,

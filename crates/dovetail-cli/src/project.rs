@@ -85,8 +85,7 @@ pub fn check(path: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn run(path: &Path) -> Result<ExitCode> {
-    let loaded = load(path)?;
+pub async fn run(loaded: Loaded) -> Result<ExitCode> {
     let resolved =
         match loaded.resolve(&EnvSecrets).and_then(|mut r| loaded.attach_files(&mut r, &read_file).map(|()| r)) {
             Ok(r) => r,

@@ -44,7 +44,7 @@ use dovetail_connectors::oauth::TokenSource;
 use dovetail_connectors::sink::Sink;
 use dovetail_core::clock::{Clock, SystemClock};
 use dovetail_core::config::{
-    Config, ConnectorConfig, Resolved, Secret, SecretRef, SecretSource, SinkConfig, SourceConfig,
+    Config, ConnectorConfig, EngineConfig, Resolved, Secret, SecretRef, SecretSource, SinkConfig, SourceConfig,
 };
 use dovetail_core::policy::{Jitter, QuotaUsage, RandomJitter, RetryPolicy};
 use dovetail_journal::Journal;
@@ -218,9 +218,30 @@ impl Drop for DeliveryRuntime {
     }
 }
 
-/// Half the cores, at least one: the rest take webhooks.
-fn default_delivery_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get() / 2).max(1)
+/// How many threads deliver records and how many take webhooks and run
+/// the sources (the runtime `dovetail run` builds around the engine), for
+/// this machine's cores. See [`split_cores`].
+pub fn thread_split(engine: &EngineConfig) -> ThreadSplit {
+    split_cores(std::thread::available_parallelism().map_or(1, |n| n.get()), engine.delivery_threads)
+}
+
+/// The cores split between the two runtimes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadSplit {
+    /// Webhooks, sources, the admin API and the dashboard.
+    pub intake: usize,
+    /// The dispatchers: leasing, sending, recording attempts.
+    pub delivery: usize,
+}
+
+/// `delivery` threads (by default half the cores, at least one), and the
+/// rest of the cores, at least one, for intake. The two runtimes do not
+/// overlap: with two cores, two intake workers beside the delivery thread
+/// and the journal's writer cost about a tenth more CPU per record than
+/// one, in thread switches (README, Performance).
+fn split_cores(cores: usize, delivery: Option<usize>) -> ThreadSplit {
+    let delivery = delivery.unwrap_or(cores / 2).max(1);
+    ThreadSplit { intake: cores.saturating_sub(delivery).max(1), delivery }
 }
 
 impl RunningEngine {
@@ -269,8 +290,8 @@ pub async fn start(
 ) -> Result<RunningEngine, EngineError> {
     let addr =
         listener.local_addr().map_err(|e| EngineError::Serve { addr: config.engine.listen.clone(), source: e })?;
-    let threads = config.engine.delivery_threads.unwrap_or_else(default_delivery_threads);
-    let delivery = DeliveryRuntime::start(threads).map_err(|e| EngineError::Runtime(e.to_string()))?;
+    let delivery = DeliveryRuntime::start(thread_split(&config.engine).delivery)
+        .map_err(|e| EngineError::Runtime(e.to_string()))?;
     let mut clients = BTreeMap::new();
     let mut connectors = BTreeMap::new();
     let mut token_sources = BTreeMap::new();
@@ -583,4 +604,25 @@ pub async fn start(
     });
     tracing::info!(%addr, flows = config.flows.len(), node = %options.node_id, "engine started");
     Ok(RunningEngine { addr, shutdown, tasks, _delivery: delivery })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ThreadSplit, split_cores};
+
+    #[test]
+    fn delivery_takes_half_the_cores_and_intake_the_rest() {
+        let split = |cores, delivery| {
+            let ThreadSplit { intake, delivery } = split_cores(cores, delivery);
+            (intake, delivery)
+        };
+        assert_eq!(split(1, None), (1, 1));
+        assert_eq!(split(2, None), (1, 1));
+        assert_eq!(split(3, None), (2, 1));
+        assert_eq!(split(8, None), (4, 4));
+        // Set by the operator: intake keeps at least one thread.
+        assert_eq!(split(2, Some(2)), (1, 2));
+        assert_eq!(split(8, Some(2)), (6, 2));
+        assert_eq!(split(4, Some(16)), (1, 16));
+    }
 }
