@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, watch};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
 use dovetail_connectors::http::{AttemptResult, Outbound};
 use dovetail_core::clock::Timestamp;
@@ -25,6 +25,9 @@ use crate::{EngineOptions, FlowRuntime};
 /// After a journal error, how long before trying again.
 const JOURNAL_BACKOFF: Duration = Duration::from_millis(500);
 
+/// Most attempt reports written in one journal call.
+const MAX_REPORTS_PER_WRITE: usize = 256;
+
 pub(crate) async fn run(
     flow: Arc<FlowRuntime>,
     journal: Arc<dyn Journal>,
@@ -33,6 +36,9 @@ pub(crate) async fn run(
 ) {
     let mut inflight = tokio::task::JoinSet::new();
     let mut pause = PauseCache::default();
+    let (reports, waiting) = mpsc::unbounded_channel();
+    let recorder = tokio::spawn(record_reports(flow.clone(), journal.clone(), waiting));
+    let reports = Reports(reports);
     while !*stop.borrow() {
         // Reap finished attempts so the set does not grow.
         while inflight.try_join_next().is_some() {}
@@ -103,11 +109,11 @@ pub(crate) async fn run(
         if let Some(batch) = flow.batch.clone() {
             let partial = leased.len() < batch.max_records;
             let max_wait = batch.max_wait;
-            let (f, journal, options) = (flow.clone(), journal.clone(), options.clone());
+            let (f, journal, options, reports) = (flow.clone(), journal.clone(), options.clone(), reports.clone());
             // Boxed: the task's cell then holds a pointer, not the whole
             // future, which tokio would otherwise copy at every stage.
             inflight.spawn(Box::pin(async move {
-                attempt_batch(&f, &*journal, &options, &batch, leased, probe, permits).await;
+                attempt_batch(&f, &*journal, &options, &reports, &batch, leased, probe, permits).await;
             }));
             if partial {
                 // Let the next batch fill: a lone record waits at most max_wait.
@@ -116,14 +122,58 @@ pub(crate) async fn run(
             continue;
         }
         for (record, permit) in leased.into_iter().zip(permits) {
-            let (flow, journal, options) = (flow.clone(), journal.clone(), options.clone());
+            let (flow, journal, options, reports) = (flow.clone(), journal.clone(), options.clone(), reports.clone());
             inflight.spawn(Box::pin(async move {
-                attempt(&flow, &*journal, &options, record, probe, permit).await;
+                attempt(&flow, &*journal, &options, &reports, record, probe, permit).await;
             }));
         }
     }
     // Attempts already sent finish and are recorded; nothing new starts.
     while inflight.join_next().await.is_some() {}
+    drop(reports);
+    let _ = recorder.await;
+}
+
+/// Where attempts hand their reports to be journalled.
+#[derive(Clone)]
+struct Reports(mpsc::UnboundedSender<AttemptReport>);
+
+/// Journals the reports of a dispatcher's attempts, as many as have
+/// gathered in one `complete_many`: one writer job and one wake-up for the
+/// lot, not one per record. An attempt's task hands its report over and
+/// ends; the record stays leased until its report is in the journal, so
+/// nothing can lease it in between. Ends when every sender is gone and the
+/// last reports are written.
+async fn record_reports(
+    flow: Arc<FlowRuntime>,
+    journal: Arc<dyn Journal>,
+    mut waiting: mpsc::UnboundedReceiver<AttemptReport>,
+) {
+    let mut group = Vec::with_capacity(MAX_REPORTS_PER_WRITE);
+    while waiting.recv_many(&mut group, MAX_REPORTS_PER_WRITE).await > 0 {
+        let ids: Vec<_> = group.iter().map(|r| r.id).collect();
+        // A record going back to pending has a new due time, which a
+        // dispatcher that went idle while it was being written has not seen.
+        let wake = flow.in_key_order
+            || group.iter().any(|r| matches!(r.outcome, Outcome::Retry { .. } | Outcome::Hold { .. }));
+        match journal.complete_many(std::mem::take(&mut group)).await {
+            Ok(applied) => {
+                for (id, _) in ids.iter().zip(applied).filter(|(_, applied)| !applied) {
+                    tracing::warn!(flow = %flow.name, record_id = id,
+                        "the lease expired before the attempt finished; another dispatcher owns the record now");
+                }
+            }
+            // The leases will expire and the records will be tried again
+            // with the same idempotency keys, so the partner sees no double effect.
+            Err(e) => {
+                tracing::error!(flow = %flow.name, records = ?ids, error = %e, "cannot record attempts")
+            }
+        }
+        if wake {
+            // With keys in order, the next record of a key may be due now.
+            flow.wake.notify_one();
+        }
+    }
 }
 
 /// The flow's pause flag, read from the journal at most once per idle poll
@@ -195,6 +245,7 @@ async fn attempt(
     flow: &FlowRuntime,
     journal: &dyn Journal,
     options: &EngineOptions,
+    reports: &Reports,
     mut record: LeasedRecord,
     probe: bool,
     permit: OwnedSemaphorePermit,
@@ -205,7 +256,7 @@ async fn attempt(
         Ready::Refused(why) => {
             // Nothing goes out: the token, the quota slot and a breaker probe are returned.
             flow.connector.unused(1, probe);
-            settle_unsent(flow, journal, options, &record, started_at, why).await;
+            settle_unsent(flow, options, reports, &record, started_at, why);
             return;
         }
         Ready::Abandon => {
@@ -223,7 +274,7 @@ async fn attempt(
     connector::record(change, journal).await;
     let sent = Sent { started_at, breaker_open_until, quota: flow.connector.quota_name(), keep_batch: false };
     let report = conclude(flow, journal, options, &record, &result, sent).await;
-    record_outcome(flow, journal, &record, report).await;
+    reports.hand_over(report);
 }
 
 /// The request a record makes: its mapped body when a mapping made one,
@@ -242,10 +293,12 @@ fn outbound(record: &LeasedRecord) -> Outbound<'_> {
 /// own result when the partner gave per-record results, else from the
 /// request's. Records that succeeded are delivered; only the others come
 /// back, so a retried batch never carries a record that was applied.
+#[allow(clippy::too_many_arguments)]
 async fn attempt_batch(
     flow: &FlowRuntime,
     journal: &dyn Journal,
     options: &EngineOptions,
+    reports: &Reports,
     batch: &BatchConfig,
     records: Vec<LeasedRecord>,
     probe: bool,
@@ -256,7 +309,7 @@ async fn attempt_batch(
     for mut record in records {
         match prepare(flow, journal, options, &mut record).await {
             Ready::Send => sendable.push(record),
-            Ready::Refused(why) => settle_unsent(flow, journal, options, &record, started_at, why).await,
+            Ready::Refused(why) => settle_unsent(flow, options, reports, &record, started_at, why),
             Ready::Abandon => {}
         }
     }
@@ -438,10 +491,10 @@ async fn prepare(
 }
 
 /// Dead-letters a record without sending it.
-async fn settle_unsent(
+fn settle_unsent(
     flow: &FlowRuntime,
-    journal: &dyn Journal,
     options: &EngineOptions,
+    reports: &Reports,
     record: &LeasedRecord,
     now: Timestamp,
     (class, reason): (ErrorClass, String),
@@ -463,24 +516,13 @@ async fn settle_unsent(
         },
         outcome: Outcome::Dead { class, reason },
     };
-    record_outcome(flow, journal, record, report).await;
+    reports.hand_over(report);
 }
 
-async fn record_outcome(flow: &FlowRuntime, journal: &dyn Journal, record: &LeasedRecord, report: AttemptReport) {
-    let back_to_pending = matches!(report.outcome, Outcome::Retry { .. } | Outcome::Hold { .. });
-    match journal.complete(report).await {
-        Ok(true) => {}
-        Ok(false) => tracing::warn!(flow = %flow.name, record_id = record.id,
-            "the lease expired before the attempt finished; another dispatcher owns the record now"),
-        // The lease will expire and the record will be tried again with the
-        // same idempotency key, so the partner sees no double effect.
-        Err(e) => tracing::error!(flow = %flow.name, record_id = record.id, error = %e, "cannot record an attempt"),
-    }
-    if flow.in_key_order || back_to_pending {
-        // The next record of this key may be due now; or this one has a new
-        // due time, which a dispatcher that went idle while the attempt was
-        // being recorded (its permit came back before) has not seen.
-        flow.wake.notify_one();
+impl Reports {
+    fn hand_over(&self, report: AttemptReport) {
+        // The receiver lives until every sender is dropped.
+        let _ = self.0.send(report);
     }
 }
 
