@@ -40,6 +40,11 @@ pub(crate) async fn run(
     let recorder = tokio::spawn(record_reports(flow.clone(), journal.clone(), waiting));
     let reports = Reports(reports);
     while !*stop.borrow() {
+        if recorder.is_finished() {
+            // Reports would be dropped: stop, and let the engine see it.
+            tracing::error!(flow = %flow.name, "the flow's attempt recorder stopped; stopping its dispatcher");
+            break;
+        }
         // Reap finished attempts so the set does not grow.
         while inflight.try_join_next().is_some() {}
         match pause.is_paused(&flow, journal.as_ref(), &options).await {
@@ -131,7 +136,11 @@ pub(crate) async fn run(
     // Attempts already sent finish and are recorded; nothing new starts.
     while inflight.join_next().await.is_some() {}
     drop(reports);
-    let _ = recorder.await;
+    if let Err(e) = recorder.await
+        && e.is_panic()
+    {
+        std::panic::resume_unwind(e.into_panic());
+    }
 }
 
 /// Where attempts hand their reports to be journalled.
@@ -151,29 +160,53 @@ async fn record_reports(
 ) {
     let mut group = Vec::with_capacity(MAX_REPORTS_PER_WRITE);
     while waiting.recv_many(&mut group, MAX_REPORTS_PER_WRITE).await > 0 {
-        let ids: Vec<_> = group.iter().map(|r| r.id).collect();
-        // A record going back to pending has a new due time, which a
+        // With keys in order, the next record of a key may be due now; a
+        // bound batch may be leasable once its refused members are written;
+        // a record going back to pending has a new due time, which a
         // dispatcher that went idle while it was being written has not seen.
         let wake = flow.in_key_order
+            || flow.batch.is_some()
             || group.iter().any(|r| matches!(r.outcome, Outcome::Retry { .. } | Outcome::Hold { .. }));
+        // Kept for writing one by one if the group fails as a whole.
+        let reports = if group.len() > 1 { Some(group.clone()) } else { None };
+        let ids: Vec<_> = group.iter().map(|r| r.id).collect();
         match journal.complete_many(std::mem::take(&mut group)).await {
-            Ok(applied) => {
-                for (id, _) in ids.iter().zip(applied).filter(|(_, applied)| !applied) {
-                    tracing::warn!(flow = %flow.name, record_id = id,
-                        "the lease expired before the attempt finished; another dispatcher owns the record now");
+            Ok(applied) => lost_leases(&flow, ids.into_iter().zip(applied)),
+            Err(e) => match reports {
+                // One report's failure (a full disk, the journal's size cap)
+                // must not cost the others: each lost report means an
+                // expired lease, an interrupted attempt counted against the
+                // record's budget, and the record sent again.
+                Some(reports) => {
+                    tracing::warn!(flow = %flow.name, error = %e, "cannot record a group of attempts; recording them one by one");
+                    for report in reports {
+                        let id = report.id;
+                        match journal.complete(report).await {
+                            Ok(applied) => lost_leases(&flow, [(id, applied)]),
+                            Err(e) => cannot_record(&flow, id, &e),
+                        }
+                    }
                 }
-            }
-            // The leases will expire and the records will be tried again
-            // with the same idempotency keys, so the partner sees no double effect.
-            Err(e) => {
-                tracing::error!(flow = %flow.name, records = ?ids, error = %e, "cannot record attempts")
-            }
+                None => ids.iter().for_each(|id| cannot_record(&flow, *id, &e)),
+            },
         }
         if wake {
-            // With keys in order, the next record of a key may be due now.
             flow.wake.notify_one();
         }
     }
+}
+
+fn lost_leases(flow: &FlowRuntime, applied: impl IntoIterator<Item = (dovetail_core::record::RecordId, bool)>) {
+    for (id, _) in applied.into_iter().filter(|(_, applied)| !applied) {
+        tracing::warn!(flow = %flow.name, record_id = id,
+            "the lease expired before the attempt finished; another dispatcher owns the record now");
+    }
+}
+
+/// The lease will expire and the record will be tried again with the same
+/// idempotency key, so the partner sees no double effect.
+fn cannot_record(flow: &FlowRuntime, id: dovetail_core::record::RecordId, e: &dovetail_journal::JournalError) {
+    tracing::error!(flow = %flow.name, record_id = id, error = %e, "cannot record an attempt");
 }
 
 /// The flow's pause flag, read from the journal at most once per idle poll
@@ -521,8 +554,11 @@ fn settle_unsent(
 
 impl Reports {
     fn hand_over(&self, report: AttemptReport) {
-        // The receiver lives until every sender is dropped.
-        let _ = self.0.send(report);
+        let id = report.id;
+        if self.0.send(report).is_err() {
+            // Only if the recorder stopped, which stops the dispatcher too.
+            tracing::error!(record_id = id, "the attempt recorder has stopped; this attempt is not recorded");
+        }
     }
 }
 
