@@ -13,6 +13,7 @@ use dovetail_core::keypath::KeyExpr;
 use dovetail_core::mapping::{Mapping, Program};
 use dovetail_core::pipeline::{self, Model, Pipeline};
 use dovetail_core::schema::Schema;
+use dovetail_core::shape::Shape;
 
 const RECORDS: usize = 50_000;
 
@@ -100,4 +101,20 @@ fn main() {
         });
         println!("{:<52} {:>12.0} {:>8.2}x", format!("parse + {name}"), rate, rate / baseline);
     }
+    // A flow that reads nothing of its records: intake checks the JSON and
+    // learns its shape for drift detection, from a parsed `Value` before
+    // 2026-12-03, from the bytes in one pass since.
+    let now = dovetail_core::clock::Timestamp::from_secs(1_800_000_000);
+    let shape = std::cell::RefCell::new(Shape::default());
+    let rate = measure(&|raw| {
+        let v = pipeline::parse(raw).unwrap();
+        shape.borrow_mut().learn(&v, 1, now).len() + 1
+    });
+    println!("{:<52} {:>12.0} {:>8.2}x", "parse + learn the shape from the value", rate, rate / baseline);
+    let (shape, plain) = (std::cell::RefCell::new(Shape::default()), Pipeline::default());
+    let rate = measure(&|raw| {
+        let (_, fields) = plain.check_and_list(raw);
+        shape.borrow_mut().learn_list(&fields.unwrap(), 1, now).len() + 1
+    });
+    println!("{:<52} {:>12.0} {:>8.2}x", "check and list the fields in one pass + learn", rate, rate / baseline);
 }

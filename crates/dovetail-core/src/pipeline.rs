@@ -23,6 +23,7 @@ use serde_json::Value;
 use crate::keypath::KeyExpr;
 use crate::mapping::Mapping;
 use crate::schema::{self, Schema};
+use crate::shape::FieldList;
 
 /// A named canonical model (`[models.Order]`) and its schema.
 #[derive(Debug, Clone)]
@@ -120,14 +121,47 @@ pub struct Processed {
 
 /// Parses raw bytes as JSON.
 pub fn parse(raw: &[u8]) -> Result<Value, Rejection> {
-    serde_json::from_slice(raw)
-        .map_err(|e| Rejection { stage: Stage::Parse, reason: format!("the body is not JSON: {e}") })
+    serde_json::from_slice(raw).map_err(|e| not_json(&e))
+}
+
+fn not_json(e: &serde_json::Error) -> Rejection {
+    Rejection { stage: Stage::Parse, reason: format!("the body is not JSON: {e}") }
 }
 
 impl Pipeline {
     /// True when no stage needs more than well-formed JSON.
     pub fn is_passthrough(&self) -> bool {
         self.schema.is_none() && self.mapping.is_none() && self.model.is_none() && self.sink_mapping.is_none()
+    }
+
+    /// True when the pipeline reads nothing of a record: no stage and no
+    /// key. Its records need only be well-formed JSON, which
+    /// [`Pipeline::check_and_list`] checks without building a `Value`.
+    pub fn reads_nothing(&self) -> bool {
+        self.is_passthrough() && self.key.is_none() && self.idempotency_key.is_none()
+    }
+
+    /// For a pipeline that [reads nothing](Pipeline::reads_nothing): what
+    /// [`Pipeline::run`] makes of `raw` (with no `input`), and the fields
+    /// of a well-formed record for drift learning, in one pass over the bytes.
+    pub fn check_and_list(&self, raw: &[u8]) -> (Processed, Option<FieldList>) {
+        debug_assert!(self.reads_nothing());
+        match FieldList::of_json(raw) {
+            Ok(fields) => (
+                Processed {
+                    input: None,
+                    keys: Keys::default(),
+                    result: Ok(Transformed {
+                        canonical: None,
+                        outbound: None,
+                        mapping_version: None,
+                        sink_mapping_version: None,
+                    }),
+                },
+                Some(fields),
+            ),
+            Err(e) => (Processed { input: None, keys: Keys::default(), result: Err(not_json(&e)) }, None),
+        }
     }
 
     /// True when a stage runs jq (a mapping, or a key that is not a plain
@@ -301,5 +335,24 @@ mod tests {
         let e = parse(b"{not json").unwrap_err();
         assert_eq!(e.stage, Stage::Parse);
         assert!(e.reason.starts_with("the body is not JSON"));
+    }
+
+    #[test]
+    fn a_pipeline_that_reads_nothing_checks_and_lists_as_running_it_does() {
+        let p = Pipeline::default();
+        assert!(p.reads_nothing());
+        assert!(!Pipeline { key: Some(KeyExpr::parse(".id").unwrap()), ..Pipeline::default() }.reads_nothing());
+        assert!(
+            !Pipeline { idempotency_key: Some(KeyExpr::parse(".id").unwrap()), ..Pipeline::default() }.reads_nothing()
+        );
+        assert!(!order_flow().reads_nothing());
+        for raw in [&br#"{"id":"o1","lines":[{"sku":"A"}]}"#[..], b"{not json", b"[1,2] x", b"\"\xff\""] {
+            let (checked, fields) = p.check_and_list(raw);
+            let ran = p.run(raw);
+            assert_eq!(checked.result, ran.result, "{}", String::from_utf8_lossy(raw));
+            assert_eq!(checked.keys, ran.keys);
+            assert_eq!(checked.input, None);
+            assert_eq!(fields, ran.input.as_ref().map(FieldList::of_value));
+        }
     }
 }

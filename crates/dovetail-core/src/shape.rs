@@ -113,6 +113,164 @@ fn visit_fields(v: &serde_json::Value, path: &mut String, visit: &mut impl FnMut
     }
 }
 
+/// The (path, type) of every field of a payload, in [`visit_fields`]'s
+/// order, read straight from its bytes: for a flow whose records need no
+/// more than well-formed JSON, intake checks the bytes and lists the fields
+/// in one pass, without building a `serde_json::Value` (in the webhook
+/// handler's profile, parsing into a `Value`, learning from it and dropping
+/// it were half of its time). One buffer holds every field's
+/// `path\ttype`, the key [`Shape`] counts it under, back to back; a path can
+/// hold any character, so where each ends is kept beside it.
+///
+/// The same as walking the parsed `Value`, except for an object with a key
+/// twice: the parsed value keeps only the last, and this lists both.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FieldList {
+    keys: String,
+    /// Per field: where its key ends in `keys`, and its type.
+    ends: Vec<(usize, JsonType)>,
+}
+
+impl FieldList {
+    /// Parses `raw` as JSON, as `serde_json::from_slice` would (the same
+    /// errors), listing its fields.
+    pub fn of_json(raw: &[u8]) -> serde_json::Result<FieldList> {
+        use serde::de::DeserializeSeed as _;
+        let mut list = FieldList { keys: String::with_capacity(raw.len()), ends: Vec::with_capacity(32) };
+        let mut de = serde_json::Deserializer::from_slice(raw);
+        Walk { list: &mut list, path: &mut String::new(), root: true }.deserialize(&mut de)?;
+        de.end()?;
+        Ok(list)
+    }
+
+    /// The fields of a parsed value, in the same form.
+    pub fn of_value(value: &serde_json::Value) -> FieldList {
+        let mut list = FieldList::default();
+        visit_fields(value, &mut String::new(), &mut |path, t| list.push(path, t));
+        list
+    }
+
+    fn push(&mut self, path: &str, t: JsonType) {
+        self.keys.push_str(path);
+        self.keys.push('\t');
+        self.keys.push_str(t.as_str());
+        self.ends.push((self.keys.len(), t));
+    }
+
+    /// Each field as `path\ttype` (the key [`Shape`] keeps it under), with
+    /// its path and type.
+    fn entries(&self) -> impl Iterator<Item = (&str, &str, JsonType)> {
+        let starts = std::iter::once(0).chain(self.ends.iter().map(|(end, _)| *end));
+        starts.zip(&self.ends).map(|(start, &(end, t))| {
+            let key = &self.keys[start..end];
+            (key, &key[..key.len() - 1 - t.as_str().len()], t)
+        })
+    }
+}
+
+/// One JSON value, streamed: lists the value itself under `path` (unless it
+/// is the root), then its fields, as [`visit_fields`] does.
+struct Walk<'a> {
+    list: &'a mut FieldList,
+    path: &'a mut String,
+    root: bool,
+}
+
+impl Walk<'_> {
+    fn seen(&mut self, t: JsonType) {
+        if !self.root {
+            self.list.push(self.path, t);
+        }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Walk<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Walk<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_unit<E>(mut self) -> Result<(), E> {
+        self.seen(JsonType::Null);
+        Ok(())
+    }
+    fn visit_bool<E>(mut self, _: bool) -> Result<(), E> {
+        self.seen(JsonType::Boolean);
+        Ok(())
+    }
+    fn visit_i64<E>(mut self, _: i64) -> Result<(), E> {
+        self.seen(JsonType::Integer);
+        Ok(())
+    }
+    fn visit_u64<E>(mut self, _: u64) -> Result<(), E> {
+        self.seen(JsonType::Integer);
+        Ok(())
+    }
+    fn visit_f64<E>(mut self, _: f64) -> Result<(), E> {
+        self.seen(JsonType::Number);
+        Ok(())
+    }
+    fn visit_str<E>(mut self, _: &str) -> Result<(), E> {
+        self.seen(JsonType::String);
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut items: A) -> Result<(), A::Error> {
+        self.seen(JsonType::Array);
+        let start = self.path.len();
+        self.path.push_str("[]");
+        while items.next_element_seed(Walk { list: self.list, path: self.path, root: false })?.is_some() {}
+        self.path.truncate(start);
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut entries: A) -> Result<(), A::Error> {
+        self.seen(JsonType::Object);
+        let start = self.path.len();
+        loop {
+            if start > 0 {
+                self.path.push('.');
+            }
+            if entries.next_key_seed(Key(self.path))?.is_none() {
+                break;
+            }
+            entries.next_value_seed(Walk { list: self.list, path: self.path, root: false })?;
+            self.path.truncate(start);
+        }
+        self.path.truncate(start);
+        Ok(())
+    }
+}
+
+/// An object's key, appended to the path.
+struct Key<'a>(&'a mut String);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Key<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Key<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_str<E>(self, key: &str) -> Result<(), E> {
+        self.0.push_str(key);
+        Ok(())
+    }
+}
+
 /// What changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -193,16 +351,37 @@ impl Shape {
     /// fields are counted without allocating, since this runs for every
     /// accepted record.
     pub fn learn(&mut self, value: &serde_json::Value, record_id: i64, now: Timestamp) -> Vec<DriftEvent> {
+        let mut lookup = String::new();
+        self.learn_walk(record_id, now, |see| {
+            visit_fields(value, &mut String::new(), &mut |path, t| {
+                lookup.clear();
+                lookup.push_str(path);
+                lookup.push('\t');
+                lookup.push_str(t.as_str());
+                see(&lookup, path, t);
+            })
+        })
+    }
+
+    /// [`Shape::learn`] from a record's [`FieldList`].
+    pub fn learn_list(&mut self, list: &FieldList, record_id: i64, now: Timestamp) -> Vec<DriftEvent> {
+        self.learn_walk(record_id, now, |see| list.entries().for_each(|(key, path, t)| see(key, path, t)))
+    }
+
+    /// Learns one record whose fields `walk` passes to its argument, each
+    /// as (`path\ttype`, path, type).
+    fn learn_walk(
+        &mut self,
+        record_id: i64,
+        now: Timestamp,
+        walk: impl FnOnce(&mut dyn FnMut(&str, &str, JsonType)),
+    ) -> Vec<DriftEvent> {
         self.records += 1;
         let seq = self.records;
         // Known fields are counted once per record; new ones collected.
-        let (known, mut lookup, mut new) = (&mut self.fields, String::new(), Vec::new());
-        visit_fields(value, &mut String::new(), &mut |path, t| {
-            lookup.clear();
-            lookup.push_str(path);
-            lookup.push('\t');
-            lookup.push_str(t.as_str());
-            match known.get_mut(lookup.as_str()) {
+        let (known, mut new) = (&mut self.fields, Vec::new());
+        walk(&mut |lookup, path, t| {
+            match known.get_mut(lookup) {
                 // Already counted for this record (an array's items share paths).
                 Some(seen) if seen.last_seq == seq => {}
                 Some(seen) => {
@@ -384,5 +563,104 @@ mod tests {
         s.learn(&order(json!({})), 1, T);
         let back: Shape = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);
+    }
+
+    /// Fields read from the bytes in one pass, against fields read from the parsed value.
+    fn both_ways(raw: &str) -> (FieldList, FieldList) {
+        let value: serde_json::Value = serde_json::from_str(raw).unwrap();
+        (FieldList::of_json(raw.as_bytes()).unwrap(), FieldList::of_value(&value))
+    }
+
+    #[test]
+    fn fields_read_from_bytes_are_those_of_the_parsed_value() {
+        for raw in [
+            r#"{"id":"o1","amount":12,"price":12.5,"big":18446744073709551616,"neg":-3,"ok":true,"none":null,
+                "customer":{"email":"a@b.c","address":{"city":"Lyon"}},"lines":[{"sku":"A","qty":1},{"sku":"B","note":"x"}],
+                "tags":["x",1,null,[2,{"deep":[]}]],"empty":{},"nothing":[],"esc\"aped":"\u00e9"}"#,
+            r#"[{"a":1},[{"b":2}],3]"#,
+            r#""just a string""#,
+            "42",
+            "{}",
+            " { \"spaced\" : [ 1 , 2.0 ] } ",
+        ] {
+            let (streamed, parsed) = both_ways(raw);
+            assert_eq!(streamed, parsed, "{raw}");
+        }
+        let (streamed, _) = both_ways(r#"{"a":{"b":[1,"x"]}}"#);
+        let listed: Vec<(&str, JsonType)> = streamed.entries().map(|(_, p, t)| (p, t)).collect();
+        assert_eq!(
+            listed,
+            [
+                ("a", JsonType::Object),
+                ("a.b", JsonType::Array),
+                ("a.b[]", JsonType::Integer),
+                ("a.b[]", JsonType::String)
+            ]
+        );
+    }
+
+    #[test]
+    fn bytes_that_are_not_json_fail_as_parsing_them_does() {
+        let bad: [&[u8]; 8] =
+            [b"", b"{", b"[1,]", b"{\"a\" 1}", b"{\"a\":1} trailing", b"\"\xff\xfe\"", b"{\"\xc3\x28\":1}", b"nul"];
+        for raw in bad {
+            let parsed = serde_json::from_slice::<serde_json::Value>(raw).unwrap_err().to_string();
+            let streamed = FieldList::of_json(raw).unwrap_err().to_string();
+            assert_eq!(streamed, parsed, "{}", String::from_utf8_lossy(raw));
+        }
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let parsed = serde_json::from_str::<serde_json::Value>(&deep).unwrap_err().to_string();
+        assert_eq!(FieldList::of_json(deep.as_bytes()).unwrap_err().to_string(), parsed);
+    }
+
+    #[test]
+    fn learning_from_a_field_list_is_learning_from_the_value() {
+        let (mut from_value, mut from_list) = (Shape::default(), Shape::default());
+        for i in 0..(WARMUP as i64 + 60) {
+            let record = match i {
+                30 => order(json!({"coupon": "X"})),
+                31 => order(json!({"amount": "12.00"})),
+                i if i > 40 => json!({"id": "o", "customer": {"email": 1}}),
+                _ => order(json!({})),
+            };
+            let list = FieldList::of_json(record.to_string().as_bytes()).unwrap();
+            assert_eq!(from_list.learn_list(&list, i, T), from_value.learn(&record, i, T), "record {i}");
+        }
+        assert_eq!(from_list.removed(T), from_value.removed(T));
+        assert_eq!(from_list, from_value);
+    }
+
+    fn any_json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<u64>().prop_map(serde_json::Value::from),
+            (-1e12f64..1e12).prop_map(serde_json::Value::from),
+            "\\PC{0,6}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(5, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::Array),
+                proptest::collection::btree_map("[a-z\"\\\\ .\\[\\]é\t\n\u{0}]{0,4}", inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_document_lists_the_same_fields_both_ways(doc in any_json()) {
+            let raw = serde_json::to_vec(&doc).unwrap();
+            let streamed = FieldList::of_json(&raw).unwrap();
+            let listed: Vec<(String, JsonType)> = streamed.entries().map(|(_, p, t)| (p.to_string(), t)).collect();
+            let mut walked = Vec::new();
+            visit_fields(&doc, &mut String::new(), &mut |p, t| walked.push((p.to_string(), t)));
+            proptest::prop_assert_eq!(listed, walked);
+            for (key, path, t) in streamed.entries() {
+                proptest::prop_assert_eq!(key, super::key(path, t));
+            }
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use dovetail_core::clock::{Clock, Timestamp};
-use dovetail_core::shape::{DriftEvent, Shape};
+use dovetail_core::shape::{DriftEvent, FieldList, Shape};
 use dovetail_journal::Journal;
 
 /// How often removed fields are looked for and the shape saved.
@@ -45,6 +45,13 @@ impl FlowShape {
     /// Learns an accepted record; records and logs what is new.
     pub async fn learn(&self, value: &serde_json::Value, record_id: i64, now: Timestamp, journal: &dyn Journal) {
         let events = self.lock().learn(value, record_id, now);
+        self.dirty.store(true, Ordering::Relaxed);
+        self.report(events, journal).await;
+    }
+
+    /// [`FlowShape::learn`] from the record's listed fields.
+    pub async fn learn_list(&self, fields: &FieldList, record_id: i64, now: Timestamp, journal: &dyn Journal) {
+        let events = self.lock().learn_list(fields, record_id, now);
         self.dirty.store(true, Ordering::Relaxed);
         self.report(events, journal).await;
     }

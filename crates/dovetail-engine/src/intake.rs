@@ -66,8 +66,16 @@ impl Intake {
             // Unsigned endpoints may still name their deliveries.
             None => header(&headers, "webhook-id").or(header(&headers, "idempotency-key")).map(str::to_string),
         };
-        let mut processed =
-            crate::contract::process(&self.flow, &self.pipeline, self.jq_time_limit, body.clone()).await;
+        // A flow that reads nothing of its records (no keys, schema or
+        // mappings) needs only well-formed JSON and the fields for drift
+        // learning, both read in one pass without building a `Value`;
+        // except for Stripe, whose delivery id is in the body.
+        let (mut processed, fields) =
+            if self.pipeline.reads_nothing() && self.verifier.as_ref().is_none_or(|v| v.scheme() != Scheme::Stripe) {
+                self.pipeline.check_and_list(&body)
+            } else {
+                (crate::contract::process(&self.flow, &self.pipeline, self.jq_time_limit, body.clone()).await, None)
+            };
         if delivery_id.is_none()
             && self.verifier.as_ref().is_some_and(|v| v.scheme() == Scheme::Stripe)
             && let Some(v) = &processed.input
@@ -100,7 +108,9 @@ impl Intake {
                     );
                 }
                 self.wake.notify_one();
-                if let Some(value) = &parsed {
+                if let Some(fields) = &fields {
+                    self.shape.learn_list(fields, id, now, self.journal.as_ref()).await;
+                } else if let Some(value) = &parsed {
                     self.shape.learn(value, id, now, self.journal.as_ref()).await;
                 }
                 tracing::debug!(flow = %self.flow, record_id = id, correlation_id = %correlation_id, "record journalled");
