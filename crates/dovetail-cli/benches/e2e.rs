@@ -363,6 +363,16 @@ fn cpu_of(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// CPU time the hypervisor gave to other guests while this machine's
+/// cores wanted it ("steal", the eighth figure of `/proc/stat`'s `cpu`
+/// line), in seconds over all cores. Runs with much of it are not
+/// comparable with runs without.
+fn stolen() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu = stat.lines().find(|l| l.starts_with("cpu ")).unwrap_or_default();
+    cpu.split_whitespace().nth(8).and_then(|t| t.parse::<f64>().ok()).map_or(f64::NAN, |t| t / 100.0)
+}
+
 /// Samples a process's RSS every 100 ms on its own thread, with the sink's
 /// count at each sample, until stopped.
 struct Sampler {
@@ -439,6 +449,7 @@ async fn run(args: Args) {
 
     println!("e2e bench: {} s per phase, {} connections, ~300-byte records", args.seconds, args.connections);
     let numbers = Arc::new(AtomicU64::new(0));
+    let (stolen_before, run_started) = (stolen(), Instant::now());
     let bench_cpu = cpu_of(std::process::id());
     let ceiling = load(sink_addr, "/ingest", args.connections, seconds, None, numbers.clone()).await;
     let bench_cpu = cpu_of(std::process::id()) - bench_cpu;
@@ -512,6 +523,13 @@ async fn run(args: Args) {
         "| CPU per record | engine {:.1} µs (ingest and delivery, from the ingest phase to the drain); generator + sink {:.1} µs per request at the ceiling | |",
         engine_cpu * 1e6 / delivered.max(1) as f64,
         bench_cpu * 1e6 / ceiling.ok.max(1) as f64
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let stolen = stolen() - stolen_before;
+    println!(
+        "| CPU stolen by the hypervisor | {stolen:.1} s over the {:.0} s run, {:.0} % of the cores' time (compare runs only with little of it) | |",
+        run_started.elapsed().as_secs_f64(),
+        100.0 * stolen / (cores * run_started.elapsed().as_secs_f64())
     );
 }
 
