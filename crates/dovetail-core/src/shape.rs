@@ -129,18 +129,37 @@ pub struct FieldList {
     keys: String,
     /// Per field: where its key ends in `keys`, and its type.
     ends: Vec<(usize, JsonType)>,
+    /// Past [`DEDUP_AFTER`] bytes of keys, the keys listed, so that none is
+    /// listed twice: an array of many items under a long key would
+    /// otherwise list that key once per item (a 1 MiB body could ask for
+    /// gigabytes). Learning counts a field once per record either way.
+    seen: Option<std::collections::HashSet<String>>,
 }
+
+/// See [`FieldList::seen`]: far more than any ordinary record lists.
+const DEDUP_AFTER: usize = 1 << 20;
+
+/// The key under which serde_json (with its `raw_value` feature, which
+/// axum turns on) reads an object as a raw JSON text when parsing a
+/// `Value`: a body with it is parsed as before, not streamed.
+const RAW_VALUE_KEY: &str = "$serde_json::private::RawValue";
 
 impl FieldList {
     /// Parses `raw` as JSON, as `serde_json::from_slice` would (the same
     /// errors), listing its fields.
     pub fn of_json(raw: &[u8]) -> serde_json::Result<FieldList> {
         use serde::de::DeserializeSeed as _;
-        let mut list = FieldList { keys: String::with_capacity(raw.len()), ends: Vec::with_capacity(32) };
+        let mut list = FieldList { keys: String::with_capacity(raw.len()), ends: Vec::with_capacity(32), seen: None };
+        let reserved = std::cell::Cell::new(false);
         let mut de = serde_json::Deserializer::from_slice(raw);
-        Walk { list: &mut list, path: &mut String::new(), root: true }.deserialize(&mut de)?;
-        de.end()?;
-        Ok(list)
+        let walked = Walk { list: &mut list, path: &mut String::new(), root: true, reserved: &reserved }
+            .deserialize(&mut de)
+            .and_then(|()| de.end());
+        match walked {
+            Ok(()) => Ok(list),
+            Err(_) if reserved.get() => serde_json::from_slice(raw).map(|v| FieldList::of_value(&v)),
+            Err(e) => Err(e),
+        }
     }
 
     /// The fields of a parsed value, in the same form.
@@ -151,6 +170,16 @@ impl FieldList {
     }
 
     fn push(&mut self, path: &str, t: JsonType) {
+        if self.keys.len() >= DEDUP_AFTER {
+            if self.seen.is_none() {
+                self.seen = Some(self.entries().map(|(k, _, _)| k.to_string()).collect());
+            }
+            if let Some(seen) = &mut self.seen
+                && !seen.insert(key(path, t))
+            {
+                return;
+            }
+        }
         self.keys.push_str(path);
         self.keys.push('\t');
         self.keys.push_str(t.as_str());
@@ -174,6 +203,8 @@ struct Walk<'a> {
     list: &'a mut FieldList,
     path: &'a mut String,
     root: bool,
+    /// Set on meeting [`RAW_VALUE_KEY`]; the walk then stops.
+    reserved: &'a std::cell::Cell<bool>,
 }
 
 impl Walk<'_> {
@@ -227,7 +258,10 @@ impl<'de> serde::de::Visitor<'de> for Walk<'_> {
         self.seen(JsonType::Array);
         let start = self.path.len();
         self.path.push_str("[]");
-        while items.next_element_seed(Walk { list: self.list, path: self.path, root: false })?.is_some() {}
+        while items
+            .next_element_seed(Walk { list: self.list, path: self.path, root: false, reserved: self.reserved })?
+            .is_some()
+        {}
         self.path.truncate(start);
         Ok(())
     }
@@ -239,10 +273,10 @@ impl<'de> serde::de::Visitor<'de> for Walk<'_> {
             if start > 0 {
                 self.path.push('.');
             }
-            if entries.next_key_seed(Key(self.path))?.is_none() {
+            if entries.next_key_seed(Key(self.path, self.reserved))?.is_none() {
                 break;
             }
-            entries.next_value_seed(Walk { list: self.list, path: self.path, root: false })?;
+            entries.next_value_seed(Walk { list: self.list, path: self.path, root: false, reserved: self.reserved })?;
             self.path.truncate(start);
         }
         self.path.truncate(start);
@@ -251,7 +285,7 @@ impl<'de> serde::de::Visitor<'de> for Walk<'_> {
 }
 
 /// An object's key, appended to the path.
-struct Key<'a>(&'a mut String);
+struct Key<'a>(&'a mut String, &'a std::cell::Cell<bool>);
 
 impl<'de> serde::de::DeserializeSeed<'de> for Key<'_> {
     type Value = ();
@@ -265,7 +299,11 @@ impl<'de> serde::de::Visitor<'de> for Key<'_> {
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("an object key")
     }
-    fn visit_str<E>(self, key: &str) -> Result<(), E> {
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<(), E> {
+        if key == RAW_VALUE_KEY {
+            self.1.set(true);
+            return Err(E::custom("a raw value"));
+        }
         self.0.push_str(key);
         Ok(())
     }
@@ -379,7 +417,8 @@ impl Shape {
         self.records += 1;
         let seq = self.records;
         // Known fields are counted once per record; new ones collected.
-        let (known, mut new) = (&mut self.fields, Vec::new());
+        // New fields, each once: an array's items share their paths.
+        let (known, mut new, mut listed) = (&mut self.fields, Vec::new(), std::collections::HashSet::new());
         walk(&mut |lookup, path, t| {
             match known.get_mut(lookup) {
                 // Already counted for this record (an array's items share paths).
@@ -390,7 +429,12 @@ impl Shape {
                     seen.last_record_id = record_id;
                     seen.removed_reported = false;
                 }
-                None => new.push((path.to_string(), t)),
+                None => {
+                    if !listed.contains(lookup) {
+                        listed.insert(lookup.to_string());
+                        new.push((path.to_string(), t));
+                    }
+                }
             }
         });
         new.sort();
@@ -611,6 +655,45 @@ mod tests {
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
         let parsed = serde_json::from_str::<serde_json::Value>(&deep).unwrap_err().to_string();
         assert_eq!(FieldList::of_json(deep.as_bytes()).unwrap_err().to_string(), parsed);
+    }
+
+    /// What `of_json` makes of `raw` is what parsing it into a `Value` does.
+    fn same_as_parsing(raw: &[u8]) {
+        match (FieldList::of_json(raw), serde_json::from_slice::<serde_json::Value>(raw)) {
+            (Ok(listed), Ok(value)) => assert_eq!(listed, FieldList::of_value(&value)),
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+            (a, b) => panic!("{}: streamed {a:?}, parsed {b:?}", String::from_utf8_lossy(raw)),
+        }
+    }
+
+    #[test]
+    fn serde_jsons_raw_value_key_is_read_as_parsing_reads_it() {
+        for raw in [
+            r#"{"$serde_json::private::RawValue":"nope"}"#,
+            r#"{"$serde_json::private::RawValue":1}"#,
+            r#"{"$serde_json::private::RawValue":"0","b":1}"#,
+            r#"{"x":{"$serde_json::private::RawValue":"[1]"}}"#,
+            r#"{"x":{"\u0024serde_json::private::RawValue":"{\"a\":true}"}}"#,
+        ] {
+            same_as_parsing(raw.as_bytes());
+        }
+    }
+
+    #[test]
+    fn a_long_key_over_many_items_is_listed_once() {
+        let key = "k".repeat(64 * 1024);
+        let items = vec![r#"{"a":1,"b":[true]}"#; 200].join(",");
+        let raw = format!(r#"{{"{key}":[{items}],"z":null}}"#);
+        let listed = FieldList::of_json(raw.as_bytes()).unwrap();
+        // Without the check, 200 items would list over 25 MiB of keys.
+        assert!(listed.keys.len() < 2 * DEDUP_AFTER, "{}", listed.keys.len());
+        let value: serde_json::Value = serde_json::from_str(&raw).unwrap();
+        assert_eq!(listed, FieldList::of_value(&value));
+        let distinct: BTreeSet<(String, JsonType)> = listed.entries().map(|(_, p, t)| (p.to_string(), t)).collect();
+        assert_eq!(distinct, fields(&value));
+        let (mut from_value, mut from_list) = (Shape::default(), Shape::default());
+        assert_eq!(from_list.learn_list(&listed, 1, T), from_value.learn(&value, 1, T));
+        assert_eq!(from_list, from_value);
     }
 
     #[test]
