@@ -147,19 +147,10 @@ impl Pipeline {
     pub fn check_and_list(&self, raw: &[u8]) -> (Processed, Option<FieldList>) {
         debug_assert!(self.reads_nothing());
         match FieldList::of_json(raw) {
-            Ok(fields) => (
-                Processed {
-                    input: None,
-                    keys: Keys::default(),
-                    result: Ok(Transformed {
-                        canonical: None,
-                        outbound: None,
-                        mapping_version: None,
-                        sink_mapping_version: None,
-                    }),
-                },
-                Some(fields),
-            ),
+            // No stage reads the input: any value transforms alike.
+            Ok(fields) => {
+                (Processed { input: None, keys: Keys::default(), result: self.transform(&Value::Null) }, Some(fields))
+            }
             Err(e) => (Processed { input: None, keys: Keys::default(), result: Err(not_json(&e)) }, None),
         }
     }

@@ -208,7 +208,7 @@ struct Walk<'a> {
 }
 
 impl Walk<'_> {
-    fn seen(&mut self, t: JsonType) {
+    fn list_as(&mut self, t: JsonType) {
         if !self.root {
             self.list.push(self.path, t);
         }
@@ -230,32 +230,32 @@ impl<'de> serde::de::Visitor<'de> for Walk<'_> {
     }
 
     fn visit_unit<E>(mut self) -> Result<(), E> {
-        self.seen(JsonType::Null);
+        self.list_as(JsonType::Null);
         Ok(())
     }
     fn visit_bool<E>(mut self, _: bool) -> Result<(), E> {
-        self.seen(JsonType::Boolean);
+        self.list_as(JsonType::Boolean);
         Ok(())
     }
     fn visit_i64<E>(mut self, _: i64) -> Result<(), E> {
-        self.seen(JsonType::Integer);
+        self.list_as(JsonType::Integer);
         Ok(())
     }
     fn visit_u64<E>(mut self, _: u64) -> Result<(), E> {
-        self.seen(JsonType::Integer);
+        self.list_as(JsonType::Integer);
         Ok(())
     }
     fn visit_f64<E>(mut self, _: f64) -> Result<(), E> {
-        self.seen(JsonType::Number);
+        self.list_as(JsonType::Number);
         Ok(())
     }
     fn visit_str<E>(mut self, _: &str) -> Result<(), E> {
-        self.seen(JsonType::String);
+        self.list_as(JsonType::String);
         Ok(())
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut items: A) -> Result<(), A::Error> {
-        self.seen(JsonType::Array);
+        self.list_as(JsonType::Array);
         let start = self.path.len();
         self.path.push_str("[]");
         while items
@@ -267,7 +267,7 @@ impl<'de> serde::de::Visitor<'de> for Walk<'_> {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut entries: A) -> Result<(), A::Error> {
-        self.seen(JsonType::Object);
+        self.list_as(JsonType::Object);
         let start = self.path.len();
         loop {
             if start > 0 {
@@ -385,41 +385,21 @@ impl Shape {
     /// Learns one record's fields (as [`fields`] lists them); returns what
     /// is new about them, in path order.
     ///
-    /// Walks the value once with one path buffer and one key buffer: known
-    /// fields are counted without allocating, since this runs for every
-    /// accepted record.
+    /// The value's fields are listed into one [`FieldList`] buffer; known
+    /// fields are then counted without allocating, since this runs for
+    /// every accepted record.
     pub fn learn(&mut self, value: &serde_json::Value, record_id: i64, now: Timestamp) -> Vec<DriftEvent> {
-        let mut lookup = String::new();
-        self.learn_walk(record_id, now, |see| {
-            visit_fields(value, &mut String::new(), &mut |path, t| {
-                lookup.clear();
-                lookup.push_str(path);
-                lookup.push('\t');
-                lookup.push_str(t.as_str());
-                see(&lookup, path, t);
-            })
-        })
+        self.learn_list(&FieldList::of_value(value), record_id, now)
     }
 
     /// [`Shape::learn`] from a record's [`FieldList`].
     pub fn learn_list(&mut self, list: &FieldList, record_id: i64, now: Timestamp) -> Vec<DriftEvent> {
-        self.learn_walk(record_id, now, |see| list.entries().for_each(|(key, path, t)| see(key, path, t)))
-    }
-
-    /// Learns one record whose fields `walk` passes to its argument, each
-    /// as (`path\ttype`, path, type).
-    fn learn_walk(
-        &mut self,
-        record_id: i64,
-        now: Timestamp,
-        walk: impl FnOnce(&mut dyn FnMut(&str, &str, JsonType)),
-    ) -> Vec<DriftEvent> {
         self.records += 1;
         let seq = self.records;
-        // Known fields are counted once per record; new ones collected.
-        // New fields, each once: an array's items share their paths.
+        // Known fields are counted once per record; new ones collected,
+        // each once (an array's items share their paths).
         let (known, mut new, mut listed) = (&mut self.fields, Vec::new(), std::collections::HashSet::new());
-        walk(&mut |lookup, path, t| {
+        for (lookup, path, t) in list.entries() {
             match known.get_mut(lookup) {
                 // Already counted for this record (an array's items share paths).
                 Some(seen) if seen.last_seq == seq => {}
@@ -436,9 +416,8 @@ impl Shape {
                     }
                 }
             }
-        });
+        }
         new.sort();
-        new.dedup();
         let warm = seq > WARMUP;
         let mut events = Vec::new();
         for (path, t) in new {

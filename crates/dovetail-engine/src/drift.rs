@@ -42,15 +42,8 @@ impl FlowShape {
         self.shape.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Learns an accepted record; records and logs what is new.
-    pub async fn learn(&self, value: &serde_json::Value, record_id: i64, now: Timestamp, journal: &dyn Journal) {
-        let events = self.lock().learn(value, record_id, now);
-        self.dirty.store(true, Ordering::Relaxed);
-        self.report(events, journal).await;
-    }
-
-    /// [`FlowShape::learn`] from the record's listed fields.
-    pub async fn learn_list(&self, fields: &FieldList, record_id: i64, now: Timestamp, journal: &dyn Journal) {
+    /// Learns an accepted record from its fields; records and logs what is new.
+    pub async fn learn(&self, fields: &FieldList, record_id: i64, now: Timestamp, journal: &dyn Journal) {
         let events = self.lock().learn_list(fields, record_id, now);
         self.dirty.store(true, Ordering::Relaxed);
         self.report(events, journal).await;

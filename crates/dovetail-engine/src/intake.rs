@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use dovetail_core::clock::Clock;
 use dovetail_core::ids;
 use dovetail_core::pipeline::{Pipeline, Rejection};
+use dovetail_core::shape::FieldList;
 use dovetail_core::signature::{Scheme, Verifier};
 use dovetail_journal::{Ingested, Journal};
 
@@ -108,10 +109,8 @@ impl Intake {
                     );
                 }
                 self.wake.notify_one();
-                if let Some(fields) = &fields {
-                    self.shape.learn_list(fields, id, now, self.journal.as_ref()).await;
-                } else if let Some(value) = &parsed {
-                    self.shape.learn(value, id, now, self.journal.as_ref()).await;
+                if let Some(fields) = fields.or_else(|| parsed.as_ref().map(FieldList::of_value)) {
+                    self.shape.learn(&fields, id, now, self.journal.as_ref()).await;
                 }
                 tracing::debug!(flow = %self.flow, record_id = id, correlation_id = %correlation_id, "record journalled");
                 answer(StatusCode::ACCEPTED, &correlation_id, json!({ "status": "accepted", "record_id": id }))

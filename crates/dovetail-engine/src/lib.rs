@@ -195,7 +195,7 @@ struct DeliveryRuntime(Option<tokio::runtime::Runtime>);
 impl DeliveryRuntime {
     fn start(threads: usize) -> std::io::Result<DeliveryRuntime> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads.max(1))
+            .worker_threads(threads)
             .thread_name("dovetail-delivery")
             .enable_all()
             .build()?;
