@@ -637,7 +637,6 @@ impl SqliteJournal {
         Ok(SqliteJournal { jobs: tx, reader: Arc::new(Mutex::new(reader)), location, stats })
     }
 
-    /// Commits and jobs the writer thread has done since the journal was opened.
     /// Replaces the text kept under `key` by `sql` (`?1` key, `?2` text, `?3` time).
     async fn put_text(&self, sql: &'static str, key: &str, text: String, now: Timestamp) -> Result<()> {
         let key = key.to_string();
@@ -650,6 +649,7 @@ impl SqliteJournal {
         self.read(move |c| c.prepare_cached(sql)?.query_row([key], |r| r.get(0)).optional()).await
     }
 
+    /// Commits and jobs the writer thread has done since the journal was opened.
     pub fn writer_stats(&self) -> WriterStats {
         use std::sync::atomic::Ordering::Relaxed;
         WriterStats { commits: self.stats.commits.load(Relaxed), jobs: self.stats.jobs.load(Relaxed) }
