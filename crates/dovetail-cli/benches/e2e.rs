@@ -7,11 +7,13 @@
 //! Reports ingest records/s and latency (closed loop, as fast as the
 //! engine answers), end-to-end delivered records/s, latency at half the
 //! measured ingest rate (open loop: each request has a scheduled start and
-//! its latency counts from then, so a stall is not hidden), and the
-//! engine's RSS idle and at its peak, and CPU time per record: the
-//! engine's per delivered record, the generator's and sink's per request at
-//! the ceiling. `DOVETAIL_BENCH_ENGINE=<path>` runs another build of the
-//! engine, to compare two in alternating runs. Everything runs on this machine's
+//! its latency counts from then, so a stall is not hidden), ingest alone
+//! with the flow paused (the engine journals and answers but delivers
+//! nothing, as while a partner is down), the engine's RSS idle and at its
+//! peak, and CPU time per record: the engine's per delivered record, the
+//! generator's and sink's per request at the ceiling.
+//! `DOVETAIL_BENCH_ENGINE=<path>` runs another build of the engine, to
+//! compare two in alternating runs. Everything runs on this machine's
 //! cores at once: the generator and the sink compete with the engine, as
 //! they do for the ceiling.
 
@@ -490,6 +492,17 @@ async fn run(args: Args) {
     let (_, hwm) = engine.memory();
     engine.stop();
 
+    // Ingest alone: the flow paused in the journal (as after an auth
+    // failure), so the engine journals and answers but delivers nothing, as
+    // when the partner is down and records pile up.
+    hold(&dir.path().join("journal.db")).await;
+    let engine = Engine::start(dir.path(), sink_port);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held_cpu = cpu_of(engine.child.id());
+    let held = load(engine.addr.clone(), "/hooks/bench", args.connections, seconds, None, numbers.clone()).await;
+    let held_cpu = cpu_of(engine.child.id()) - held_cpu;
+    engine.stop();
+
     let c = ceiling.rate();
     println!();
     println!("| measure | value | vs ceiling |");
@@ -508,6 +521,15 @@ async fn run(args: Args) {
         ingest.ok,
         e2e_elapsed.as_secs_f64(),
         e2e / c
+    );
+    println!(
+        "| ingest alone, delivery held (flow paused) | {:.0} rec/s, p50 {:.2} ms, p99 {:.2} ms, {} failed; engine {:.1} µs per record | {:.2} |",
+        held.rate(),
+        held.percentile(0.5),
+        held.percentile(0.99),
+        held.failed,
+        held_cpu * 1e6 / held.ok.max(1) as f64,
+        held.rate() / c
     );
     println!(
         "| ingest at half that rate ({half:.0}/s, open loop) | p50 {:.2} ms, p99 {:.2} ms, {} of {} ok | |",
@@ -575,6 +597,16 @@ async fn fill(path: &Path, n: u64, dead: bool) -> f64 {
     }
     while tasks.join_next().await.is_some() {}
     n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Pauses the bench flow in the journal at `path` (the engine stopped).
+async fn hold(path: &Path) {
+    use dovetail_journal::{Journal, SqliteJournal, SqliteOptions};
+    let journal = SqliteJournal::open(path, SqliteOptions::default()).expect("open the bench journal");
+    let now = Timestamp::from_millis(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
+    );
+    journal.pause_flow("bench", "held by the bench: ingest alone", now).await.expect("pause the bench flow");
 }
 
 /// Waits until the sink has counted `n` (or `limit` passed); the time it took.
