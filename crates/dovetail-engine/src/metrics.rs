@@ -3,18 +3,21 @@
 //! Events (a record received, an attempt's result) are counted where they
 //! happen, in memory; levels (DLQ depth, oldest pending age, breaker state,
 //! quota used) are read at scrape time from the journal and the connectors,
-//! so they are true after a restart too. Names follow Prometheus' rules:
+//! so they are true after a restart too, and so are the journal writer's own
+//! counters (commits, the writes they carried, commit durations). Names follow Prometheus' rules:
 //! `dovetail_` prefix, base units (seconds), `_total` on counters.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 
 use dovetail_core::clock::Timestamp;
 use dovetail_core::policy::ErrorClass;
@@ -69,6 +72,34 @@ struct WindowLabels {
     window: String,
 }
 
+/// The journal writer's counters, read from the journal at each scrape and
+/// encoded as they are: the writer keeps them, nothing here counts.
+#[derive(Debug, Default)]
+struct WriterCollector(std::sync::Mutex<Option<dovetail_journal::WriterStats>>);
+
+impl Collector for WriterCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(stats) = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return Ok(()) };
+        let counters = [
+            ("journal_commits", "Transactions the journal's writer committed.", stats.commits),
+            ("journal_writes", "Writes those transactions carried (group commit: writes per commit).", stats.jobs),
+        ];
+        for (name, help, value) in counters {
+            let metric = ConstCounter::new(value);
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+        }
+        let h = &stats.commit_seconds;
+        encoder
+            .encode_descriptor(
+                "journal_commit_duration",
+                "Time to commit one journal transaction: WAL written and synced, checkpoint when due.",
+                Some(&Unit::Seconds),
+                MetricType::Histogram,
+            )?
+            .encode_histogram::<NoLabelSet>(h.sum_seconds, h.count(), &h.buckets(), None)
+    }
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
@@ -104,6 +135,7 @@ pub(crate) struct Metrics {
     pace: Family<ConnectorLabel, FloatGauge>,
     quota_used: Family<WindowLabels, Gauge>,
     quota_limit: Family<WindowLabels, Gauge>,
+    writer: Arc<WriterCollector>,
 }
 
 impl Metrics {
@@ -129,6 +161,7 @@ impl Metrics {
             pace: Family::default(),
             quota_used: Family::default(),
             quota_limit: Family::default(),
+            writer: Arc::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -154,13 +187,13 @@ impl Metrics {
         r.register_with_unit(
             "attempt_duration",
             "Duration of delivery attempts, from request to answer",
-            prometheus_client::registry::Unit::Seconds,
+            Unit::Seconds,
             m.attempt_seconds.clone(),
         );
         r.register_with_unit(
             "ingest_duration",
             "Time to verify, map and durably journal a webhook",
-            prometheus_client::registry::Unit::Seconds,
+            Unit::Seconds,
             m.ingest_seconds.clone(),
         );
         r.register(
@@ -174,7 +207,7 @@ impl Metrics {
         r.register_with_unit(
             "oldest_pending_age",
             "Age of the oldest pending record",
-            prometheus_client::registry::Unit::Seconds,
+            Unit::Seconds,
             m.oldest_pending_age.clone(),
         );
         r.register("flow_paused", "1 while the flow is paused after an auth failure", m.paused.clone());
@@ -182,6 +215,7 @@ impl Metrics {
         r.register("rate_limit_pace", "Current client-side pace in requests per second", m.pace.clone());
         r.register("quota_used", "Requests counted against the quota in the current window", m.quota_used.clone());
         r.register("quota_limit", "The quota of the window", m.quota_limit.clone());
+        r.register_collector(Box::new(m.writer.clone()));
         Metrics { registry, ..m }
     }
 
@@ -262,6 +296,7 @@ impl Metrics {
                 self.quota_limit.get_or_create(&labels).set(*limit as i64);
             }
         }
+        *self.writer.0.lock().unwrap_or_else(|p| p.into_inner()) = journal.writer_stats();
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -1044,10 +1044,27 @@ async fn metrics_count_what_happened_and_read_the_levels() {
         r#"dovetail_circuit_breaker_state{connector="billing",state="open"} 0"#,
         "# TYPE dovetail_attempt_duration_seconds histogram",
         "# UNIT dovetail_attempt_duration_seconds seconds",
+        "# TYPE dovetail_journal_commits counter",
+        "# TYPE dovetail_journal_commit_duration_seconds histogram",
+        "# UNIT dovetail_journal_commit_duration_seconds seconds",
         "# EOF",
     ] {
         assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
     }
+    // The journal writer's own counters: every record above took commits.
+    let value = |name: &str| -> f64 {
+        let line = text.lines().find(|l| l.split(' ').next() == Some(name));
+        line.and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no `{name}` in:\n{text}"))
+    };
+    let commits = value("dovetail_journal_commits_total");
+    assert!(commits >= 4.0, "four webhooks were journalled, each answered after a commit: {commits}");
+    assert!(value("dovetail_journal_writes_total") >= commits, "each commit carries at least one write");
+    let timed = value("dovetail_journal_commit_duration_seconds_count");
+    assert!(timed >= 4.0, "{timed}");
+    assert_eq!(value(r#"dovetail_journal_commit_duration_seconds_bucket{le="+Inf"}"#), timed);
+    assert!(value("dovetail_journal_commit_duration_seconds_sum") > 0.0);
     h.stop().await;
 }
 

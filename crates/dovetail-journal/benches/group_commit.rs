@@ -61,7 +61,7 @@ async fn journal(dir: &std::path::Path, name: &str, n: usize, concurrency: usize
     }
     while tasks.join_next().await.is_some() {}
     let rate = n as f64 / start.elapsed().as_secs_f64();
-    let s = j.writer_stats();
+    let s = j.writer_stats().unwrap_or_default();
     (rate, s.jobs as f64 / s.commits.max(1) as f64)
 }
 

@@ -14,6 +14,7 @@
 
 pub mod conformance;
 mod sqlite;
+mod stats;
 
 use std::time::Duration;
 
@@ -25,7 +26,8 @@ use dovetail_core::policy::ErrorClass;
 use dovetail_core::record::{Attempt, RecordId, StateName};
 use dovetail_core::rollup::MinuteRollup;
 
-pub use sqlite::{SqliteJournal, SqliteOptions, WriterStats};
+pub use sqlite::{SqliteJournal, SqliteOptions};
+pub use stats::{COMMIT_BUCKETS, DurationHistogram, WriterStats};
 
 /// What went wrong talking to the store. Messages name the store and the operation.
 #[derive(Debug, thiserror::Error)]
@@ -435,4 +437,11 @@ pub trait Journal: Send + Sync + 'static {
 
     /// Succeeds when the store can take writes.
     async fn ping(&self) -> Result<()>;
+
+    /// What the store's writer has done since it opened (commits, the jobs
+    /// they carried, how long each took), for metrics; `None` from a store
+    /// that does not count them.
+    fn writer_stats(&self) -> Option<WriterStats> {
+        None
+    }
 }

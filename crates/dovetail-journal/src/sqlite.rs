@@ -27,9 +27,10 @@ use dovetail_core::rollup::{
 };
 use dovetail_core::shape::{DriftEvent, DriftKind, JsonType};
 
+use crate::stats::WriterCounters;
 use crate::{
     AttemptReport, ConnectorHealth, DeadLetter, FlowCounts, Ingested, Journal, JournalError, LeaseMode, LeasedRecord,
-    NewRecord, Outcome, Pause, Prepared, QuotaUsed, RecordDetail, Result, Selector, StoredDrift,
+    NewRecord, Outcome, Pause, Prepared, QuotaUsed, RecordDetail, Result, Selector, StoredDrift, WriterStats,
 };
 
 /// 1: the first release. 2: `records.external_key`, `batch_key`, `payload_purged_at`.
@@ -590,20 +591,6 @@ pub struct SqliteJournal {
     stats: Arc<WriterCounters>,
 }
 
-/// How the writer thread has batched work so far: `jobs / commits` is the
-/// group-commit factor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct WriterStats {
-    pub commits: u64,
-    pub jobs: u64,
-}
-
-#[derive(Default)]
-struct WriterCounters {
-    commits: std::sync::atomic::AtomicU64,
-    jobs: std::sync::atomic::AtomicU64,
-}
-
 impl SqliteJournal {
     /// Opens (creating if needed) the journal at `path`.
     pub fn open(path: &Path, options: SqliteOptions) -> Result<SqliteJournal> {
@@ -647,12 +634,6 @@ impl SqliteJournal {
     async fn get_text(&self, sql: &'static str, key: &str) -> Result<Option<String>> {
         let key = key.to_string();
         self.read(move |c| c.prepare_cached(sql)?.query_row([key], |r| r.get(0)).optional()).await
-    }
-
-    /// Commits and jobs the writer thread has done since the journal was opened.
-    pub fn writer_stats(&self) -> WriterStats {
-        use std::sync::atomic::Ordering::Relaxed;
-        WriterStats { commits: self.stats.commits.load(Relaxed), jobs: self.stats.jobs.load(Relaxed) }
     }
 
     pub fn path(&self) -> PathBuf {
@@ -814,11 +795,12 @@ fn writer_loop(
                 }
                 culprit.finish(Err(why));
             }
-            GroupRun::Ran | GroupRun::JobFailed => match tx.flush().and_then(|()| conn.execute_batch("COMMIT")) {
-                Ok(()) => {
-                    use std::sync::atomic::Ordering::Relaxed;
-                    stats.commits.fetch_add(1, Relaxed);
-                    stats.jobs.fetch_add(group.len() as u64, Relaxed);
+            GroupRun::Ran | GroupRun::JobFailed => match tx.flush().and_then(|()| {
+                let started = std::time::Instant::now();
+                conn.execute_batch("COMMIT").map(|()| started.elapsed())
+            }) {
+                Ok(took) => {
+                    stats.committed(group.len(), took);
                     group.into_iter().for_each(|j| j.finish(Ok(())));
                 }
                 Err(e) => {
@@ -1791,6 +1773,10 @@ impl Journal for SqliteJournal {
         // anything, so it must not look ready.
         self.write(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
     }
+
+    fn writer_stats(&self) -> Option<WriterStats> {
+        Some(self.stats.snapshot())
+    }
 }
 
 #[cfg(test)]
@@ -1867,7 +1853,9 @@ mod tests {
         assert_eq!(received, 1, "the failed ingest is not counted");
         assert_eq!(j.counts().await.unwrap().iter().map(|c| c.pending).sum::<u64>(), 1);
         // The gate's transaction, then the six jobs in one.
-        assert_eq!(j.writer_stats(), WriterStats { commits: 2, jobs: 7 });
+        let stats = j.writer_stats().unwrap();
+        assert_eq!((stats.commits, stats.jobs), (2, 7));
+        assert_eq!(stats.commit_seconds.count(), 2, "each commit is timed");
     }
 
     /// A hot statement is prepared once and handed out again by its SQL's
