@@ -33,6 +33,8 @@ pub(crate) struct Admin {
     pub journal: Arc<dyn Journal>,
     pub clock: Arc<dyn Clock>,
     pub token: Option<Secret>,
+    /// Woken after a replay or a resume, so it is acted on now.
+    pub dispatchers: crate::Dispatchers,
 }
 
 type Shared = State<Arc<Admin>>;
@@ -268,6 +270,13 @@ async fn act(
         Action::Replay => "replayed",
         Action::Discard => "discarded",
     };
+    if matches!(action, Action::Replay) && total > 0 {
+        // Ids may name any flow's records: waking a flow costs next to nothing.
+        a.dispatchers.nudge(match &selector {
+            Selector::Flow(flow) => Some(flow),
+            Selector::Ids(_) | Selector::All => None,
+        });
+    }
     tracing::info!(count = total, action = key, "dead letters {key} through the admin API");
     axum::Json(json!({ key: total })).into_response()
 }
@@ -281,7 +290,12 @@ async fn resume(State(a): Shared, headers: HeaderMap, Path(flow): Path<String>) 
         return error(StatusCode::NOT_FOUND, format!("there is no flow named `{flow}`"));
     }
     match a.journal.resume_flow(&flow).await {
-        Ok(resumed) => axum::Json(json!({ "flow": flow, "resumed": resumed })).into_response(),
+        Ok(resumed) => {
+            if resumed {
+                a.dispatchers.nudge(Some(&flow));
+            }
+            axum::Json(json!({ "flow": flow, "resumed": resumed })).into_response()
+        }
         Err(e) => journal_error(e),
     }
 }

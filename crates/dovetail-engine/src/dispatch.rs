@@ -210,8 +210,9 @@ fn cannot_record(flow: &FlowRuntime, id: dovetail_core::record::RecordId, e: &do
 }
 
 /// The flow's pause flag, read from the journal at most once per idle poll
-/// (a `dovetail resume` from the CLI lands within that) and at once after
-/// one of this flow's attempts was refused for its credentials.
+/// (a `dovetail resume` from the CLI lands within that) and at once when
+/// `recheck_pause` is set: after one of this flow's attempts was refused for
+/// its credentials, or a resume through the admin API.
 #[derive(Default)]
 struct PauseCache {
     checked: Option<(std::time::Instant, bool)>,
@@ -224,8 +225,8 @@ impl PauseCache {
         journal: &dyn Journal,
         options: &EngineOptions,
     ) -> dovetail_journal::Result<bool> {
-        let auth_failed = flow.auth_failed.swap(false, std::sync::atomic::Ordering::AcqRel);
-        let fresh = self.checked.filter(|(at, _)| !auth_failed && at.elapsed() < options.idle_poll);
+        let recheck = flow.recheck_pause.swap(false, std::sync::atomic::Ordering::AcqRel);
+        let fresh = self.checked.filter(|(at, _)| !recheck && at.elapsed() < options.idle_poll);
         if let Some((_, paused)) = fresh {
             return Ok(paused);
         }
@@ -459,7 +460,7 @@ async fn conclude(
             // Without the pause the record would be sent again at once.
             report.outcome = Outcome::Hold { at: now.plus(options.idle_poll.max(JOURNAL_BACKOFF)) };
         }
-        flow.auth_failed.store(true, std::sync::atomic::Ordering::Release);
+        flow.recheck_pause.store(true, std::sync::atomic::Ordering::Release);
     }
     report
 }

@@ -161,9 +161,10 @@ pub(crate) struct FlowRuntime {
     /// Shared by every flow on the same connector: permits, pace, breaker.
     pub connector: Arc<connector::ConnectorRuntime>,
     pub wake: Arc<Notify>,
-    /// Set by an attempt refused for its credentials, so the dispatcher
-    /// re-reads the pause at once instead of at its next poll.
-    pub auth_failed: std::sync::atomic::AtomicBool,
+    /// Set when the flow's pause may have changed (an attempt refused for its
+    /// credentials, an operator's resume), so the dispatcher re-reads it at
+    /// once instead of at its next poll.
+    pub recheck_pause: std::sync::atomic::AtomicBool,
     /// `ordering = "per_key"`.
     pub in_key_order: bool,
     /// Refused credentials pause the flow (false for notifiers: their notice is dead-lettered).
@@ -175,6 +176,30 @@ pub(crate) struct FlowRuntime {
     /// (replayed from the DLQ, or journalled by an older version).
     pub pipeline: Arc<dovetail_core::pipeline::Pipeline>,
     pub jq_time_limit: Duration,
+}
+
+impl FlowRuntime {
+    /// Wakes the dispatcher to look again, now: at the pause and at what is due.
+    pub(crate) fn nudge(&self) {
+        self.recheck_pause.store(true, std::sync::atomic::Ordering::Release);
+        self.wake.notify_one();
+    }
+}
+
+/// Every dispatcher by its flow's name, for the operator actions that change
+/// what one should do (a replay, a resume): the flow is nudged at once rather
+/// than left until its next idle poll.
+#[derive(Clone, Default)]
+pub(crate) struct Dispatchers(Arc<BTreeMap<String, Arc<FlowRuntime>>>);
+
+impl Dispatchers {
+    /// Nudges the named flow, or every flow for `None`.
+    pub(crate) fn nudge(&self, flow: Option<&str>) {
+        match flow {
+            Some(name) => self.0.get(name).into_iter().for_each(|f| f.nudge()),
+            None => self.0.values().for_each(|f| f.nudge()),
+        }
+    }
 }
 
 /// A started engine.
@@ -342,6 +367,7 @@ pub async fn start(
     let mut tasks = JoinSet::new();
     let mut intakes = Vec::new();
     let mut shapes = Vec::new();
+    let mut dispatchers = BTreeMap::new();
     for (name, flow) in &config.flows {
         let missing =
             |what: &str| EngineError::Flow { flow: name.clone(), reason: format!("{what} is not configured") };
@@ -396,7 +422,7 @@ pub async fn start(
             lease_for: if oauth { policies.timeout * 4 } else { policies.timeout * 2 } + Duration::from_secs(5),
             connector: connectors.get(connector).cloned().ok_or_else(|| missing("its connector"))?,
             wake: wake.clone(),
-            auth_failed: Default::default(),
+            recheck_pause: Default::default(),
             in_key_order: flow.ordering == dovetail_core::config::Ordering::PerKey,
             pause_on_auth: true,
             batch,
@@ -505,6 +531,7 @@ pub async fn start(
             tracing::warn!(flow = %name, since = %p.since, reason = %p.reason,
                 "flow is paused; its records are held. After fixing the cause run `dovetail resume {name}`");
         }
+        dispatchers.insert(runtime.name.clone(), runtime.clone());
         tasks
             .spawn_on(dispatch::run(runtime, journal.clone(), options.clone(), shutdown_rx.clone()), delivery.handle());
     }
@@ -535,7 +562,7 @@ pub async fn start(
             lease_for: http.timeout * 2 + Duration::from_secs(5),
             connector,
             wake: wake.clone(),
-            auth_failed: Default::default(),
+            recheck_pause: Default::default(),
             in_key_order: false,
             pause_on_auth: false,
             batch: None,
@@ -543,6 +570,7 @@ pub async fn start(
             jq_time_limit: options.jq_time_limit,
             metrics: metrics.clone(),
         });
+        dispatchers.insert(runtime.name.clone(), runtime.clone());
         tasks
             .spawn_on(dispatch::run(runtime, journal.clone(), options.clone(), shutdown_rx.clone()), delivery.handle());
         notifiers.push(alerting::Notifier { name: name.clone(), format: n.format, min_severity: n.min_severity, wake });
@@ -590,6 +618,7 @@ pub async fn start(
         journal: journal.clone(),
         clock: options.clock.clone(),
         token: resolved.admin_token.clone(),
+        dispatchers: Dispatchers(Arc::new(dispatchers)),
     })
     .merge(axum::Router::new().route("/", axum::routing::get(dashboard::page)).with_state(Arc::new(dashboard)));
     let app = server::router(intakes, journal.clone(), scrape, admin, config.engine.max_body.0);

@@ -33,6 +33,7 @@ struct Harness {
     /// The config, with every placeholder filled in.
     text: String,
     jq_time_limit: Duration,
+    idle_poll: Duration,
 }
 
 fn config_text(partner: &str, retry: &str, connector_extra: &str) -> String {
@@ -204,6 +205,7 @@ impl Harness {
             _dir: dir,
             text,
             jq_time_limit: Duration::from_secs(5),
+            idle_poll: Duration::from_millis(50),
         };
         h.restart().await;
         h
@@ -217,7 +219,7 @@ impl Harness {
         let (config, resolved) = load(&self.text);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let options = EngineOptions {
-            idle_poll: Duration::from_millis(50),
+            idle_poll: self.idle_poll,
             housekeeping: Duration::from_millis(200),
             jq_time_limit: self.jq_time_limit,
             ..EngineOptions::default()
@@ -1127,6 +1129,46 @@ async fn the_admin_api_reads_and_acts_with_the_token() {
     let (status, json) = h.api("POST", "/api/v1/flows/orders/resume", t, None).await;
     assert_eq!((status, json["resumed"].as_bool()), (200, Some(false)), "it was not paused: {json}");
     assert_eq!(h.api("POST", "/api/v1/flows/nope/resume", t, None).await.0, 404);
+    h.stop().await;
+}
+
+/// A dispatcher with nothing due sleeps until its idle poll or the end of the
+/// lease it holds; an operator's replay or resume through the API wakes it.
+/// Here the poll is an hour and leases run two minutes, longer than the
+/// harness' wait, so the records go out only if the API woke the flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_or_a_resume_through_the_api_acts_at_once_not_at_the_next_poll() {
+    let mut h = Harness::start(Behaviour::always(Reply::Status { status: 401, body: "token expired".into() })).await;
+    h.idle_poll = Duration::from_secs(3600);
+    h.text = h.text.replace(r#"timeout = "500ms""#, r#"timeout = "60s""#);
+    h.restart().await;
+    let t = Some(ADMIN_TOKEN);
+    h.send_order("nudge_1", &order("ord_n1")).await;
+    h.wait_for("orders", "the pause", |c| c.paused.is_some() && c.pending == 1).await;
+    h.partner.set_behaviour(Behaviour::default().require("authorization", "Bearer tok_123"));
+    let (status, json) = h.api("POST", "/api/v1/flows/orders/resume", t, None).await;
+    assert_eq!((status, json["resumed"].as_bool()), (200, Some(true)), "{json}");
+    h.wait_for("orders", "delivery after the resume", |c| c.delivered == 1).await;
+
+    h.partner.set_behaviour(Behaviour::always(Reply::Status { status: 422, body: "unknown currency".into() }));
+    h.send_order("nudge_2", &order("ord_n2")).await;
+    h.wait_for("orders", "the dead letter", |c| c.dead == 1).await;
+    h.partner.set_behaviour(Behaviour::default().require("authorization", "Bearer tok_123"));
+    for (i, which) in
+        [serde_json::json!({ "flow": "orders" }), serde_json::json!({ "all": true })].into_iter().enumerate()
+    {
+        let (status, json) = h.api("POST", "/api/v1/dlq/replay", t, Some(which)).await;
+        assert_eq!((status, json["replayed"].as_u64()), (200, Some(1)), "{json}");
+        h.wait_for("orders", "delivery after the replay", |c| c.delivered == 2 + i as u64).await;
+        if i == 0 {
+            // Dead again, to be replayed by the other selector.
+            h.partner.set_behaviour(Behaviour::always(Reply::Status { status: 422, body: "again".into() }));
+            h.send_order("nudge_3", &order("ord_n3")).await;
+            h.wait_for("orders", "the second dead letter", |c| c.dead == 1).await;
+            h.partner.set_behaviour(Behaviour::default().require("authorization", "Bearer tok_123"));
+        }
+    }
+    assert!(h.partner.double_effects().is_empty());
     h.stop().await;
 }
 
