@@ -9,7 +9,8 @@
 //! measured ingest rate (open loop: each request has a scheduled start and
 //! its latency counts from then, so a stall is not hidden), ingest alone
 //! with the flow paused (the engine journals and answers but delivers
-//! nothing, as while a partner is down), the engine's RSS idle and at its
+//! nothing, as while a partner is down) with the journal writer's commits
+//! from the engine's `/metrics`, the engine's RSS idle and at its
 //! peak, and CPU time per record: the engine's per delivered record, the
 //! generator's and sink's per request at the ceiling.
 //! `DOVETAIL_BENCH_ENGINE=<path>` runs another build of the engine, to
@@ -412,11 +413,73 @@ fn peak(samples: &[(u64, f64)]) -> f64 {
 }
 
 fn ready(addr: &str) -> bool {
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return false };
-    let _ = s.write_all(format!("GET /readyz HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes());
+    get(addr, "/readyz").is_some()
+}
+
+/// The body of a 200 answer to `GET path`, on a connection of its own.
+fn get(addr: &str, path: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes()).ok()?;
     let mut answer = String::new();
-    let _ = s.read_to_string(&mut answer);
-    answer.starts_with("HTTP/1.1 200")
+    s.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// The journal writer's counters from the engine's `/metrics`.
+#[derive(Default)]
+struct Commits {
+    commits: f64,
+    writes: f64,
+    seconds: f64,
+    /// Cumulative `(le, count)`, as Prometheus gives them.
+    buckets: Vec<(f64, f64)>,
+}
+
+impl Commits {
+    fn read(addr: &str) -> Commits {
+        let text = get(addr, "/metrics").unwrap_or_default();
+        let mut c = Commits::default();
+        for line in text.lines().filter(|l| l.starts_with("dovetail_journal_")) {
+            let Some((name, value)) = line.rsplit_once(' ') else { continue };
+            let Ok(value) = value.parse::<f64>() else { continue };
+            match name {
+                "dovetail_journal_commits_total" => c.commits = value,
+                "dovetail_journal_writes_total" => c.writes = value,
+                "dovetail_journal_commit_duration_seconds_sum" => c.seconds = value,
+                _ => {
+                    let le = name.strip_prefix("dovetail_journal_commit_duration_seconds_bucket{le=\"");
+                    if let Some(le) = le.and_then(|l| l.strip_suffix("\"}")) {
+                        c.buckets.push((le.parse().unwrap_or(f64::INFINITY), value));
+                    }
+                }
+            }
+        }
+        c
+    }
+
+    /// `after - self`, formatted: commits per second over `took`, writes
+    /// per commit, the mean commit and the bucket bound under which 99 %
+    /// of them fell.
+    fn since(&self, after: &Commits, took: Duration) -> String {
+        let commits = after.commits - self.commits;
+        if commits <= 0.0 {
+            return "no commits counted (an engine without the journal metrics?)".to_string();
+        }
+        let p99 = after
+            .buckets
+            .iter()
+            .zip(self.buckets.iter().map(|b| b.1).chain(std::iter::repeat(0.0)))
+            .find(|((_, n), before)| n - before >= 0.99 * commits)
+            .map_or(f64::INFINITY, |((le, _), _)| *le);
+        format!(
+            "{:.0} commits/s, {:.1} writes per commit, commit mean {:.2} ms, 99 % within {} ms",
+            commits / took.as_secs_f64(),
+            (after.writes - self.writes) / commits,
+            (after.seconds - self.seconds) * 1e3 / commits,
+            p99 * 1e3
+        )
+    }
 }
 
 fn free_port() -> u16 {
@@ -498,9 +561,11 @@ async fn run(args: Args) {
     hold(&dir.path().join("journal.db")).await;
     let engine = Engine::start(dir.path(), sink_port);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let held_cpu = cpu_of(engine.child.id());
+    let (held_cpu, held_commits, held_started) =
+        (cpu_of(engine.child.id()), Commits::read(&engine.addr), Instant::now());
     let held = load(engine.addr.clone(), "/hooks/bench", args.connections, seconds, None, numbers.clone()).await;
     let held_cpu = cpu_of(engine.child.id()) - held_cpu;
+    let held_commits = held_commits.since(&Commits::read(&engine.addr), held_started.elapsed());
     engine.stop();
 
     let c = ceiling.rate();
@@ -531,6 +596,7 @@ async fn run(args: Args) {
         held_cpu * 1e6 / held.ok.max(1) as f64,
         held.rate() / c
     );
+    println!("| journal writer, ingest alone | {held_commits} | |");
     println!(
         "| ingest at half that rate ({half:.0}/s, open loop) | p50 {:.2} ms, p99 {:.2} ms, {} of {} ok | |",
         paced.percentile(0.5),
