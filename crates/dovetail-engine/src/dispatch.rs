@@ -49,7 +49,9 @@ pub(crate) async fn run(
         while inflight.try_join_next().is_some() {}
         match pause.is_paused(&flow, journal.as_ref(), &options).await {
             Ok(true) => {
-                idle(&flow, &options, None, &mut stop).await;
+                // Deaf to intake: a paused flow woken by every arrival would
+                // cost the intake thread a cross-thread wake-up per record.
+                idle(&flow, &options, None, Listen::NudgesOnly, &mut stop).await;
                 continue;
             }
             Ok(false) => {}
@@ -108,7 +110,7 @@ pub(crate) async fn run(
         if leased.is_empty() {
             drop(permits);
             let next = journal.next_due(&flow.name).await.ok().flatten();
-            idle(&flow, &options, next, &mut stop).await;
+            idle(&flow, &options, next, Listen::Arrivals, &mut stop).await;
             continue;
         }
         if let Some(batch) = flow.batch.clone() {
@@ -250,10 +252,20 @@ async fn take_permits(flow: &FlowRuntime, stop: &mut watch::Receiver<bool>) -> V
     permits
 }
 
+/// What ends an idle wait early, besides the stop and an operator's nudge.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Listen {
+    /// New records (intake) and finished ones (the recorder, for flows that
+    /// wait on them).
+    Arrivals,
+    NudgesOnly,
+}
+
 async fn idle(
     flow: &FlowRuntime,
     options: &EngineOptions,
     next_due: Option<Timestamp>,
+    listen: Listen,
     stop: &mut watch::Receiver<bool>,
 ) {
     let wait = next_due.map(|t| t.since(options.clock.now())).unwrap_or(options.idle_poll).min(options.idle_poll);
@@ -262,7 +274,8 @@ async fn idle(
     // floor keeps this from spinning meanwhile.
     let wait = if wait.is_zero() { options.idle_poll / 4 } else { wait };
     tokio::select! {
-        _ = flow.wake.notified() => {}
+        _ = flow.wake.notified(), if listen == Listen::Arrivals => {}
+        _ = flow.nudged.notified() => {}
         _ = tokio::time::sleep(wait) => {}
         _ = stop.wait_for(|s| *s) => {}
     }

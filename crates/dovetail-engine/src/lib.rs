@@ -161,6 +161,9 @@ pub(crate) struct FlowRuntime {
     /// Shared by every flow on the same connector: permits, pace, breaker.
     pub connector: Arc<connector::ConnectorRuntime>,
     pub wake: Arc<Notify>,
+    /// An operator's action (a replay, a resume) for the dispatcher to see
+    /// now; heard even while the flow is paused, when `wake` is not.
+    pub nudged: Notify,
     /// Set when the flow's pause may have changed (an attempt refused for its
     /// credentials, an operator's resume), so the dispatcher re-reads it at
     /// once instead of at its next poll.
@@ -182,7 +185,7 @@ impl FlowRuntime {
     /// Wakes the dispatcher to look again, now: at the pause and at what is due.
     pub(crate) fn nudge(&self) {
         self.recheck_pause.store(true, std::sync::atomic::Ordering::Release);
-        self.wake.notify_one();
+        self.nudged.notify_one();
     }
 }
 
@@ -422,6 +425,7 @@ pub async fn start(
             lease_for: if oauth { policies.timeout * 4 } else { policies.timeout * 2 } + Duration::from_secs(5),
             connector: connectors.get(connector).cloned().ok_or_else(|| missing("its connector"))?,
             wake: wake.clone(),
+            nudged: Notify::new(),
             recheck_pause: Default::default(),
             in_key_order: flow.ordering == dovetail_core::config::Ordering::PerKey,
             pause_on_auth: true,
@@ -562,6 +566,7 @@ pub async fn start(
             lease_for: http.timeout * 2 + Duration::from_secs(5),
             connector,
             wake: wake.clone(),
+            nudged: Notify::new(),
             recheck_pause: Default::default(),
             in_key_order: false,
             pause_on_auth: false,
