@@ -191,9 +191,11 @@ sink = {{ type = "http", connector = "erp", path = "/v1/orders" }}
         "redelivered messages were sent again: {:?}",
         partner.double_effects()
     );
+    // The partner has the effect before its attempt is journalled; shutting
+    // down journals every attempt that was sent.
+    engine.shutdown().await;
     let counts = journal.counts().await.unwrap().into_iter().find(|c| c.flow == "orders").unwrap();
     assert_eq!((counts.delivered, counts.quarantined), (6, 1), "{counts:?}");
-    engine.shutdown().await;
     js.delete_stream(&name).await.unwrap();
 }
 
@@ -392,9 +394,9 @@ sink = {{ type = "http", connector = "erp", path = "/v1/orders" }}
         BTreeMap::from([("s1".to_string(), 3)]),
         "only the three s1 messages share a record id; the redelivered r1 was not sent again"
     );
+    engine.shutdown().await;
     let counts = journal.counts().await.unwrap().into_iter().find(|c| c.flow == "orders").unwrap();
     assert_eq!((counts.delivered, counts.quarantined), (8, 1), "{counts:?}");
-    engine.shutdown().await;
     channel.queue_delete(QueueDeleteArguments::new(&queue)).await.unwrap();
 }
 
