@@ -89,6 +89,9 @@ pub struct EngineOptions {
     /// How often an idle dispatcher looks at the journal anyway (pauses lifted
     /// and replays made by the CLI, leases expired by another node).
     pub idle_poll: Duration,
+    /// How often the engine asks the journal whether another process (the
+    /// CLI's `dlq replay`, `resume`) changed it, and if so wakes every flow.
+    pub journal_watch: Duration,
     /// How often background housekeeping (payload retention) runs.
     pub housekeeping: Duration,
     /// The longest a flow's jq (mappings, key expressions) may run for one
@@ -107,6 +110,7 @@ impl Default for EngineOptions {
             jitter: Arc::new(RandomJitter),
             node_id: format!("node-{}-{:08x}", std::process::id(), fastrand_u32()),
             idle_poll: Duration::from_secs(1),
+            journal_watch: Duration::from_millis(250),
             housekeeping: Duration::from_secs(600),
             jq_time_limit: contract::JQ_TIME_LIMIT,
             alert_every: Duration::from_secs(30),
@@ -201,6 +205,29 @@ impl Dispatchers {
         match flow {
             Some(name) => self.0.get(name).into_iter().for_each(|f| f.nudge()),
             None => self.0.values().for_each(|f| f.nudge()),
+        }
+    }
+
+    /// Nudges every flow when another process has changed the journal, so
+    /// that the CLI's replays and resumes are acted on within `every`, not
+    /// left to each dispatcher's idle poll.
+    async fn watch(self, journal: Arc<dyn Journal>, every: Duration, mut stop: watch::Receiver<bool>) {
+        let mut ticks = tokio::time::interval(every.max(Duration::from_millis(1)));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            match journal.changed_elsewhere().await {
+                Ok(true) => {
+                    tracing::debug!("the journal was changed by another process; waking every flow");
+                    self.nudge(None);
+                }
+                Ok(false) => {}
+                // The dispatchers meet the same error and report it.
+                Err(e) => tracing::debug!(error = %e, "cannot ask the journal whether another process changed it"),
+            }
         }
     }
 }
@@ -580,6 +607,8 @@ pub async fn start(
             .spawn_on(dispatch::run(runtime, journal.clone(), options.clone(), shutdown_rx.clone()), delivery.handle());
         notifiers.push(alerting::Notifier { name: name.clone(), format: n.format, min_severity: n.min_severity, wake });
     }
+    let dispatchers = Dispatchers(Arc::new(dispatchers));
+    tasks.spawn(dispatchers.clone().watch(journal.clone(), options.journal_watch, shutdown_rx.clone()));
     let saved = alerting::load(journal.as_ref(), now).await;
     let alerting = Arc::new(alerting::Alerting::new(config, notifiers, saved));
     tasks.spawn(alerting::run(
@@ -623,7 +652,7 @@ pub async fn start(
         journal: journal.clone(),
         clock: options.clock.clone(),
         token: resolved.admin_token.clone(),
-        dispatchers: Dispatchers(Arc::new(dispatchers)),
+        dispatchers,
     })
     .merge(axum::Router::new().route("/", axum::routing::get(dashboard::page)).with_state(Arc::new(dashboard)));
     let app = server::router(intakes, journal.clone(), scrape, admin, config.engine.max_body.0);

@@ -12,7 +12,7 @@ use dovetail_core::policy::ErrorClass;
 use dovetail_core::record::StateName;
 use dovetail_core::signature::{Scheme, SigningSecret, sign};
 use dovetail_engine::{EngineOptions, RunningEngine};
-use dovetail_journal::{FlowCounts, Journal, SqliteJournal, SqliteOptions};
+use dovetail_journal::{FlowCounts, Journal, Selector, SqliteJournal, SqliteOptions};
 use dovetail_testkit::partner::{Behaviour, OAuth, Partner, Reply};
 
 const SW_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -1132,16 +1132,27 @@ async fn the_admin_api_reads_and_acts_with_the_token() {
     h.stop().await;
 }
 
+impl Harness {
+    /// A partner that refuses the token (so the flow pauses), an idle poll
+    /// of an hour and leases of two minutes, longer than any wait here: a
+    /// dispatcher with nothing to do acts only when it is woken.
+    async fn deaf_to_time() -> Harness {
+        let mut h =
+            Harness::start(Behaviour::always(Reply::Status { status: 401, body: "token expired".into() })).await;
+        h.idle_poll = Duration::from_secs(3600);
+        h.text = h.text.replace(r#"timeout = "500ms""#, r#"timeout = "60s""#);
+        h.restart().await;
+        h
+    }
+}
+
 /// A dispatcher with nothing due sleeps until its idle poll or the end of the
 /// lease it holds; an operator's replay or resume through the API wakes it.
 /// Here the poll is an hour and leases run two minutes, longer than the
 /// harness' wait, so the records go out only if the API woke the flow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_or_a_resume_through_the_api_acts_at_once_not_at_the_next_poll() {
-    let mut h = Harness::start(Behaviour::always(Reply::Status { status: 401, body: "token expired".into() })).await;
-    h.idle_poll = Duration::from_secs(3600);
-    h.text = h.text.replace(r#"timeout = "500ms""#, r#"timeout = "60s""#);
-    h.restart().await;
+    let h = Harness::deaf_to_time().await;
     let t = Some(ADMIN_TOKEN);
     h.send_order("nudge_1", &order("ord_n1")).await;
     h.wait_for("orders", "the pause", |c| c.paused.is_some() && c.pending == 1).await;
@@ -1169,6 +1180,27 @@ async fn a_replay_or_a_resume_through_the_api_acts_at_once_not_at_the_next_poll(
         }
     }
     assert!(h.partner.double_effects().is_empty());
+    h.stop().await;
+}
+
+/// The CLI changes the journal from its own process, where the engine
+/// cannot be told; the engine notices the other connection's commit and
+/// wakes its flows. As above, the idle poll is an hour and leases run two
+/// minutes, so only that wakes them within the harness' wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_or_a_resume_from_another_process_is_noticed_without_the_idle_poll() {
+    let h = Harness::deaf_to_time().await;
+    // What `dovetail resume` and `dovetail dlq replay` open: the same file, another connection.
+    let cli = SqliteJournal::open(&h._dir.path().join("journal.db"), SqliteOptions::default()).unwrap();
+    h.send_order("elsewhere_1", &order("ord_e1")).await;
+    h.wait_for("orders", "the pause", |c| c.paused.is_some() && c.pending == 1).await;
+    h.partner.set_behaviour(Behaviour::always(Reply::Status { status: 422, body: "unknown currency".into() }));
+    assert!(cli.resume_flow("orders").await.unwrap());
+    h.wait_for("orders", "the dead letter after the resume", |c| c.dead == 1).await;
+    h.partner.set_behaviour(Behaviour::default().require("authorization", "Bearer tok_123"));
+    let replayed = cli.replay(&Selector::Flow("orders".into()), SystemClock.now(), 100).await.unwrap();
+    assert_eq!(replayed, 1);
+    h.wait_for("orders", "delivery after the replay", |c| c.delivered == 1).await;
     h.stop().await;
 }
 

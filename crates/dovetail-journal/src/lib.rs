@@ -438,6 +438,15 @@ pub trait Journal: Send + Sync + 'static {
     /// Succeeds when the store can take writes.
     async fn ping(&self) -> Result<()>;
 
+    /// Whether another process (the CLI's `dlq replay` or `resume`) has
+    /// committed to the store since the last call; the first call only
+    /// starts counting. The engine asks every few hundred milliseconds and
+    /// wakes its flows. `false` from a store that cannot tell: there such
+    /// changes wait for the dispatchers' idle poll.
+    async fn changed_elsewhere(&self) -> Result<bool> {
+        Ok(false)
+    }
+
     /// What the store's writer has done since it opened (commits, the jobs
     /// they carried, how long each took), for metrics; `None` from a store
     /// that does not count them.

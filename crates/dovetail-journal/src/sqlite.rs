@@ -589,6 +589,10 @@ pub struct SqliteJournal {
     reader: Arc<Mutex<Connection>>,
     location: Arc<str>,
     stats: Arc<WriterCounters>,
+    /// The writer connection's `PRAGMA data_version` at the last
+    /// `changed_elsewhere`, -1 before the first: it changes only when
+    /// another connection commits, and the engine's reader never writes.
+    seen_version: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl SqliteJournal {
@@ -621,7 +625,8 @@ impl SqliteJournal {
             .name("journal-writer".into())
             .spawn(move || writer_loop(writer, rx, options.max_batch, &thread_location, &thread_stats))
             .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
-        Ok(SqliteJournal { jobs: tx, reader: Arc::new(Mutex::new(reader)), location, stats })
+        let seen_version = Arc::new(std::sync::atomic::AtomicI64::new(-1));
+        Ok(SqliteJournal { jobs: tx, reader: Arc::new(Mutex::new(reader)), location, stats, seen_version })
     }
 
     /// Replaces the text kept under `key` by `sql` (`?1` key, `?2` text, `?3` time).
@@ -1777,6 +1782,15 @@ impl Journal for SqliteJournal {
     fn writer_stats(&self) -> Option<WriterStats> {
         Some(self.stats.snapshot())
     }
+
+    async fn changed_elsewhere(&self) -> Result<bool> {
+        let seen = self.seen_version.clone();
+        // On the writer's connection: the reader's version moves with every
+        // one of our own commits too.
+        let now: i64 = self.write(|c| c.pragma_query_value(None, "data_version", |r| r.get(0))).await?;
+        let before = seen.swap(now, std::sync::atomic::Ordering::AcqRel);
+        Ok(before != -1 && before != now)
+    }
 }
 
 #[cfg(test)]
@@ -1856,6 +1870,29 @@ mod tests {
         let stats = j.writer_stats().unwrap();
         assert_eq!((stats.commits, stats.jobs), (2, 7));
         assert_eq!(stats.commit_seconds.count(), 2, "each commit is timed");
+    }
+
+    /// Another connection's commit (the CLI's, in its own process) is seen
+    /// once; this journal's own writes and the question itself are not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_from_another_connection_is_seen_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        let engine = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
+        let cli = SqliteJournal::open(&path, SqliteOptions::default()).unwrap();
+        assert!(!engine.changed_elsewhere().await.unwrap(), "the first call only starts counting");
+        let record = |id: &str| crate::conformance::new_record("orders", Some(id), "{}");
+        engine.ingest(record("own")).await.unwrap();
+        assert!(!engine.changed_elsewhere().await.unwrap(), "its own commit");
+        let wal = dir.path().join("j.db-wal");
+        let size = std::fs::metadata(&wal).unwrap().len();
+        for _ in 0..3 {
+            assert!(!engine.changed_elsewhere().await.unwrap());
+        }
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), size, "asking writes no WAL frames");
+        cli.ingest(record("elsewhere")).await.unwrap();
+        assert!(engine.changed_elsewhere().await.unwrap(), "another connection's commit");
+        assert!(!engine.changed_elsewhere().await.unwrap(), "seen once");
     }
 
     /// A hot statement is prepared once and handed out again by its SQL's
