@@ -13,8 +13,8 @@
 //! from the engine's `/metrics`, the engine's RSS idle and at its
 //! peak, and CPU time per record: the engine's per delivered record, the
 //! generator's and sink's per request at the ceiling.
-//! `DOVETAIL_BENCH_ENGINE=<path>` runs another build of the engine, to
-//! compare two in alternating runs. Everything runs on this machine's
+//! `DOVETAIL_BENCH_ENGINE=<path>` runs another build of the engine (and of
+//! the CLI that replays), to compare two in alternating runs. Everything runs on this machine's
 //! cores at once: the generator and the sink compete with the engine, as
 //! they do for the ceiling.
 
@@ -299,8 +299,7 @@ sink = {{ type = "http", connector = "sink", path = "/ingest" }}
         std::fs::write(dir.join("dovetail.toml"), config).expect("write the bench config");
         let log = std::fs::File::create(dir.join("engine.log")).expect("the engine log");
         // Another build of the engine, for comparing two in alternating runs.
-        let program =
-            std::env::var_os("DOVETAIL_BENCH_ENGINE").unwrap_or_else(|| env!("CARGO_BIN_EXE_dovetail").into());
+        let program = engine_program();
         let child = Command::new(program)
             .args(["--config", "dovetail.toml", "--log-level", "warn", "run"])
             .current_dir(dir)
@@ -332,6 +331,12 @@ sink = {{ type = "http", connector = "sink", path = "/ingest" }}
         let _ = self.child.wait();
         let _ = &self.dir;
     }
+}
+
+/// The `dovetail` binary to run: this build's, or another one, to compare
+/// two in alternating runs (the replay's CLI too, since it shares the journal code).
+fn engine_program() -> std::ffi::OsString {
+    std::env::var_os("DOVETAIL_BENCH_ENGINE").unwrap_or_else(|| env!("CARGO_BIN_EXE_dovetail").into())
 }
 
 /// Writes back every dirty page before a timed phase: the files of the
@@ -762,15 +767,16 @@ async fn scale(args: Args) {
     let started = Instant::now();
     // Waited for on the blocking pool: the sink shares this runtime's two workers.
     let cwd = dir.path().to_path_buf();
-    let replay = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_dovetail"))
+    let (replay, command_took) = tokio::task::spawn_blocking(move || {
+        let status = Command::new(engine_program())
             .args(["--config", "dovetail.toml", "--log-level", "warn", "dlq", "replay", "--flow", "bench"])
             .current_dir(cwd)
             .env("BENCH_SECRET", SECRET)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
-            .expect("run dovetail dlq replay")
+            .expect("run dovetail dlq replay");
+        (status, started.elapsed())
     })
     .await
     .expect("the replay command's thread");
@@ -800,10 +806,11 @@ async fn scale(args: Args) {
     }
     match replayed {
         Some(t) if replay.success() => println!(
-            "\ndead-letter replay: {} records replayed and delivered in {:.1} s: {:.0} rec/s (engine RSS peak {replay_peak:.1} MiB)",
+            "\ndead-letter replay: {} records replayed and delivered in {:.1} s: {:.0} rec/s (the command took {:.1} s; engine RSS peak {replay_peak:.1} MiB)",
             args.replay,
             t.as_secs_f64(),
-            args.replay as f64 / t.as_secs_f64()
+            args.replay as f64 / t.as_secs_f64(),
+            command_took.as_secs_f64()
         ),
         _ => println!(
             "\ndead-letter replay FAILED: `dlq replay` {replay}, {} of {} delivered",
