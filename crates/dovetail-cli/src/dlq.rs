@@ -17,6 +17,10 @@ use crate::project;
 
 /// Records moved per transaction by replay and discard.
 const CHUNK: usize = 1000;
+/// Between two chunks the journal is left unlocked this long, longer than a
+/// running engine's writer waits between tries at a locked journal (1 ms),
+/// so that webhooks keep being acknowledged while a large replay runs.
+const CHUNK_GAP: std::time::Duration = std::time::Duration::from_millis(2);
 /// Above this many records, replay shows a progress bar.
 const PROGRESS_FROM: u64 = 2 * CHUNK as u64;
 
@@ -250,6 +254,9 @@ async fn bulk(journal: &SqliteJournal, selector: Selector, action: Action) -> Re
         done += n;
         if let Some(b) = &bar {
             b.set_position(done.min(total));
+        }
+        if n == CHUNK as u64 {
+            tokio::time::sleep(CHUNK_GAP).await;
         }
     }
     if let Some(b) = bar {

@@ -605,8 +605,8 @@ impl SqliteJournal {
         {
             return Err(open_err(format!("the folder {} does not exist", dir.display())));
         }
-        let writer = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
-        configure(&writer, &options).map_err(|e| sql_err(&location, e))?;
+        let mut writer = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        configure(&mut writer, &options).map_err(|e| sql_err(&location, e))?;
         migrate(&writer, &location)?;
         if let Some(max) = options.max_size_bytes {
             let page: i64 =
@@ -614,8 +614,8 @@ impl SqliteJournal {
             let pages = i64::try_from(max).unwrap_or(i64::MAX) / page.max(1);
             writer.pragma_update(None, "max_page_count", pages).map_err(|e| sql_err(&location, e))?;
         }
-        let reader = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
-        configure(&reader, &options).map_err(|e| sql_err(&location, e))?;
+        let mut reader = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        configure(&mut reader, &options).map_err(|e| sql_err(&location, e))?;
 
         let (tx, rx) = mpsc::channel::<Box<dyn Job>>(options.max_batch * 4);
         let thread_location = location.clone();
@@ -672,8 +672,32 @@ impl SqliteJournal {
     }
 }
 
-fn configure(conn: &Connection, options: &SqliteOptions) -> rusqlite::Result<()> {
-    conn.busy_timeout(Duration::from_secs(10))?;
+/// How long a write waits for another process's transaction (the CLI's
+/// replay in chunks, another engine on the same file) before it fails.
+const BUSY_BUDGET: Duration = Duration::from_secs(10);
+
+/// The sleep before retry `count` (0 for the first) of a write that found
+/// the journal locked, or `None` once `BUSY_BUDGET` is spent: 50 µs,
+/// doubling to 1 ms. SQLite's own handler sleeps 1, 2, 5, 10 … 100 ms, so a
+/// webhook's commit that met a CLI chunk waited tens of milliseconds after
+/// the lock was free, and the CLI, retrying first, took it again.
+fn busy_wait(count: i32) -> Option<Duration> {
+    const DOUBLING: u32 = 5;
+    let n = u32::try_from(count).unwrap_or(0);
+    let step = |i: u32| Duration::from_micros(50 << i.min(DOUBLING)).min(Duration::from_millis(1));
+    let waited =
+        (0..n.min(DOUBLING)).map(step).sum::<Duration>() + Duration::from_millis(1) * n.saturating_sub(DOUBLING);
+    (waited < BUSY_BUDGET).then(|| step(n))
+}
+
+fn configure(conn: &mut Connection, options: &SqliteOptions) -> rusqlite::Result<()> {
+    conn.busy_handler(Some(|count| match busy_wait(count) {
+        Some(wait) => {
+            std::thread::sleep(wait);
+            true
+        }
+        None => false,
+    }))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", if options.fsync_every_commit { "FULL" } else { "NORMAL" })?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
@@ -1870,6 +1894,20 @@ mod tests {
         let stats = j.writer_stats().unwrap();
         assert_eq!((stats.commits, stats.jobs), (2, 7));
         assert_eq!(stats.commit_seconds.count(), 2, "each commit is timed");
+    }
+
+    #[test]
+    fn a_locked_journal_is_retried_soon_and_given_up_after_the_budget() {
+        let waits: Vec<Duration> = (0..7).map(|n| busy_wait(n).unwrap()).collect();
+        let micros: Vec<u128> = waits.iter().map(Duration::as_micros).collect();
+        assert_eq!(micros, [50, 100, 200, 400, 800, 1000, 1000]);
+        let mut total = Duration::ZERO;
+        let mut count = 0;
+        while let Some(wait) = busy_wait(count) {
+            total += wait;
+            count += 1;
+        }
+        assert!(total >= BUSY_BUDGET && total < BUSY_BUDGET + Duration::from_millis(2), "{total:?} after {count}");
     }
 
     /// Another connection's commit (the CLI's, in its own process) is seen
