@@ -14,9 +14,9 @@
 //! peak, and CPU time per record: the engine's per delivered record, the
 //! generator's and sink's per request at the ceiling.
 //! `DOVETAIL_BENCH_ENGINE=<path>` runs another build of the engine (and of
-//! the CLI that replays), to compare two in alternating runs. Everything runs on this machine's
-//! cores at once: the generator and the sink compete with the engine, as
-//! they do for the ceiling.
+//! the CLI that replays), to compare two in alternating runs. Everything
+//! runs on this machine's cores at once: the generator and the sink compete
+//! with the engine, as they do for the ceiling.
 
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};

@@ -4,8 +4,9 @@
 //! happen, in memory; levels (DLQ depth, oldest pending age, breaker state,
 //! quota used) are read at scrape time from the journal and the connectors,
 //! so they are true after a restart too, and so are the journal writer's own
-//! counters (commits, the writes they carried, commit durations). Names follow Prometheus' rules:
-//! `dovetail_` prefix, base units (seconds), `_total` on counters.
+//! counters (commits, the writes they carried, commit durations). Names
+//! follow Prometheus' rules: `dovetail_` prefix, base units (seconds),
+//! `_total` on counters.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;

@@ -592,7 +592,7 @@ pub struct SqliteJournal {
     /// The writer connection's `PRAGMA data_version` at the last
     /// `changed_elsewhere`, -1 before the first: it changes only when
     /// another connection commits, and the engine's reader never writes.
-    seen_version: Arc<std::sync::atomic::AtomicI64>,
+    seen_version: std::sync::atomic::AtomicI64,
 }
 
 impl SqliteJournal {
@@ -625,7 +625,7 @@ impl SqliteJournal {
             .name("journal-writer".into())
             .spawn(move || writer_loop(writer, rx, options.max_batch, &thread_location, &thread_stats))
             .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
-        let seen_version = Arc::new(std::sync::atomic::AtomicI64::new(-1));
+        let seen_version = std::sync::atomic::AtomicI64::new(-1);
         Ok(SqliteJournal { jobs: tx, reader: Arc::new(Mutex::new(reader)), location, stats, seen_version })
     }
 
@@ -1808,11 +1808,10 @@ impl Journal for SqliteJournal {
     }
 
     async fn changed_elsewhere(&self) -> Result<bool> {
-        let seen = self.seen_version.clone();
         // On the writer's connection: the reader's version moves with every
         // one of our own commits too.
         let now: i64 = self.write(|c| c.pragma_query_value(None, "data_version", |r| r.get(0))).await?;
-        let before = seen.swap(now, std::sync::atomic::Ordering::AcqRel);
+        let before = self.seen_version.swap(now, std::sync::atomic::Ordering::AcqRel);
         Ok(before != -1 && before != now)
     }
 }
