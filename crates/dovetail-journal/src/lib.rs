@@ -15,6 +15,7 @@
 pub mod conformance;
 mod sqlite;
 mod stats;
+mod wal_vfs;
 
 use std::time::Duration;
 

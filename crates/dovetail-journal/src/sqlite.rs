@@ -28,6 +28,7 @@ use dovetail_core::rollup::{
 use dovetail_core::shape::{DriftEvent, DriftKind, JsonType};
 
 use crate::stats::WriterCounters;
+use crate::wal_vfs;
 use crate::{
     AttemptReport, ConnectorHealth, DeadLetter, FlowCounts, Ingested, Journal, JournalError, LeaseMode, LeasedRecord,
     NewRecord, Outcome, Pause, Prepared, QuotaUsed, RecordDetail, Result, Selector, StoredDrift, WriterStats,
@@ -605,7 +606,7 @@ impl SqliteJournal {
         {
             return Err(open_err(format!("the folder {} does not exist", dir.display())));
         }
-        let mut writer = Connection::open(path).map_err(|e| open_err(e.to_string()))?;
+        let mut writer = open_writer(path, &options).map_err(open_err)?;
         configure(&mut writer, &options).map_err(|e| sql_err(&location, e))?;
         migrate(&writer, &location)?;
         if let Some(max) = options.max_size_bytes {
@@ -670,6 +671,18 @@ impl SqliteJournal {
         .await
         .map_err(|_| JournalError::Closed)?
     }
+}
+
+/// The writer's connection. Where every commit is fsynced, it writes the WAL
+/// through [`wal_vfs`], which hands each commit's frames to the kernel in
+/// one write instead of two a frame.
+fn open_writer(path: &Path, options: &SqliteOptions) -> std::result::Result<Connection, String> {
+    if !options.fsync_every_commit {
+        return Connection::open(path).map_err(|e| e.to_string());
+    }
+    wal_vfs::register().map_err(|rc| format!("cannot register the WAL VFS (SQLite result {rc})"))?;
+    let flags = rusqlite::OpenFlags::default();
+    Connection::open_with_flags_and_vfs(path, flags, wal_vfs::NAME).map_err(|e| e.to_string())
 }
 
 /// How long a write waits for another process's transaction (the CLI's
