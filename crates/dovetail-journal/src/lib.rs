@@ -41,6 +41,10 @@ pub enum JournalError {
     },
     #[error("journal {location}: cannot open: {reason}")]
     Open { location: String, reason: String },
+    /// A write whose transaction failed as a whole (disk full, the size
+    /// cap, an I/O error): nothing of it was stored.
+    #[error("journal {location}: not stored: {reason}")]
+    NotStored { location: String, reason: String },
     #[error("journal is shut down")]
     Closed,
     #[error(

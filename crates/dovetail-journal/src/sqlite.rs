@@ -550,11 +550,13 @@ where
     fn finish(self: Box<Self>, commit: std::result::Result<(), &str>) {
         let result = match (commit, self.result) {
             (Ok(()), Some(result)) => result,
-            (Ok(()), None) => Err(JournalError::Open {
+            (Ok(()), None) => Err(JournalError::NotStored {
                 location: self.location.to_string(),
                 reason: "the job was not run".to_string(),
             }),
-            (Err(why), _) => Err(JournalError::Open { location: self.location.to_string(), reason: why.to_string() }),
+            (Err(why), _) => {
+                Err(JournalError::NotStored { location: self.location.to_string(), reason: why.to_string() })
+            }
         };
         let _ = self.reply.send(result);
     }

@@ -96,7 +96,11 @@ async fn a_full_journal_acknowledges_only_what_it_stored() {
     while let Some(done) = tasks.join_next().await {
         match done.unwrap() {
             (i, Ok(ingested)) => acked.push((i, ingested.id())),
-            (_, Err(_)) => refused += 1,
+            (_, Err(e)) => {
+                // Said as what it is, not as a failure to open the file.
+                assert!(e.to_string().contains("not stored"), "{e}");
+                refused += 1
+            }
         }
     }
     assert!(refused > 0 && !acked.is_empty(), "the cap was hit part-way: {} acked, {refused} refused", acked.len());
