@@ -113,12 +113,14 @@ pub(crate) enum CdcError {
     Stalled(String),
 }
 
-/// A connection, and what it knows. Dropping it ends the connection.
+/// A connection, and what it knows. Dropping it ends the connection at
+/// once; [`Session::close`] ends it so that the server has let go of the
+/// slot when it returns.
 struct Session {
     client: tokio_postgres::Client,
     /// The task driving the connection, aborted on drop: a half-open
     /// connection would otherwise linger until TCP gives up on it.
-    connection: tokio::task::AbortHandle,
+    connection: Option<tokio::task::JoinHandle<()>>,
     /// The server, tables, publication and slot were checked (or made) on it.
     ready: bool,
     /// That this flow has read from the slot is in the journal (written at
@@ -129,7 +131,40 @@ struct Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.connection.abort();
+        if let Some(connection) = &self.connection {
+            connection.abort();
+        }
+    }
+}
+
+/// How long each step of [`Session::close`] may take.
+const CLOSE_STEP: Duration = Duration::from_secs(2);
+
+impl Session {
+    /// Ends the connection at shutdown. A read of the slot still running on
+    /// the server (`interrupted`: its future was dropped, which does not stop
+    /// it) is cancelled, and a trivial query waited for: the server answers
+    /// it only after the cancelled read has ended and let go of the slot.
+    /// Then the client says goodbye and the connection's task ends. Without
+    /// this, the slot stayed held after the engine stopped, until the server
+    /// finished decoding for nobody, and an operator or a restarted engine
+    /// could not take it. Each step is bounded by [`CLOSE_STEP`]; past it
+    /// the connection is dropped, as before.
+    async fn close(mut self, interrupted: bool) {
+        if interrupted {
+            let cancel = self.client.cancel_token();
+            let cancelled = tokio::time::timeout(CLOSE_STEP, cancel.cancel_query(tokio_postgres::NoTls)).await;
+            if matches!(cancelled, Ok(Ok(()))) {
+                let _ = tokio::time::timeout(CLOSE_STEP, self.client.simple_query("SELECT 1")).await;
+            }
+        }
+        let Some(connection) = self.connection.take() else { return };
+        // The client's end: the connection sends `Terminate` and finishes.
+        drop(self);
+        let abort = connection.abort_handle();
+        if tokio::time::timeout(CLOSE_STEP, connection).await.is_err() {
+            abort.abort();
+        }
     }
 }
 
@@ -153,6 +188,8 @@ pub(crate) async fn run(source: Arc<Cdc>, mut stop: watch::Receiver<bool>) {
     let mut session: Option<Session> = None;
     // A setup problem is logged once, not at every run, until it changes.
     let mut reported: Option<String> = None;
+    // Whether the loop ended in the middle of a read.
+    let mut interrupted = false;
     while !*stop.borrow() {
         if session.as_ref().is_none_or(|s| s.client.is_closed()) {
             session = match source.connect().await {
@@ -167,8 +204,12 @@ pub(crate) async fn run(source: Arc<Cdc>, mut stop: watch::Receiver<bool>) {
             // Stopping mid-read leaves the slot where it was: what was journalled is read again as duplicates.
             let mut stopping = stop.clone();
             let drained = tokio::select! {
-                d = source.drain(s, &stop) => d,
-                _ = stopping.wait_for(|s| *s) => return,
+                d = source.drain(s, &stop) => Some(d),
+                _ = stopping.wait_for(|s| *s) => None,
+            };
+            let Some(drained) = drained else {
+                interrupted = true;
+                break;
             };
             match drained {
                 Ok(run) => {
@@ -207,8 +248,11 @@ pub(crate) async fn run(source: Arc<Cdc>, mut stop: watch::Receiver<bool>) {
             }
         }
         if !source.ctx.wait_for_next(&source.config.schedule, &mut stop).await {
-            return;
+            break;
         }
+    }
+    if let Some(s) = session {
+        s.close(interrupted).await;
     }
 }
 
@@ -231,9 +275,14 @@ impl Cdc {
             if let Err(e) = connection.await {
                 tracing::warn!(%flow, error = %e, "the CDC database connection ended");
             }
-        })
-        .abort_handle();
-        let session = Session { client, connection, ready: false, recorded: false, relations: Relations::default() };
+        });
+        let session = Session {
+            client,
+            connection: Some(connection),
+            ready: false,
+            recorded: false,
+            relations: Relations::default(),
+        };
         let set = format!("SET statement_timeout = {}", QUERY_TIMEOUT.as_millis());
         match tokio::time::timeout(CLIENT_TIMEOUT, session.client.batch_execute(&set)).await {
             Ok(Ok(())) => Ok(session),

@@ -519,3 +519,28 @@ async fn a_slot_dropped_after_reading_is_not_made_again_until_an_operator_does()
     assert_eq!(partner.effects().len(), 2);
     assert_eq!(applied(&partner)[1]["new"], json!({"id": 3}));
 }
+
+/// Stopped while the server decodes a large transaction for it, the engine
+/// cancels the read: when shutdown returns, the slot is free for an
+/// operator or the next engine, not held until the decoding ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_in_the_middle_of_a_read_lets_go_of_the_slot_at_once() {
+    let Some(db) = database().await else { return };
+    let name = unique();
+    let items = format!("{name}_items");
+    let _cleanup = Cleanup { slots: vec![name.clone()], publication: name.clone(), tables: vec![items.clone()] };
+    db.batch_execute(&format!("CREATE TABLE {items} (id int PRIMARY KEY, body text)")).await.unwrap();
+    let partner = Partner::start(Behaviour::default()).await.unwrap();
+    let setup = Setup::new(&partner, &name, std::slice::from_ref(&items), 100);
+    let deadline = Instant::now() + Duration::from_secs(60);
+
+    let engine = setup.start(setup.journal()).await;
+    until(deadline, "the slot to be made", async || confirmed(&db, &name).await.is_some()).await;
+    // One transaction the server must decode whole before the first change comes out.
+    db.batch_execute(&format!("INSERT INTO {items} SELECT g, repeat('x', 200) FROM generate_series(1, 400000) g"))
+        .await
+        .unwrap();
+    until(deadline, "the engine to be reading the slot", async || !released(&db, &name).await).await;
+    engine.shutdown().await;
+    assert!(released(&db, &name).await, "the slot is still held after the engine stopped");
+}
