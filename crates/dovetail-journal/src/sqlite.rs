@@ -526,6 +526,12 @@ trait Job: Send {
     fn run(&mut self, tx: &Tx<'_, '_>, careful: bool) -> bool;
     /// Answers the caller once the transaction's fate is known.
     fn finish(self: Box<Self>, commit: std::result::Result<(), &str>);
+    /// Whether the job writes. A group of jobs that only read the writer's
+    /// connection ([`SqliteJournal::on_writer`]) runs outside a transaction:
+    /// it takes no write lock and is no commit.
+    fn writes(&self) -> bool {
+        true
+    }
 }
 
 struct Write<F, T> {
@@ -533,6 +539,7 @@ struct Write<F, T> {
     result: Option<Result<T>>,
     reply: oneshot::Sender<Result<T>>,
     location: Arc<str>,
+    writes: bool,
 }
 
 impl<F, T> Job for Write<F, T>
@@ -559,6 +566,10 @@ where
             }
         };
         let _ = self.reply.send(result);
+    }
+
+    fn writes(&self) -> bool {
+        self.writes
     }
 }
 
@@ -653,8 +664,26 @@ impl SqliteJournal {
         F: FnMut(&Tx<'_, '_>) -> rusqlite::Result<T> + Send + 'static,
         T: Send + 'static,
     {
+        self.to_writer(f, true).await
+    }
+
+    /// Runs `f`, which only reads, on the writer's connection, outside a
+    /// transaction unless it shares a group with writes.
+    async fn on_writer<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnMut(&Tx<'_, '_>) -> rusqlite::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.to_writer(f, false).await
+    }
+
+    async fn to_writer<T, F>(&self, f: F, writes: bool) -> Result<T>
+    where
+        F: FnMut(&Tx<'_, '_>) -> rusqlite::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
         let (reply, rx) = oneshot::channel();
-        let job = Box::new(Write { f, result: None, reply, location: self.location.clone() });
+        let job = Box::new(Write { f, result: None, reply, location: self.location.clone(), writes });
         self.jobs.send(job).await.map_err(|_| JournalError::Closed)?;
         rx.await.map_err(|_| JournalError::Closed)?
     }
@@ -803,6 +832,16 @@ fn writer_loop(
             }
         }
         let mut group: Vec<Box<dyn Job>> = queue.drain(..queue.len().min(max_batch)).collect();
+        if group.iter().all(|job| !job.writes()) {
+            // Only questions (`ping`, `changed_elsewhere`): no transaction,
+            // so no write lock taken from the CLI and no commit counted.
+            let tx = Tx::new(&conn, &hot);
+            for job in &mut group {
+                job.run(&tx, false);
+            }
+            group.into_iter().for_each(|j| j.finish(Ok(())));
+            continue;
+        }
         // Most groups run straight through. If a job fails, the transaction
         // is rolled back and the whole group run again, each job in its own
         // savepoint so that the failure undoes only that job's writes.
@@ -1815,7 +1854,7 @@ impl Journal for SqliteJournal {
     async fn ping(&self) -> Result<()> {
         // Through the writer: a journal whose writer is gone cannot store
         // anything, so it must not look ready.
-        self.write(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+        self.on_writer(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
     }
 
     fn writer_stats(&self) -> Option<WriterStats> {
@@ -1825,7 +1864,7 @@ impl Journal for SqliteJournal {
     async fn changed_elsewhere(&self) -> Result<bool> {
         // On the writer's connection: the reader's version moves with every
         // one of our own commits too.
-        let now: i64 = self.write(|c| c.pragma_query_value(None, "data_version", |r| r.get(0))).await?;
+        let now: i64 = self.on_writer(|c| c.pragma_query_value(None, "data_version", |r| r.get(0))).await?;
         let before = self.seen_version.swap(now, std::sync::atomic::Ordering::AcqRel);
         Ok(before != -1 && before != now)
     }
@@ -1942,6 +1981,17 @@ mod tests {
             assert!(!engine.changed_elsewhere().await.unwrap());
         }
         assert_eq!(std::fs::metadata(&wal).unwrap().len(), size, "asking writes no WAL frames");
+        let commits = engine.writer_stats().unwrap().commits;
+        engine.ping().await.unwrap();
+        assert!(!engine.changed_elsewhere().await.unwrap());
+        assert_eq!(engine.writer_stats().unwrap().commits, commits, "asking is no commit");
+        // Nor does it take the write lock: another connection's write
+        // transaction, held open, does not stop it.
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let asked = tokio::time::timeout(Duration::from_secs(5), engine.changed_elsewhere()).await;
+        assert!(matches!(asked, Ok(Ok(false))), "{asked:?}");
+        other.execute_batch("ROLLBACK").unwrap();
         cli.ingest(record("elsewhere")).await.unwrap();
         assert!(engine.changed_elsewhere().await.unwrap(), "another connection's commit");
         assert!(!engine.changed_elsewhere().await.unwrap(), "seen once");
