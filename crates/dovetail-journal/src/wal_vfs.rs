@@ -136,14 +136,29 @@ struct Gathered {
     db: *mut File,
 }
 
-/// Calls the wrapped object's method `$m`, or yields `$missing` if it has none.
-macro_rules! forward {
-    ($table:expr, $m:ident, $missing:expr $(, $arg:expr)*) => {
-        match (*$table).$m {
-            Some(f) => f($($arg),*),
+/// Calls the wrapped VFS's method `$m` (with the wrapped VFS first), or
+/// yields `$missing` if it has none. Inside `unsafe`, on the shim's VFS.
+macro_rules! to_vfs {
+    ($vfs:expr, $m:ident, $missing:expr $(, $arg:expr)*) => {{
+        let rv = real_vfs($vfs);
+        match (*rv).$m {
+            Some(f) => f(rv $(, $arg)*),
             None => $missing,
         }
-    };
+    }};
+}
+
+/// Calls the wrapped file's method `$m` (with the wrapped file first), or
+/// yields `$missing` if it has none. Inside `unsafe`, on a file the shim
+/// opened.
+macro_rules! to_file {
+    ($file:expr, $m:ident, $missing:expr $(, $arg:expr)*) => {{
+        let (real, m) = real($file);
+        match (*m).$m {
+            Some(f) => f(real $(, $arg)*),
+            None => $missing,
+        }
+    }};
 }
 
 /// The wrapped VFS.
@@ -169,12 +184,11 @@ unsafe extern "C" fn open(
         let blank = ffi::sqlite3_file { pMethods: ptr::null() };
         ptr::write(shim, File { base: blank, real, gathered: ptr::null_mut(), wal: ptr::null_mut() });
         (*real).pMethods = ptr::null();
-        let rv = real_vfs(vfs);
-        let rc = forward!(rv, xOpen, ffi::SQLITE_CANTOPEN, rv, name, real, flags, out_flags);
+        let rc = to_vfs!(vfs, xOpen, ffi::SQLITE_CANTOPEN, name, real, flags, out_flags);
         let methods = (*real).pMethods;
         if rc != ffi::SQLITE_OK || methods.is_null() {
             if !methods.is_null() {
-                forward!(methods, xClose, ffi::SQLITE_OK, real);
+                to_file!(file, xClose, ffi::SQLITE_OK);
             }
             return if rc == ffi::SQLITE_OK { ffi::SQLITE_CANTOPEN } else { rc };
         }
@@ -213,17 +227,11 @@ unsafe fn database_of(name: ffi::sqlite3_filename) -> *mut File {
 }
 
 unsafe extern "C" fn delete(vfs: *mut ffi::sqlite3_vfs, name: *const c_char, sync_dir: c_int) -> c_int {
-    unsafe {
-        let rv = real_vfs(vfs);
-        forward!(rv, xDelete, ffi::SQLITE_IOERR_DELETE, rv, name, sync_dir)
-    }
+    unsafe { to_vfs!(vfs, xDelete, ffi::SQLITE_IOERR_DELETE, name, sync_dir) }
 }
 
 unsafe extern "C" fn access(vfs: *mut ffi::sqlite3_vfs, name: *const c_char, flags: c_int, out: *mut c_int) -> c_int {
-    unsafe {
-        let rv = real_vfs(vfs);
-        forward!(rv, xAccess, ffi::SQLITE_IOERR_ACCESS, rv, name, flags, out)
-    }
+    unsafe { to_vfs!(vfs, xAccess, ffi::SQLITE_IOERR_ACCESS, name, flags, out) }
 }
 
 unsafe extern "C" fn full_pathname(
@@ -232,75 +240,47 @@ unsafe extern "C" fn full_pathname(
     n: c_int,
     out: *mut c_char,
 ) -> c_int {
-    unsafe {
-        let rv = real_vfs(vfs);
-        forward!(rv, xFullPathname, ffi::SQLITE_CANTOPEN, rv, name, n, out)
-    }
+    unsafe { to_vfs!(vfs, xFullPathname, ffi::SQLITE_CANTOPEN, name, n, out) }
 }
 
 unsafe extern "C" fn dl_open(vfs: *mut ffi::sqlite3_vfs, name: *const c_char) -> *mut c_void {
-    unsafe {
-        let rv = real_vfs(vfs);
-        forward!(rv, xDlOpen, ptr::null_mut(), rv, name)
-    }
+    unsafe { to_vfs!(vfs, xDlOpen, ptr::null_mut(), name) }
 }
 
 unsafe extern "C" fn dl_error(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mut c_char) {
-    unsafe {
-        let rv = real_vfs(vfs);
-        forward!(rv, xDlError, (), rv, n, out)
-    }
+    unsafe { to_vfs!(vfs, xDlError, (), n, out) }
 }
 
 type DlSym = unsafe extern "C" fn(*mut ffi::sqlite3_vfs, *mut c_void, *const c_char);
 
 unsafe extern "C" fn dl_sym(vfs: *mut ffi::sqlite3_vfs, handle: *mut c_void, symbol: *const c_char) -> Option<DlSym> {
-    unsafe {
-        let rv = real_vfs(vfs);
-        forward!(rv, xDlSym, None, rv, handle, symbol)
-    }
+    unsafe { to_vfs!(vfs, xDlSym, None, handle, symbol) }
 }
 
 unsafe extern "C" fn dl_close(vfs: *mut ffi::sqlite3_vfs, handle: *mut c_void) {
-    unsafe {
-        let rv = real_vfs(vfs);
-        forward!(rv, xDlClose, (), rv, handle)
-    }
+    unsafe { to_vfs!(vfs, xDlClose, (), handle) }
 }
 
 unsafe extern "C" fn randomness(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mut c_char) -> c_int {
-    unsafe {
-        let rv = real_vfs(vfs);
-        forward!(rv, xRandomness, 0, rv, n, out)
-    }
+    unsafe { to_vfs!(vfs, xRandomness, 0, n, out) }
 }
 
 unsafe extern "C" fn sleep(vfs: *mut ffi::sqlite3_vfs, micros: c_int) -> c_int {
-    unsafe {
-        let rv = real_vfs(vfs);
-        forward!(rv, xSleep, 0, rv, micros)
-    }
+    unsafe { to_vfs!(vfs, xSleep, 0, micros) }
 }
 
 unsafe extern "C" fn current_time(vfs: *mut ffi::sqlite3_vfs, out: *mut f64) -> c_int {
-    unsafe {
-        let rv = real_vfs(vfs);
-        forward!(rv, xCurrentTime, ffi::SQLITE_ERROR, rv, out)
-    }
+    unsafe { to_vfs!(vfs, xCurrentTime, ffi::SQLITE_ERROR, out) }
 }
 
 unsafe extern "C" fn get_last_error(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mut c_char) -> c_int {
-    unsafe {
-        let rv = real_vfs(vfs);
-        forward!(rv, xGetLastError, 0, rv, n, out)
-    }
+    unsafe { to_vfs!(vfs, xGetLastError, 0, n, out) }
 }
 
 unsafe extern "C" fn current_time_int64(vfs: *mut ffi::sqlite3_vfs, out: *mut ffi::sqlite3_int64) -> c_int {
     unsafe {
-        let rv = real_vfs(vfs);
-        if (*rv).iVersion >= 2 {
-            forward!(rv, xCurrentTimeInt64, ffi::SQLITE_ERROR, rv, out)
+        if (*real_vfs(vfs)).iVersion >= 2 {
+            to_vfs!(vfs, xCurrentTimeInt64, ffi::SQLITE_ERROR, out)
         } else {
             ffi::SQLITE_ERROR
         }
@@ -359,14 +339,13 @@ unsafe fn flush(file: *mut ffi::sqlite3_file) -> c_int {
         if g.failed != ffi::SQLITE_OK || g.buf.is_empty() {
             return g.failed;
         }
-        let (real, m) = real(file);
         let mut at = g.start;
         for chunk in g.buf.chunks(MOST_PER_WRITE) {
             // `MOST_PER_WRITE` keeps both within range.
             let len = c_int::try_from(chunk.len()).unwrap_or(c_int::MAX);
             g.failed = match injected_failure() {
                 Some(rc) => rc,
-                None => forward!(m, xWrite, ffi::SQLITE_IOERR_WRITE, real, chunk.as_ptr().cast(), len, at),
+                None => to_file!(file, xWrite, ffi::SQLITE_IOERR_WRITE, chunk.as_ptr().cast(), len, at),
             };
             if g.failed != ffi::SQLITE_OK {
                 break;
@@ -424,8 +403,7 @@ unsafe fn end_of_writes(file: *mut ffi::sqlite3_file) {
 unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
     unsafe {
         let flushed = flush(file);
-        let (real, m) = real(file);
-        let rc = forward!(m, xClose, ffi::SQLITE_OK, real);
+        let rc = to_file!(file, xClose, ffi::SQLITE_OK);
         let shim = file.cast::<File>();
         if !(*shim).gathered.is_null() {
             let g = Box::from_raw((*shim).gathered);
@@ -439,29 +417,21 @@ unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
 }
 
 unsafe extern "C" fn read(file: *mut ffi::sqlite3_file, out: *mut c_void, amount: c_int, offset: i64) -> c_int {
-    unsafe {
-        flushed(file, || {
-            let (real, m) = real(file);
-            forward!(m, xRead, ffi::SQLITE_IOERR_READ, real, out, amount, offset)
-        })
-    }
+    unsafe { flushed(file, || to_file!(file, xRead, ffi::SQLITE_IOERR_READ, out, amount, offset)) }
 }
 
 unsafe extern "C" fn write(file: *mut ffi::sqlite3_file, data: *const c_void, amount: c_int, offset: i64) -> c_int {
     unsafe {
-        let pass = |file| {
-            let (real, m) = real(file);
-            forward!(m, xWrite, ffi::SQLITE_IOERR_WRITE, real, data, amount, offset)
-        };
+        let pass = || to_file!(file, xWrite, ffi::SQLITE_IOERR_WRITE, data, amount, offset);
         // A raw pointer, not a reference: `flush` reaches the same buffer.
         let g = (*file.cast::<File>()).gathered;
         if g.is_null() {
-            return pass(file);
+            return pass();
         }
         if (*g).failed != ffi::SQLITE_OK {
             return (*g).failed;
         }
-        let Ok(len @ 1..) = usize::try_from(amount) else { return pass(file) };
+        let Ok(len @ 1..) = usize::try_from(amount) else { return pass() };
         let held = (*g).buf.len();
         let end = (*g).start.saturating_add(i64::try_from(held).unwrap_or(i64::MAX));
         if held > 0 && (offset != end || held + len > GATHER_LIMIT) {
@@ -471,7 +441,7 @@ unsafe extern "C" fn write(file: *mut ffi::sqlite3_file, data: *const c_void, am
             }
         }
         if len > GATHER_LIMIT {
-            return pass(file);
+            return pass();
         }
         if (*g).buf.is_empty() {
             (*g).start = offset;
@@ -484,12 +454,7 @@ unsafe extern "C" fn write(file: *mut ffi::sqlite3_file, data: *const c_void, am
 }
 
 unsafe extern "C" fn truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int {
-    unsafe {
-        flushed(file, || {
-            let (real, m) = real(file);
-            forward!(m, xTruncate, ffi::SQLITE_IOERR_TRUNCATE, real, size)
-        })
-    }
+    unsafe { flushed(file, || to_file!(file, xTruncate, ffi::SQLITE_IOERR_TRUNCATE, size)) }
 }
 
 unsafe extern "C" fn sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
@@ -498,8 +463,7 @@ unsafe extern "C" fn sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
         // commit, which SQLite rolls back whole.
         match flush(file) {
             ffi::SQLITE_OK => {
-                let (real, m) = real(file);
-                forward!(m, xSync, ffi::SQLITE_IOERR_FSYNC, real, flags)
+                to_file!(file, xSync, ffi::SQLITE_IOERR_FSYNC, flags)
             }
             rc => rc,
         }
@@ -507,58 +471,35 @@ unsafe extern "C" fn sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
 }
 
 unsafe extern "C" fn file_size(file: *mut ffi::sqlite3_file, out: *mut i64) -> c_int {
-    unsafe {
-        flushed(file, || {
-            let (real, m) = real(file);
-            forward!(m, xFileSize, ffi::SQLITE_IOERR_FSTAT, real, out)
-        })
-    }
+    unsafe { flushed(file, || to_file!(file, xFileSize, ffi::SQLITE_IOERR_FSTAT, out)) }
 }
 
 unsafe extern "C" fn lock(file: *mut ffi::sqlite3_file, level: c_int) -> c_int {
-    unsafe {
-        let (real, m) = real(file);
-        forward!(m, xLock, ffi::SQLITE_IOERR_LOCK, real, level)
-    }
+    unsafe { to_file!(file, xLock, ffi::SQLITE_IOERR_LOCK, level) }
 }
 
 unsafe extern "C" fn unlock(file: *mut ffi::sqlite3_file, level: c_int) -> c_int {
     unsafe {
         // In exclusive locking mode there is no shared-memory lock to let go.
         end_of_writes(file);
-        let (real, m) = real(file);
-        forward!(m, xUnlock, ffi::SQLITE_IOERR_UNLOCK, real, level)
+        to_file!(file, xUnlock, ffi::SQLITE_IOERR_UNLOCK, level)
     }
 }
 
 unsafe extern "C" fn check_reserved_lock(file: *mut ffi::sqlite3_file, out: *mut c_int) -> c_int {
-    unsafe {
-        let (real, m) = real(file);
-        forward!(m, xCheckReservedLock, ffi::SQLITE_IOERR_CHECKRESERVEDLOCK, real, out)
-    }
+    unsafe { to_file!(file, xCheckReservedLock, ffi::SQLITE_IOERR_CHECKRESERVEDLOCK, out) }
 }
 
 unsafe extern "C" fn file_control(file: *mut ffi::sqlite3_file, op: c_int, arg: *mut c_void) -> c_int {
-    unsafe {
-        flushed(file, || {
-            let (real, m) = real(file);
-            forward!(m, xFileControl, ffi::SQLITE_NOTFOUND, real, op, arg)
-        })
-    }
+    unsafe { flushed(file, || to_file!(file, xFileControl, ffi::SQLITE_NOTFOUND, op, arg)) }
 }
 
 unsafe extern "C" fn sector_size(file: *mut ffi::sqlite3_file) -> c_int {
-    unsafe {
-        let (real, m) = real(file);
-        forward!(m, xSectorSize, 4096, real)
-    }
+    unsafe { to_file!(file, xSectorSize, 4096) }
 }
 
 unsafe extern "C" fn device_characteristics(file: *mut ffi::sqlite3_file) -> c_int {
-    unsafe {
-        let (real, m) = real(file);
-        forward!(m, xDeviceCharacteristics, 0, real)
-    }
+    unsafe { to_file!(file, xDeviceCharacteristics, 0) }
 }
 
 unsafe extern "C" fn shm_map(
@@ -568,10 +509,7 @@ unsafe extern "C" fn shm_map(
     extend: c_int,
     out: *mut *mut c_void,
 ) -> c_int {
-    unsafe {
-        let (real, m) = real(file);
-        forward!(m, xShmMap, ffi::SQLITE_IOERR_SHMMAP, real, page, size, extend, out)
-    }
+    unsafe { to_file!(file, xShmMap, ffi::SQLITE_IOERR_SHMMAP, page, size, extend, out) }
 }
 
 /// The WAL write lock's slot among the shared-memory locks (`WAL_WRITE_LOCK`).
@@ -583,45 +521,36 @@ unsafe extern "C" fn shm_lock(file: *mut ffi::sqlite3_file, offset: c_int, n: c_
         {
             end_of_writes(file);
         }
-        let (real, m) = real(file);
-        forward!(m, xShmLock, ffi::SQLITE_IOERR_SHMLOCK, real, offset, n, flags)
+        to_file!(file, xShmLock, ffi::SQLITE_IOERR_SHMLOCK, offset, n, flags)
     }
 }
 
 unsafe extern "C" fn shm_barrier(file: *mut ffi::sqlite3_file) {
-    unsafe {
-        let (real, m) = real(file);
-        forward!(m, xShmBarrier, (), real)
-    }
+    unsafe { to_file!(file, xShmBarrier, ()) }
 }
 
 unsafe extern "C" fn shm_unmap(file: *mut ffi::sqlite3_file, delete: c_int) -> c_int {
-    unsafe {
-        let (real, m) = real(file);
-        forward!(m, xShmUnmap, ffi::SQLITE_OK, real, delete)
-    }
+    unsafe { to_file!(file, xShmUnmap, ffi::SQLITE_OK, delete) }
 }
 
 unsafe extern "C" fn fetch(file: *mut ffi::sqlite3_file, offset: i64, amount: c_int, out: *mut *mut c_void) -> c_int {
     unsafe {
         flushed(file, || {
-            let (real, m) = real(file);
-            if (*m).iVersion < 3 {
+            if (*real(file).1).iVersion < 3 {
                 *out = ptr::null_mut();
                 return ffi::SQLITE_OK;
             }
-            forward!(m, xFetch, ffi::SQLITE_OK, real, offset, amount, out)
+            to_file!(file, xFetch, ffi::SQLITE_OK, offset, amount, out)
         })
     }
 }
 
 unsafe extern "C" fn unfetch(file: *mut ffi::sqlite3_file, offset: i64, p: *mut c_void) -> c_int {
     unsafe {
-        let (real, m) = real(file);
-        if (*m).iVersion < 3 {
+        if (*real(file).1).iVersion < 3 {
             return ffi::SQLITE_OK;
         }
-        forward!(m, xUnfetch, ffi::SQLITE_OK, real, offset, p)
+        to_file!(file, xUnfetch, ffi::SQLITE_OK, offset, p)
     }
 }
 
